@@ -1,0 +1,8 @@
+"""Model zoo: HyenaPixel variants registered with timm, loading, and reference backbones."""
+
+from .hyenapixel import (MODEL_NAMES, PUBLISHED, HyenaPixelFormer, checkpoint_filter_fn, model_from_config)
+from .long_filters import HyenaFilter1D, HyenaPixelFilter, LongFilterBase, fft_conv_same
+from .mixers import HyenaMixer, HyenaPixelMixer
+
+__all__ = ["MODEL_NAMES", "PUBLISHED", "HyenaPixelFormer", "checkpoint_filter_fn", "model_from_config",
+           "HyenaFilter1D", "HyenaPixelFilter", "LongFilterBase", "fft_conv_same", "HyenaMixer", "HyenaPixelMixer"]

@@ -1,0 +1,309 @@
+"""Implicit long filters of HyenaPixel (2D) and bidirectional/causal Hyena (1D).
+
+Both filters are evaluated from a stored positional embedding by a small sine-activated
+network and multiplied by a learned exponential window. They are applied as true
+convolutions (not cross-correlations) with zero padding, computed with FFTs, plus a
+per-channel skip gain ``u * bias``.
+
+In eval mode a filter does not depend on the input, so its FFT is cached per FFT size,
+dtype and device until a weight changes (an in-place edit, a ``load_state_dict``, a
+replaced tensor) or a kernel modifier is set, removed or changed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from scipy.fft import next_fast_len
+from torch import Tensor, nn
+
+KernelModifier = Callable[[Tensor], Tensor]
+
+
+class Sin(nn.Module):
+    """``sin(freq * x)`` with a learnable frequency per feature; ``freq_shape`` broadcasts over x."""
+
+    def __init__(self, freq_shape: Sequence[int], init: float = 1.0):
+        super().__init__()
+        self.freq = nn.Parameter(torch.full(tuple(freq_shape), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(self.freq * x)
+
+
+def fft_shape_for(sizes: Sequence[int], kernel_size: Sequence[int], centre: Sequence[int]) -> Tuple[int, ...]:
+    """Smallest fast FFT size per dim at which a centred linear convolution does not wrap around."""
+    return tuple(next_fast_len(n + max(c, s - 1 - c), real=True) for n, s, c in zip(sizes, kernel_size, centre))
+
+
+def kernel_fft(kernel: Tensor, fft_shape: Sequence[int]) -> Tensor:
+    """rFFT of a kernel (C, *S) zero-padded to fft_shape, in float32: (C, *fft_shape[:-1], fft_shape[-1]//2+1)."""
+    dims = tuple(range(-len(fft_shape), 0))
+    return torch.fft.rfftn(kernel.float(), s=tuple(fft_shape), dim=dims)
+
+
+def apply_kernel_fft(signal: Tensor, kernel_f: Tensor, fft_shape: Sequence[int], centre: Sequence[int]) -> Tensor:
+    """True convolution of signal (B, C, *N) with a kernel given by its FFT; output (B, C, *N), signal's dtype."""
+    dims = tuple(range(-len(fft_shape), 0))
+    sizes = signal.shape[-len(fft_shape):]
+    signal_f = torch.fft.rfftn(signal.float(), s=tuple(fft_shape), dim=dims)
+    full = torch.fft.irfftn(signal_f * kernel_f, s=tuple(fft_shape), dim=dims)
+    for dim, n, c in zip(dims, sizes, centre):
+        full = full.narrow(dim, c, n)
+    return full.to(signal.dtype)
+
+
+def fft_conv_same(signal: Tensor, kernel: Tensor, centre: Sequence[int]) -> Tensor:
+    """True convolution of signal (B, C, *N) with kernel (C, *S), zero padding, output the size of signal.
+
+    ``centre[i]`` is the kernel index that sits on the output pixel (offset 0). The FFT is large
+    enough that nothing wraps around, so this equals the direct zero-padded convolution.
+    """
+    dims = kernel.dim() - 1
+    fft_shape = fft_shape_for(signal.shape[-dims:], kernel.shape[1:], centre)
+    return apply_kernel_fft(signal, kernel_fft(kernel, fft_shape), fft_shape, centre)
+
+
+class KernelFFTCache:
+    """FFTs of one filter's kernel, keyed by FFT shape and device, valid for one weights stamp."""
+
+    def __init__(self) -> None:
+        self._entries: Dict[Tuple, Tensor] = {}
+        self._stamp: Optional[tuple] = None
+
+    def get(self, fft_shape: tuple, device: torch.device, stamp: Optional[tuple]) -> Optional[Tensor]:
+        if stamp is None or stamp != self._stamp:
+            return None
+        return self._entries.get((fft_shape, str(device)))
+
+    def put(self, fft_shape: tuple, device: torch.device, stamp: Optional[tuple], kernel_f: Tensor) -> None:
+        if stamp is None:
+            return
+        if stamp != self._stamp:
+            self._entries.clear()
+            self._stamp = stamp
+        self._entries[(fft_shape, str(device))] = kernel_f
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._stamp = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class LongFilterBase(nn.Module):
+    """Common behaviour of implicit long filters: kernel modifiers and the FFT cache.
+
+    Subclasses implement ``base_kernel()`` (the learned kernel, (C, S, S) or (C, T)) and
+    ``centre`` (the kernel index of offset 0 per spatial dim).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernel_modifier: Optional[KernelModifier] = None
+        self._modifier_version = 0
+        self.fft_cache = KernelFFTCache()
+        self.use_cache = True
+
+    @property
+    def kernel_modifier(self) -> Optional[KernelModifier]:
+        """Optional function (C, *S) -> (C, *S) applied to the learned kernel before use."""
+        return self._kernel_modifier
+
+    @kernel_modifier.setter
+    def kernel_modifier(self, modifier: Optional[KernelModifier]) -> None:
+        self._kernel_modifier = modifier
+        self._modifier_version += 1  # a counter, never an id: ids of freed closures get reused
+
+    # -- kernel ---------------------------------------------------------------------------
+    def base_kernel(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def centre(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def kernel(self) -> Tensor:
+        """The kernel this filter applies: the learned kernel after any modifier."""
+        kernel = self.base_kernel()
+        if self.kernel_modifier is not None:
+            kernel = self.kernel_modifier(kernel)
+        return kernel
+
+    # -- caching --------------------------------------------------------------------------
+    def _weights_stamp(self) -> Optional[tuple]:
+        """Identity + version of every tensor the kernel depends on, or None when caching is off."""
+        if not self.use_cache or self.training:
+            return None
+        tensors = list(self.parameters()) + list(self.buffers())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None  # the kernel must stay in the autograd graph
+        return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors) + (self._modifier_version,)
+
+    def convolve(self, u: Tensor) -> Tensor:
+        """Apply the long filter (true convolution, zero padding) to u: (B, C, *spatial)."""
+        fft_shape = fft_shape_for(u.shape[-len(self.centre):], self.kernel_size, self.centre)
+        stamp = self._weights_stamp()
+        kernel_f = self.fft_cache.get(fft_shape, u.device, stamp)
+        if kernel_f is None:
+            kernel_f = kernel_fft(self.kernel(), fft_shape)
+            self.fft_cache.put(fft_shape, u.device, stamp, kernel_f)
+        return apply_kernel_fft(u, kernel_f, fft_shape, self.centre)
+
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+
+class HyenaPixelFilter(LongFilterBase):
+    """2D implicit long filter ``K = f(z) * (exp(-|delta| d) + shift)`` of HyenaPixel.
+
+    Stored tensors (reference names): ``z`` (1, E, S, S) positional embedding, ``distance_map``
+    (1, 1, S, S) Euclidean tap distance from the centre in pixels, ``deltas``/``shift``/``bias``
+    (1, C, 1, 1), ``implicit_filter`` = 1x1 conv E->O, sin, 1x1 conv O->O, sin, 1x1 conv O->C
+    (no bias), O = 2E.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, emb_dim: int, sin_init: float = 1.0):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"long kernel size must be odd, got {kernel_size}")
+        hidden = 2 * emb_dim
+        self.channels, self.size, self.emb_dim = channels, kernel_size, emb_dim
+        self.register_buffer("z", sinusoidal_embedding_2d(kernel_size, emb_dim)[None])
+        self.register_buffer("distance_map", centre_distance_map(kernel_size)[None, None])
+        # decays chosen so that windows fall to 1% between 30% and 150% of the kernel radius
+        radius = max(kernel_size // 2, 1)
+        decay = torch.linspace(math.log(100) / (0.3 * radius), math.log(100) / (1.5 * radius), channels)
+        self.deltas = nn.Parameter(decay.view(1, channels, 1, 1))
+        self.shift = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.implicit_filter = nn.Sequential(
+            nn.Conv2d(emb_dim, hidden, 1),
+            Sin((1, hidden, 1, 1), sin_init),
+            nn.Conv2d(hidden, hidden, 1),
+            Sin((1, hidden, 1, 1), sin_init),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+        )
+
+    @property
+    def kernel_size(self) -> Tuple[int, int]:
+        return (self.size, self.size)
+
+    @property
+    def centre(self) -> Tuple[int, int]:
+        return (self.size // 2, self.size // 2)
+
+    def window(self) -> Tensor:
+        """Window ``exp(-|delta_c| d) + shift_c``: (C, S, S)."""
+        return (torch.exp(-self.distance_map * self.deltas.abs()) + self.shift)[0]
+
+    def base_kernel(self) -> Tensor:
+        """Learned kernel f(z) * window: (C, S, S)."""
+        return self.implicit_filter(self.z)[0] * self.window()
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u: (B, C, H, W) -> (B, C, H, W): ``(u conv K) + u * bias``."""
+        return self.convolve(u) + u * self.bias
+
+
+class HyenaFilter1D(LongFilterBase):
+    """1D implicit long filter of Hyena: ``h = g(z) * exp(-t |delta|)`` applied along a sequence.
+
+    Stored tensors (reference names): ``pos_emb.z`` (1, T, E), ``pos_emb.t`` (1, T, 1),
+    ``modulation.deltas`` (1, 1, C), ``bias`` (C,), ``implicit_filter`` = linear E->O, sin,
+    2x (linear O->O, sin), linear O->C (no bias). Non-causal: T = 2L-1 taps centred on tap L-1.
+    Causal: T = L taps, tap 0 is offset 0.
+    """
+
+    def __init__(self, channels: int, seq_len: int, emb_dim: int, hidden: int, causal: bool = False,
+                 sin_init: float = 1.0):
+        super().__init__()
+        self.channels, self.seq_len, self.causal = channels, seq_len, causal
+        taps = seq_len if causal else 2 * seq_len - 1
+        self.pos_emb = _HyenaPositions(taps, emb_dim, causal)
+        self.modulation = _HyenaModulation(channels)
+        self.bias = nn.Parameter(torch.randn(channels))
+        self.implicit_filter = nn.Sequential(
+            nn.Linear(emb_dim, hidden),
+            Sin((1, hidden), sin_init),
+            nn.Linear(hidden, hidden),
+            Sin((1, hidden), sin_init),
+            nn.Linear(hidden, hidden),
+            Sin((1, hidden), sin_init),
+            nn.Linear(hidden, channels, bias=False),
+        )
+
+    @property
+    def num_taps(self) -> int:
+        return self.pos_emb.z.shape[1]
+
+    @property
+    def kernel_size(self) -> Tuple[int]:
+        return (self.num_taps,)
+
+    @property
+    def centre(self) -> Tuple[int]:
+        return (0,) if self.causal else (self.seq_len - 1,)
+
+    def window(self) -> Tensor:
+        """Window ``exp(-t |delta_c|)``: (C, T)."""
+        return torch.exp(-self.pos_emb.t[0] * self.modulation.deltas[0].abs()).t()
+
+    def base_kernel(self) -> Tensor:
+        """Learned kernel g(z) * window: (C, T)."""
+        return self.implicit_filter(self.pos_emb.z)[0].t() * self.window()
+
+    def forward(self, v: Tensor) -> Tensor:
+        """v: (B, C, L') -> (B, C, L'): ``(v conv h) + v * bias``, a linear (non-circular) convolution."""
+        return self.convolve(v) + v * self.bias[:, None]
+
+
+class _HyenaPositions(nn.Module):
+    """Stored positional embedding ``z`` (1, T, E) and time grid ``t`` (1, T, 1) of a 1D Hyena filter."""
+
+    def __init__(self, taps: int, emb_dim: int, causal: bool):
+        super().__init__()
+        if causal:
+            grid = torch.linspace(0, 1, taps)
+        else:
+            grid = torch.linspace(-1, 1, taps).abs()
+        bands = (emb_dim - 1) // 2
+        phase = 2 * math.pi * torch.arange(taps)[:, None] / taps * torch.arange(bands)[None, :]
+        z = torch.cat([grid[:, None], torch.cos(phase), torch.sin(phase)], dim=1)
+        z = F.pad(z, (0, emb_dim - z.shape[1]))
+        self.register_buffer("z", z[None])
+        self.register_buffer("t", grid[None, :, None])
+
+
+class _HyenaModulation(nn.Module):
+    """Per-channel decay rates ``deltas`` (1, 1, C) of the 1D exponential window."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        decay = torch.linspace(math.log(100) / 0.3, math.log(100) / 1.5, channels)
+        self.deltas = nn.Parameter(decay.view(1, 1, channels))
+
+
+def sinusoidal_embedding_2d(size: int, emb_dim: int) -> Tensor:
+    """2D sine/cosine positional embedding (E, S, S): half the channels encode x, half y."""
+    per_axis = emb_dim // 2
+    pairs = max(per_axis // 2, 1)
+    position = torch.arange(size, dtype=torch.float32)
+    rates = 10000.0 ** (-torch.arange(pairs, dtype=torch.float32) / pairs)
+    angles = position[:, None] * rates[None, :]
+    axis = torch.stack([torch.sin(angles), torch.cos(angles)], dim=-1).reshape(size, 2 * pairs)[:, :per_axis]
+    along_x = axis.t()[:, None, :].expand(per_axis, size, size)
+    along_y = axis.t()[:, :, None].expand(per_axis, size, size)
+    emb = torch.cat([along_x, along_y], dim=0)
+    return F.pad(emb, (0, 0, 0, 0, 0, emb_dim - emb.shape[0])).contiguous()
+
+
+def centre_distance_map(size: int) -> Tensor:
+    """Euclidean distance (S, S) of each tap from the kernel centre, in pixels."""
+    offset = torch.arange(size, dtype=torch.float32) - size // 2
+    return torch.sqrt(offset[:, None] ** 2 + offset[None, :] ** 2)
