@@ -1,0 +1,53 @@
+"""Typer app behind the ``hpx-analyze`` console script.
+
+Commands import the library inside their bodies, so ``hpx-analyze --help`` stays fast.
+User errors (:class:`hpx_analysis.errors.HpxError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from . import models_cmd
+
+app = typer.Typer(
+    name="hpx-analyze",
+    help="Analyses of HyenaPixel models and their comparison backbones: effective receptive fields, "
+         "learned kernels, filter-size coverage, window truncation, FGVis explanations.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_cmd.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+        typer.echo(f"hpx-analyze {version('hpx-analysis')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Show the version and exit.")] = None) -> None:
+    """hpx-analyze: analysis and interpretability for HyenaPixel vision models."""
+
+
+def main() -> None:
+    """Console entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted; partial results already saved are kept and a rerun resumes", err=True)
+        sys.exit(130)
+    except Exception as err:  # HpxError is user-facing; others keep their traceback for bug reports
+        from hpx_analysis.errors import HpxError
+        if isinstance(err, HpxError):
+            typer.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        raise

@@ -1,0 +1,25 @@
+"""Options shared by every command, defined once. Types only: importing this loads no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+from typing_extensions import Annotated
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Model name (`hpx-analyze models`), any timm model, "
+                                    "or a model config .json.")]
+Models = Annotated[List[str], typer.Option("--model", "-m", help="Model name; repeat for several models "
+                                           "(`hpx-analyze models` lists them).")]
+Weights = Annotated[str, typer.Option("--weights", "--checkpoint", "-w",
+                                      help="'pretrained' (hub or local HF cache), 'random' (seeded), "
+                                      "or a checkpoint file (.pth/.bin/.safetensors).")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder for figures and results.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (weights='random', image selection, noise).")]
+
+DEFAULT_WEIGHTS = "pretrained"
+DEFAULT_DEVICE = "auto"
+DEFAULT_OUT = Path("figures")
+DEFAULT_SEED = 0
