@@ -1,0 +1,121 @@
+"""Image inputs shared by the analyzers: discovery, deterministic selection, reading, preprocessing.
+
+Without a folder the analyzers use the sample photographs bundled with scikit-image, so every
+command runs offline.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import HpxError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".jpe")
+# colour photographs shipped with scikit-image (no download needed)
+SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "retina", "hubble_deep_field")
+
+
+@dataclass
+class ImageSource:
+    """A named image: a file path, or an in-memory RGB uint8 array (H, W, 3) for bundled samples."""
+
+    name: str
+    path: Optional[Path] = None
+    array: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+def list_images(folder: Path | str) -> List[Path]:
+    """Every image file under ``folder`` (recursive), sorted by relative path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HpxError(f"image folder not found: {folder}")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def select_images(paths: Sequence[Path], count: Optional[int], seed: int, root: Path | str) -> List[Path]:
+    """A deterministic subset of ``count`` images (all when None or larger than available).
+
+    With class subfolders (an ImageFolder tree such as ImageNet val) images are taken round-robin
+    over the sorted classes, each class's files shuffled with ``seed``, so the subset spreads over
+    classes; a flat folder gives a seeded sample. The result is sorted by path.
+    """
+    paths = sorted(paths)
+    if count is None or count >= len(paths):
+        return paths
+    root = Path(root)
+    groups: Dict[str, List[Path]] = {}
+    for path in paths:
+        relative = path.relative_to(root)
+        groups.setdefault(relative.parts[0] if len(relative.parts) > 1 else "", []).append(path)
+    rng = random.Random(seed)
+    queues = []
+    for key in sorted(groups):
+        members = list(groups[key])
+        rng.shuffle(members)
+        queues.append(members)
+    chosen: List[Path] = []
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop())
+    return sorted(chosen)
+
+
+def sample_images(count: Optional[int] = None) -> List[ImageSource]:
+    """scikit-image's bundled colour photographs (offline default input), in a fixed order."""
+    import skimage.data
+
+    sources = []
+    for name in SKIMAGE_SAMPLES:
+        array = np.asarray(getattr(skimage.data, name)())
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        sources.append(ImageSource(name=name, array=array[..., :3].astype(np.uint8)))
+    return sources[:count] if count is not None else sources
+
+
+def image_sources(folder: Optional[Path | str], count: Optional[int], seed: int) -> List[ImageSource]:
+    """Images of ``folder`` selected with :func:`select_images`, or the bundled samples without a folder."""
+    if folder is None:
+        return sample_images(count)
+    paths = list_images(folder)
+    if not paths:
+        raise HpxError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
+    return [ImageSource(name=str(p.relative_to(folder)), path=p) for p in select_images(paths, count, seed, folder)]
+
+
+def read_rgb(source: ImageSource) -> Optional[Image.Image]:
+    """The image as RGB PIL image, or None when the file is unreadable or corrupt."""
+    if source.array is not None:
+        return Image.fromarray(source.array).convert("RGB")
+    try:
+        with Image.open(source.path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def to_model_input(image: Image.Image, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Resize to ``size`` (H, W) with bicubic interpolation, no crop, and normalise: (3, H, W) float32."""
+    resized = image.resize((size[1], size[0]), Image.BICUBIC)
+    array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (array - mean_t) / std_t
+
+
+def model_mean_std(model: torch.nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Normalisation of the model's pretrained config (ImageNet defaults when it has none)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
