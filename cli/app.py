@@ -12,7 +12,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from . import models_cmd
+from . import coverage_cmd, erf_cmd, inspect_cmd, kernels_cmd, models_cmd
+from . import truncate_cmd
+from . import explain_cmd
 
 app = typer.Typer(
     name="hpx-analyze",
@@ -23,6 +25,12 @@ app = typer.Typer(
     add_completion=False,
 )
 models_cmd.register(app)
+truncate_cmd.register(app)
+erf_cmd.register(app)
+inspect_cmd.register(app)
+kernels_cmd.register(app)
+coverage_cmd.register(app)
+explain_cmd.register(app)
 
 
 def _version(value: bool) -> None:

@@ -6,13 +6,14 @@ records the model name, where the weights came from and their SHA-256 (saved nex
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import timm
 import torch
@@ -35,7 +36,7 @@ def available_models() -> List[str]:
 def _check_name(name: str) -> None:
     if name in MODEL_NAMES or timm.is_model(name):
         return
-    candidates = list(MODEL_NAMES) + timm.list_models()
+    candidates = sorted(set(MODEL_NAMES) | set(timm.list_models()))
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `hpx-analyze models` lists the supported ones"
     raise HpxError(f"unknown model '{name}'{hint}")
@@ -74,7 +75,7 @@ def read_checkpoint(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
             data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # any decoding failure means: not a checkpoint we can read safely
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HpxError(f"{path} is not a readable checkpoint ({first_line[:160]})") from None
+        raise HpxError(f"{path} is not a readable checkpoint ({type(err).__name__}: {first_line[:160]})") from None
     for key in WRAPPER_KEYS:
         if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
             data = data[key]
@@ -130,19 +131,48 @@ def _download_pretrained(name: str) -> Path:
     repos = HUB_REPOS.get(name)
     if not repos:
         raise HpxError(f"no published weights for '{name}'; published: {', '.join(HUB_REPOS)}")
-    for repo in repos:
-        try:
-            return Path(hf_hub_download(repo, HUB_FILENAME))
-        except Exception:  # not cached and offline, repository missing, network error: try the next
-            continue
+    with _hub_offline_if_unreachable():
+        for repo in repos:
+            try:
+                return Path(hf_hub_download(repo, HUB_FILENAME))
+            except Exception:  # not cached while offline, repository missing, network error: try the next
+                continue
     urls = " or ".join(f"https://huggingface.co/{repo}/resolve/main/{HUB_FILENAME}" for repo in repos)
     raise HpxError(f"pretrained weights for '{name}' are neither in the local Hugging Face cache nor reachable; "
                    f"download {urls} and pass it with --checkpoint PATH (Python: weights=PATH)")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (avoids minutes of client retries when offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable() -> Iterator[None]:
+    """Put the Hugging Face client in offline mode (cache only) while the hub cannot be reached."""
+    from huggingface_hub import constants
+    previous = constants.HF_HUB_OFFLINE
+    if not previous and not _hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
 def _timm_pretrained(name: str, **kwargs: Any) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with _hub_offline_if_unreachable():
+            return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:
         cfg = timm.models.get_pretrained_cfg(name)
         where = f"hub repository {cfg.hf_hub_id}" if cfg is not None and cfg.hf_hub_id else "its timm source"
