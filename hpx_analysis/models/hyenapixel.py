@@ -285,4 +285,7 @@ def model_from_config(config: Mapping[str, Any], **kwargs: Any) -> HyenaPixelFor
     if missing:
         raise ValueError(f"model config lacks {', '.join(missing)}")
     options = {"num_classes": config.get("num_classes", 1000), **kwargs}
-    return HyenaPixelFormer(config["token_mixers"], depths=config["depths"], dims=config["dims"], **options)
+    model = HyenaPixelFormer(config["token_mixers"], depths=config["depths"], dims=config["dims"], **options)
+    model.pretrained_cfg = _cfg(num_classes=options["num_classes"],
+                                input_size=tuple(config.get("input_size", (3, 224, 224))))
+    return model

@@ -1,0 +1,55 @@
+"""``hpx-analyze coverage``: learned filter size relative to the feature map (paper Fig. 5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .options import DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, Models, Out, Seed, Weights
+
+
+def register(app: typer.Typer) -> None:
+    app.command("coverage")(coverage)
+
+
+def coverage(
+    model: Models,
+    weights: Weights = DEFAULT_WEIGHTS,
+    threshold: Annotated[float, typer.Option(help="Window value below which a tap counts as switched off.")] = 0.05,
+    input_size: Annotated[Optional[int], typer.Option(help="Input resolution defining the feature-map size F; "
+                                                           "default each model's training resolution.")] = None,
+    device: Device = DEFAULT_DEVICE,
+    out: Out = DEFAULT_OUT,
+    seed: Seed = DEFAULT_SEED,
+) -> None:
+    """Relative coverage (window diameter / F) of every block of each model: figure, CSV and JSON."""
+    from tqdm import tqdm
+
+    from hpx_analysis.analyzers.coverage import compute_coverage, write_table
+    from hpx_analysis.devices import resolve_device
+    from hpx_analysis.models.zoo import load_model
+    from hpx_analysis.plotting import save_figure
+    from hpx_analysis.plotting.coverage import plot_coverage
+    from hpx_analysis.results import to_jsonable
+
+    target = resolve_device(device)
+    out = Path(out)
+    results = []
+    for name in tqdm(model, desc="coverage", unit="model"):
+        result = compute_coverage(load_model(name, weights, seed=seed, device=target), threshold=threshold,
+                                  input_size=input_size)
+        result.save(out / f"coverage_{Path(name).stem if name.endswith('.json') else name}")
+        results.append(result)
+    stem = out / "coverage"
+    table = write_table(results, stem.with_suffix(".csv"))
+    summary = {"threshold": threshold, "models": [r.meta["model"] for r in results],
+               "layers": [row for r in results for row in r.rows()]}
+    stem.with_suffix(".json").write_text(json.dumps(to_jsonable(summary), indent=2))
+    written = save_figure(plot_coverage(results), stem, metadata={"threshold": threshold, "input_size": input_size,
+                                                                  "models": summary["models"]})
+    for path in [table, stem.with_suffix(".json"), *written]:
+        typer.echo(str(path))

@@ -1,0 +1,61 @@
+"""``hpx-analyze kernels``: learned long-filter kernels as figures (paper Fig. 7, 11, 12)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .options import DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, Model, Out, Seed, Weights
+
+
+def register(app: typer.Typer) -> None:
+    app.command("kernels")(kernels)
+
+
+def _pair(text: Optional[str], what: str) -> Optional[tuple]:
+    if text is None:
+        return None
+    from hpx_analysis.errors import HpxError
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise HpxError(f"{what} must be two integers 'A,B', got '{text}'")
+    return int(parts[0]), int(parts[1])
+
+
+def kernels(
+    model: Model,
+    weights: Weights = DEFAULT_WEIGHTS,
+    reduction: Annotated[str, typer.Option(help="mean, abs-mean, top-k (gallery of the --top-k channels "
+                                                "with most energy) or a channel index.")] = "mean",
+    top_k: Annotated[int, typer.Option("--top-k", help="Channels shown per layer with --reduction top-k.")] = 4,
+    normalise: Annotated[str, typer.Option("--normalise", help="maxabs ([-1, 1], diverging map centred at 0), "
+                                                               "minmax ([0, 1]) or none.")] = "maxabs",
+    layers: Annotated[Optional[str], typer.Option(help="Hand-picked layers as 0-based STAGE.BLOCK list, e.g. "
+                                                       "0.0,1.2 (0.0 is the paper's S1 B1). Default: all.")] = None,
+    position: Annotated[Optional[str], typer.Option(help="Evaluation pixel ROW,COL of the 1D (Hyena) wrap-around; "
+                                                         "default the centre-most pixel.")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Input resolution defining the feature-map size F; "
+                                                           "default the model's training resolution.")] = None,
+    device: Device = DEFAULT_DEVICE,
+    out: Out = DEFAULT_OUT,
+    seed: Seed = DEFAULT_SEED,
+) -> None:
+    """Plot each long-filter layer's kernel: 2D HyenaPixel kernels and reshaped, wrapped 1D Hyena kernels."""
+    from hpx_analysis.analyzers.kernels import compute_kernels, parse_layers
+    from hpx_analysis.devices import resolve_device
+    from hpx_analysis.models.zoo import load_model
+    from hpx_analysis.plotting import save_figure
+    from hpx_analysis.plotting.kernels import plot_kernels
+
+    chosen_reduction = int(reduction) if reduction.lstrip("-").isdigit() else reduction
+    net = load_model(model, weights, seed=seed, device=resolve_device(device))
+    result = compute_kernels(net, reduction=chosen_reduction, normalisation=normalise, layers=parse_layers(layers),
+                             top_k=top_k, position=_pair(position, "--position"), input_size=input_size)
+    stem = Path(out) / f"kernels_{Path(model).stem if model.endswith('.json') else model}"
+    result.save(stem)
+    written = save_figure(plot_kernels(result), stem, metadata=result.meta)
+    for path in [stem.with_suffix(".npz"), stem.with_suffix(".json"), *written]:
+        typer.echo(str(path))

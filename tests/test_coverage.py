@@ -1,0 +1,116 @@
+"""Learned filter-size coverage: analytic window diameters, conventions per mixer kind, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hpx_analysis.analyzers.coverage import (CoverageResult, compute_coverage, window_coverage_1d,
+                                             window_diameter_2d)
+from hpx_analysis.errors import HpxError
+from hpx_analysis.inspection import window, window_parameters
+from hpx_analysis.models.long_filters import HyenaFilter1D, HyenaPixelFilter
+from hpx_analysis.models.zoo import load_model
+from hpx_analysis_cli.app import app
+
+
+def largest_tap_distance(radius: float, half: int) -> float:
+    """Largest sqrt(i^2 + j^2) <= radius over the taps |i|, |j| <= half (brute force)."""
+    return max(math.hypot(i, j) for i in range(half + 1) for j in range(half + 1) if math.hypot(i, j) <= radius)
+
+
+@pytest.mark.parametrize("radius, shift", [(3.3, 0.0), (5.5, 0.02), (9.7, -0.01), (0.5, 0.0)])
+def test_hyenapixel_window_diameter_is_analytic(radius, shift):
+    threshold, size = 0.05, 31
+    filt = HyenaPixelFilter(channels=2, kernel_size=size, emb_dim=4)
+    # exp(-delta d) + shift = threshold exactly at d = radius
+    delta = math.log(1 / (threshold - shift)) / radius
+    with torch.no_grad():
+        filt.deltas.fill_(delta)
+        filt.shift.fill_(shift)
+    diameters = window_diameter_2d(window(filt), window_parameters(filt)["distance"], threshold)
+    expected = 2 * largest_tap_distance(radius, size // 2)
+    np.testing.assert_allclose(diameters.numpy(), [expected, expected], rtol=1e-6)
+
+
+def test_window_falling_only_in_the_corners_covers_the_kernel_extent():
+    filt = HyenaPixelFilter(channels=1, kernel_size=11, emb_dim=4)   # axis taps reach 5, corners 7.07
+    with torch.no_grad():
+        filt.deltas.fill_(math.log(1 / 0.05) / 6.0)
+    assert window_diameter_2d(window(filt), window_parameters(filt)["distance"], 0.05).item() == 11
+
+
+def test_hyena_window_coverage_is_analytic():
+    length, threshold = 100, 0.05
+    filt = HyenaFilter1D(channels=3, seq_len=length, emb_dim=5, hidden=8)
+    reach = torch.tensor([10.5, 40.2, 200.0])       # in taps; the last never falls below within 99 taps
+    with torch.no_grad():   # t = |offset| / (L - 1)
+        filt.modulation.deltas.copy_((math.log(1 / threshold) * (length - 1) / reach).view(1, 1, 3))
+    coverage = window_coverage_1d(window(filt), filt.centre[0], length, threshold)
+    np.testing.assert_allclose(coverage.numpy(), [2 * 10 / length, 2 * 40 / length, (2 * length - 1) / length],
+                               rtol=1e-6)
+    causal = HyenaFilter1D(channels=1, seq_len=length, emb_dim=5, hidden=8, causal=True)
+    with torch.no_grad():
+        causal.modulation.deltas.fill_(math.log(1 / threshold) * (length - 1) / 30.5)
+    assert window_coverage_1d(window(causal), 0, length, threshold).item() == pytest.approx(30 / length)
+
+
+def test_model_whose_shift_exceeds_the_threshold_covers_its_whole_kernel(tiny_config, tiny_weights):
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    for module in model.modules():
+        if isinstance(module, HyenaPixelFilter):
+            with torch.no_grad():
+                module.shift.fill_(0.06)
+    result = compute_coverage(model, threshold=0.05, input_size=64)
+    expected = [31 / 16, 15 / 8, 7 / 4, 3 / 2]
+    for key in ("mean", "median", "p10", "p90"):
+        np.testing.assert_allclose(result.arrays[key], expected, rtol=1e-6)
+    assert result.arrays["feature_side"].tolist() == [16, 8, 4, 2]
+    raised = compute_coverage(model, threshold=0.9, input_size=64)       # now the windows fall below
+    assert (raised.arrays["mean"] < np.array(expected)).all()
+
+
+def test_summaries_match_the_channel_values(tiny_config, tiny_weights):
+    result = compute_coverage(load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx")), input_size=64)
+    for j in range(len(result.layers)):
+        values = result.arrays[f"channels_{j}"]
+        assert len(values) == [32, 32, 64, 64][j]
+        assert result.arrays["p10"][j] <= result.arrays["median"][j] <= result.arrays["p90"][j]
+        assert result.arrays["mean"][j] == pytest.approx(values.mean())
+    assert result.stage_coverage(1) == pytest.approx(result.arrays["mean"][1])
+
+
+def test_attention_counts_two_and_local_convolutions_k_over_f(tiny_config):
+    attention = compute_coverage(load_model(tiny_config("tiny_hpx_a"), "random"), input_size=64)
+    assert [layer["kind"] for layer in attention.layers] == ["hyenapixel_2d"] * 2 + ["attention"] * 2
+    assert attention.arrays["mean"][2:].tolist() == [2.0, 2.0]
+    assert np.isnan(attention.stage_coverage(2, kinds=("hyenapixel_2d",)))
+    local = compute_coverage(load_model(tiny_config("tiny_c_hpx"), "random"), input_size=64)
+    np.testing.assert_allclose(local.arrays["mean"][:2], [7 / 16, 7 / 8])
+    with pytest.raises(HpxError, match="threshold"):
+        compute_coverage(load_model(tiny_config("tiny_c_hpx"), "random"), threshold=1.5)
+
+
+def test_cli_writes_figure_table_and_results(tmp_path, tiny_config, tiny_weights):
+    runner = CliRunner()
+    outcome = runner.invoke(app, ["coverage", "--model", tiny_config("tiny_hpx"), "--model", tiny_config("tiny_hb"),
+                                  "--model", tiny_config("tiny_hpx_a"), "--weights", "random", "--input-size", "64",
+                                  "--out", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    for name in ("coverage.pdf", "coverage.png", "coverage.figure.json", "coverage.csv", "coverage.json"):
+        assert (tmp_path / name).is_file()
+    with open(tmp_path / "coverage.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["model"] for row in rows] == ["tiny_hpx"] * 4 + ["tiny_hb"] * 4 + ["tiny_hpx_a"] * 4
+    assert [float(row["mean"]) for row in rows[-2:]] == [2.0, 2.0]
+    summary = json.loads((tmp_path / "coverage.json").read_text())
+    assert summary["threshold"] == 0.05 and len(summary["layers"]) == 12
+    saved = CoverageResult.load(tmp_path / "coverage_tiny_hb.npz")
+    assert [layer["kind"] for layer in saved.layers] == ["hyena_1d"] * 4
+    assert float(rows[4]["mean"]) == pytest.approx(saved.arrays["mean"][0])

@@ -1,0 +1,144 @@
+"""Kernel pictures: the 1D wrap-around mapping, channel reductions, normalisations, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hpx_analysis.analyzers.kernels import (KernelsResult, compute_kernels, normalise, parse_layers,
+                                            reduce_channels, wrap_taps)
+from hpx_analysis.errors import HpxError
+from hpx_analysis.inspection import kernel, long_filter_layers
+from hpx_analysis.models import fft_conv_same
+from hpx_analysis.models.zoo import load_model
+from hpx_analysis_cli.app import app
+
+
+@pytest.fixture(scope="module")
+def tiny_hb():
+    from tests.conftest import TINY
+    return load_model(str(TINY / "tiny_hb.json"), str(TINY / "tiny_hb.safetensors"))
+
+
+@pytest.mark.parametrize("position", [(2, 3), (0, 0), (4, 6), (1, 0)])
+def test_taps_encoding_their_offsets_land_where_they_read(position):
+    height, width = 5, 7
+    length = height * width
+    offsets = np.arange(2 * length - 1) - (length - 1)          # tap j holds its own offset d
+    wrapped = wrap_taps(offsets.astype(float), length - 1, (height, width), position)
+    evaluation = position[0] * width + position[1]
+    rows, cols = np.nonzero(~np.isnan(wrapped.values))
+    flat = (rows + wrapped.first_row) * width + cols             # flattened pixel index of each picture cell
+    # true convolution: the tap of offset d weights pixel p - d
+    np.testing.assert_array_equal(wrapped.values[rows, cols], evaluation - flat)
+    np.testing.assert_array_equal(wrapped.outside[rows, cols], (flat < 0) | (flat >= length))
+    assert np.count_nonzero(~np.isnan(wrapped.values)) == len(offsets)
+    assert np.count_nonzero(~wrapped.outside & ~np.isnan(wrapped.values)) == length  # every pixel seen once
+    assert wrapped.values.shape[0] in (2 * height, 2 * height + 1)   # about 2F rows of F columns
+
+
+def test_wrapped_picture_equals_the_convolution_response():
+    """Picture value at pixel q = output at the evaluation pixel for a unit impulse at q."""
+    height, width, position = 4, 6, (1, 4)
+    length = height * width
+    taps = torch.randn(1, 2 * length - 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    wrapped = wrap_taps(taps[0].numpy(), length - 1, (height, width), position)
+    impulses = torch.eye(length, dtype=torch.float64)[:, None, :]        # (L, 1, L): one impulse per pixel
+    response = fft_conv_same(impulses, taps, (length - 1,))[:, 0, position[0] * width + position[1]]
+    top = -wrapped.first_row
+    np.testing.assert_allclose(wrapped.values[top:top + height].reshape(-1), response.numpy(), atol=1e-5)  # FFT in float32
+    assert not wrapped.outside[top:top + height].any()
+    assert wrapped.outside[:top][~np.isnan(wrapped.values[:top])].all()
+
+
+def test_causal_taps_only_reach_back():
+    wrapped = wrap_taps(np.arange(6.0), 0, (2, 3), (1, 1))
+    evaluation = 4
+    rows, cols = np.nonzero(~np.isnan(wrapped.values))
+    flat = (rows + wrapped.first_row) * 3 + cols
+    assert flat.max() == evaluation and flat.min() == evaluation - 5
+
+
+def test_reductions_and_normalisations():
+    kernels = torch.stack([torch.full((3, 3), 1.0), torch.full((3, 3), -3.0), torch.full((3, 3), 2.0)])
+    kernels[:, 1, 1] = torch.tensor([5.0, -1.0, 0.5])
+    mean, shown = reduce_channels(kernels, "mean")
+    assert shown == [-1] and torch.allclose(mean[0], kernels.mean(0))
+    absolute, _ = reduce_channels(kernels, "abs-mean")
+    assert torch.allclose(absolute[0, 0, 0], torch.tensor(2.0))
+    top, shown = reduce_channels(kernels, "top-k", top_k=2)
+    assert shown == [1, 0]                        # energies 33, 73, 32.25
+    single, shown = reduce_channels(kernels, 2)
+    assert shown == [2] and torch.equal(single[0], kernels[2])
+    with pytest.raises(HpxError, match="out of range"):
+        reduce_channels(kernels, 3)
+    scaled = normalise(kernels, "maxabs")
+    assert torch.allclose(scaled.flatten(1).abs().amax(1), torch.ones(3))
+    assert torch.equal(torch.sign(scaled), torch.sign(kernels))
+    unit = normalise(kernels, "minmax")
+    assert torch.allclose(unit.flatten(1).amin(1), torch.zeros(3))
+    assert torch.allclose(unit.flatten(1).amax(1), torch.ones(3))
+
+
+def test_hyenapixel_panels_are_the_normalised_mean_kernels(tiny_config, tiny_weights):
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    result = compute_kernels(model, input_size=64)
+    infos = long_filter_layers(model, 64)
+    assert [layer["name"] for layer in result.layers] == [info.name for info in infos]
+    for i, info in enumerate(infos):
+        mean = kernel(info).mean(0).double().numpy()
+        np.testing.assert_allclose(result.panels(i)[0], mean / np.abs(mean).max(), rtol=1e-5, atol=1e-7)
+        assert result.layers[i]["feature_size"] == [64 // 4 // 2 ** info.stage] * 2
+        assert not result.outside(i).any()
+
+
+def test_hyena_panels_wrap_the_mean_kernel(tiny_hb):
+    result = compute_kernels(tiny_hb, layers=[(1, 0)], input_size=64, normalisation="none")
+    info = long_filter_layers(tiny_hb, 64)[1]
+    taps = kernel(info).mean(0).double().numpy()
+    layer = result.layers[0]
+    assert layer["position"] == [4, 4] and layer["feature_size"] == [8, 8]
+    top = -layer["first_row"]
+    centre_tap = info.long_filter.centre[0]
+    assert result.panels(0)[0, top + 4, 4] == pytest.approx(taps[centre_tap], rel=1e-6)
+    assert result.panels(0)[0, top + 4, 5] == pytest.approx(taps[centre_tap - 1], rel=1e-6)  # reads p + 1
+    assert result.panels(0)[0, top + 5, 4] == pytest.approx(taps[centre_tap - 8], rel=1e-6)  # one row down
+
+
+def test_layer_selection_keeps_order_and_rejects_unknown(tiny_hb):
+    assert parse_layers("1.0, 0.0") == [(1, 0), (0, 0)]
+    result = compute_kernels(tiny_hb, layers=parse_layers("1.0,0.0"), input_size=64)
+    assert [layer["name"] for layer in result.layers] == ["S2 B1", "S1 B1"]
+    with pytest.raises(HpxError, match="no long-filter layer at 0.5"):
+        compute_kernels(tiny_hb, layers=[(0, 5)], input_size=64)
+    with pytest.raises(HpxError, match="STAGE.BLOCK"):
+        parse_layers("S1B1")
+    with pytest.raises(HpxError, match="outside the 16x16"):
+        compute_kernels(tiny_hb, position=(16, 0), input_size=64)
+
+
+def test_position_moves_to_the_same_relative_pixel_on_smaller_maps(tiny_hb):
+    result = compute_kernels(tiny_hb, position=(12, 4), input_size=64)
+    assert [layer["position"] for layer in result.layers] == [[12, 4], [6, 2], [3, 1], [1, 0]]
+
+
+def test_cli_writes_figure_and_arrays(tmp_path, tiny_config, tiny_weights):
+    runner = CliRunner()
+    outcome = runner.invoke(app, ["kernels", "--model", tiny_config("tiny_hb"), "--weights", tiny_weights("tiny_hb"),
+                                  "--input-size", "64", "--reduction", "top-k", "--top-k", "2",
+                                  "--position", "0,3", "--out", str(tmp_path)])
+    assert outcome.exit_code == 0, outcome.output
+    for suffix in (".pdf", ".png", ".npz", ".json", ".figure.json"):
+        assert (tmp_path / f"kernels_tiny_hb{suffix}").is_file()
+    saved = KernelsResult.load(tmp_path / "kernels_tiny_hb.npz")
+    assert saved.panels(0).shape[0] == 2 and saved.layers[0]["position"] == [0, 3]
+    figure_meta = json.loads((tmp_path / "kernels_tiny_hb.figure.json").read_text())
+    assert figure_meta["options"]["reduction"] == "top-k" and figure_meta["model"]["weights_sha256"]
+
+    bad = runner.invoke(app, ["kernels", "--model", tiny_config("tiny_hpx"), "--weights", "random",
+                              "--normalise", "zscore", "--out", str(tmp_path)])
+    assert isinstance(bad.exception, HpxError) and "normalisation" in str(bad.exception)
