@@ -1,0 +1,205 @@
+"""FGVis with activation bounds, captum attributions, the randomisation sanity check and `hpx-analyze explain`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from hpx_analysis.analyzers.attribution import attribute, reference_image, to_rgb
+from hpx_analysis.analyzers.fgvis import FgvisSettings, activation_bounds, activation_modules, fgvis
+from hpx_analysis.analyzers.sanity import cascade_groups, sanity_check
+
+SIZE = 32
+REGION = (slice(8, 20), slice(10, 22))  # rows, columns the constructed class score reads
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class RegionModel(nn.Module):
+    """Two classes; logit 0 = gain * mean over REGION of GELU(3x3 average of the image), logit 1 constant.
+
+    Only pixels in REGION (plus its 1-pixel conv border) can change the class.
+    """
+
+    def __init__(self, gain: float = 6.0, threshold: float = 3.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1, bias=False)
+        nn.init.constant_(self.conv.weight, 1 / 27)
+        self.act = nn.GELU()
+        region = torch.zeros(1, 1, SIZE, SIZE)
+        region[(..., *REGION)] = 1
+        self.register_buffer("region", region)
+        self.gain, self.threshold = gain, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = (self.act(self.conv(x)) * self.region).sum((1, 2, 3)) / self.region.sum()
+        return torch.stack([self.gain * score, torch.full_like(score, self.threshold)], 1)
+
+
+def region_images(count: int) -> torch.Tensor:
+    """Normalised images (count, 3, SIZE, SIZE): random background, bright region (class 0)."""
+    generator = torch.Generator().manual_seed(7)
+    images = torch.rand(count, 3, SIZE, SIZE, generator=generator) * 0.5
+    images[(..., *REGION)] = 0.8 + 0.2 * torch.rand(count, 3, 12, 12, generator=generator)
+    return (images - 0.5) / 0.25
+
+
+def region_mask() -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[REGION] = True
+    return mask
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+
+
+def test_activation_modules_cover_timm_nonlinearities(tiny_config, tiny_weights) -> None:
+    import timm
+    from timm.models.metaformer import SquaredReLU, StarReLU
+    from hpx_analysis.models.zoo import load_model
+
+    tiny = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    found = dict(activation_modules(tiny))
+    assert {type(m) for m in found.values()} == {StarReLU, SquaredReLU}
+    assert len(found) == 5 and not any(path.endswith("act.relu") for path in found)  # nested ReLU covered by outer
+    with torch.device("meta"):
+        convnext, resnet = timm.create_model("convnext_atto"), timm.create_model("resnet18")
+    assert {type(m).__name__ for _, m in activation_modules(convnext)} == {"GELU"}
+    assert len(activation_modules(resnet)) == sum(isinstance(m, nn.ReLU) for m in resnet.modules())
+
+
+def test_bound_rule_zeroes_exactly_outside_the_band() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.GELU(), nn.Linear(16, 1))
+    clean = torch.randn(2, 16)
+    rows = torch.tensor([1, 0, 1])
+    current = clean[rows] + 1.5 * torch.randn(3, 16)
+    x = current.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(net(x).sum(), x)
+    with activation_bounds(net) as bounds:
+        with bounds.record():
+            net(clean)
+        bounds.select(rows)
+        x = current.clone().requires_grad_()
+        (bounded,) = torch.autograd.grad(net(x).sum(), x)
+    a0, a = nn.functional.gelu(clean[rows]), nn.functional.gelu(current)
+    inside = (a >= a0.clamp(max=0)) & (a <= a0.clamp(min=0))
+    assert 0 < inside.sum() < inside.numel()  # both cases occur
+    assert torch.all(bounded[~inside] == 0)
+    assert torch.equal(bounded[inside], plain[inside])
+    assert no_hooks(net)
+
+
+def test_fgvis_deletes_the_region_the_class_depends_on_and_saliency_agrees() -> None:
+    model = RegionModel().eval()
+    images = region_images(2)
+    assert (model(images).argmax(1) == 0).all()
+    result = fgvis(model, images, settings=FgvisSettings(iterations=60, lambda_tries=2), mean=MEAN, std=STD)
+    for n, record in enumerate(result.records):
+        assert record["success"] and record["final_class"] == 1 and record["original_class"] == 0
+        deleted = result.maps[n] >= 0.5 * result.maps[n].max()
+        assert iou(deleted, region_mask()) >= 0.5
+        reach = np.zeros((SIZE, SIZE), bool)  # REGION grown by the 3x3 conv's 1-pixel border
+        reach[REGION[0].start - 1:REGION[0].stop + 1, REGION[1].start - 1:REGION[1].stop + 1] = True
+        assert result.maps[n][~reach].max() == 0  # the mask stays 1 wherever the class cannot look
+    saliency = attribute(model, images, "saliency", mean=MEAN, std=STD)
+    for n in range(2):
+        assert iou(saliency.maps[n] > 0, region_mask()) >= 0.5
+    assert no_hooks(model)
+
+
+def test_batched_equals_one_at_a_time() -> None:
+    model = RegionModel().eval()
+    images = region_images(2)
+    settings = FgvisSettings(iterations=15, lambda_tries=3, lambda_start=3.0, lambda_factor=0.1)
+    batched = fgvis(model, images, settings=settings, seed=5, batch_size=6, mean=MEAN, std=STD)
+    tries = [r["tries"] for r in batched.records]
+    assert max(tries) > 1  # the search had to go beyond the first lambda (lambda 3 keeps the mask at 1)
+    for n in range(2):
+        single = fgvis(model, images[n:n + 1], settings=settings, seed=[5 + n], batch_size=1, mean=MEAN, std=STD)
+        np.testing.assert_allclose(single.masks[0], batched.masks[n], atol=1e-5)
+        for key in ("lambda", "iterations", "tries", "final_class", "success"):
+            assert single.records[0][key] == batched.records[n][key]
+
+
+def test_fgvis_leaves_the_model_unchanged(tiny_config, tiny_weights, tmp_path) -> None:
+    from hpx_analysis.models.zoo import load_model
+
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x)
+    partial = tmp_path / "run.partial.npz"
+    result = fgvis(model, x, settings=FgvisSettings(iterations=3, lambda_tries=2), partial=partial)
+    assert no_hooks(model) and not model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    # the partial file resumes: a rerun with the same options gives the same masks
+    again = fgvis(model, x, settings=FgvisSettings(iterations=3, lambda_tries=2), partial=partial)
+    np.testing.assert_array_equal(again.masks, result.masks)
+
+
+def test_references_and_integrated_gradients_completeness() -> None:
+    images = region_images(2)
+    assert np.allclose(to_rgb(reference_image(images, "black", MEAN, STD), MEAN, STD), 0)
+    assert torch.equal(reference_image(images, "mean", MEAN, STD), torch.zeros_like(images))
+    blurred = reference_image(images, "blur", MEAN, STD)
+    assert blurred.std() < images.std()
+    model = RegionModel().eval()
+    result = attribute(model, images, "integrated-gradients", target=0, mean=MEAN, std=STD, ig_steps=64)
+    with torch.no_grad():
+        expected = (model(images) - model(reference_image(images, "black", MEAN, STD)))[:, 0]
+    np.testing.assert_allclose(result.arrays["attributions"].sum((1, 2, 3)), expected.numpy(), rtol=2e-2)
+
+
+def test_sanity_correlation_is_one_for_identical_weights_and_drops_for_random(tiny_config, tiny_weights) -> None:
+    import copy
+    from hpx_analysis.models.zoo import load_model
+
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    assert cascade_groups(model)[0].startswith("head") and cascade_groups(model)[-1] == "stem"
+    same = sanity_check(model, x, "saliency", random_model=copy.deepcopy(model))
+    np.testing.assert_allclose(same.correlations, 1.0, atol=1e-6)
+    randomised = sanity_check(model, x, "saliency")
+    assert randomised.steps[0] == "trained" and np.allclose(randomised.correlations[0], 1.0)
+    assert randomised.correlations[-1].mean() < 0.95
+
+
+def test_cli_end_to_end(tiny_config, tiny_weights, tmp_path) -> None:
+    from hpx_analysis_cli.app import app
+
+    args = ["explain", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--method", "fgvis",
+            "--method", "gradcam", "--size", "64", "--num-images", "1", "--iterations", "4", "--lambda-tries", "2",
+            "--device", "cpu", "-o", str(tmp_path)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    folder = tmp_path / "explain"
+    meta = json.loads((folder / "tiny_hpx_fgvis.json").read_text())
+    assert meta["kind"] == "fgvis" and meta["records"][0]["original_class"] == meta["targets"][0]
+    assert np.load(folder / "tiny_hpx_fgvis.npz")["masks"].shape == (1, 3, 64, 64)
+    for suffix in (".pdf", ".png", ".figure.json"):
+        assert (folder / f"explain_tiny_hpx_fgvis+gradcam{suffix}").is_file()
+    assert not list(folder.glob("*.partial.npz"))
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and second.output.count("reusing") == 2
+
+
+def test_cli_bad_method_is_one_line_error(tmp_path) -> None:
+    run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", "explain",
+                          "--method", "lime", "-o", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2 and "unknown method 'lime'" in run.stderr and "Traceback" not in run.stderr
