@@ -154,6 +154,12 @@ class LongFilterBase(nn.Module):
             self.fft_cache.put(fft_shape, u.device, stamp, kernel_f)
         return apply_kernel_fft(u, kernel_f, fft_shape, self.centre)
 
+    def cache_kernel(self, kernel: Tensor, sizes: Sequence[int]) -> None:
+        """Store the FFT of ``kernel`` (C, *S), which must equal ``self.kernel()`` now, for inputs of
+        spatial ``sizes``: the next eval-mode forward at that size does not re-evaluate the filter."""
+        fft_shape = fft_shape_for(sizes, self.kernel_size, self.centre)
+        self.fft_cache.put(fft_shape, kernel.device, self._weights_stamp(), kernel_fft(kernel, fft_shape))
+
     @property
     def kernel_size(self) -> Tuple[int, ...]:
         raise NotImplementedError

@@ -1,0 +1,103 @@
+"""``hpx-analyze truncate``: accuracy when one stage's long kernels are cut to a relative size (paper Fig. 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from .options import DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, Model, Out, Seed, Weights
+
+
+def register(app: typer.Typer) -> None:
+    app.command("truncate")(truncate)
+
+
+def parse_sizes(text: str) -> List[float]:
+    """``start:stop:step`` (stop included) or a comma-separated list of relative sizes."""
+    from hpx_analysis.errors import HpxError
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            return [round(start + i * step, 10) for i in range(count)]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HpxError(f"--sizes must be 'start:stop:step' or a comma list such as '0,0.5,1', got '{text}'") from None
+
+
+def parse_stages(values: List[str]) -> Optional[List[int]]:
+    """0-based stages from the paper's 1-based numbers; None for ``all``."""
+    from hpx_analysis.errors import HpxError
+    if not values or "all" in values:
+        return None
+    try:
+        return [int(v) - 1 for v in values]
+    except ValueError:
+        raise HpxError(f"--stage takes 1-4 or 'all', got {', '.join(values)}") from None
+
+
+def truncate(
+    data: Annotated[Path, typer.Option("--data", help="ImageFolder tree (sorted class folders = indices 0..), "
+                                       "or a flat folder with --labels.")],
+    model: Model = "hpx_former_s18",
+    weights: Weights = DEFAULT_WEIGHTS,
+    stage: Annotated[List[str], typer.Option("--stage", help="Stage to truncate, numbered 1-4 as in the paper; "
+                                             "repeat for several; 'all' (default): every stage with long "
+                                             "filters, one curve each.")] = ["all"],
+    sizes: Annotated[str, typer.Option("--sizes", help="Relative filter sizes r: 'start:stop:step' or "
+                                       "'0,0.5,1'. Taps farther than r*F/2 from the centre are zeroed.")] = "0:2:0.1",
+    shape: Annotated[str, typer.Option("--shape", help="Kept region: 'disc' or a centred 'square'.")] = "disc",
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels of a flat --data folder: CSV "
+                                                   "'filename,label', or one class index per line in sorted "
+                                                   "file order (ImageNet validation ground truth).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate a stratified, seeded subset of N "
+                                                 "images.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of "
+                                         "skipping and listing it.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 32,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Evaluation resolution; default "
+                                                      "the model's pretrained data config.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 0,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% "
+                                           "intervals.")] = 1000,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse per-batch results of an "
+                                         "earlier run with the same arguments (kept under OUT/truncate_cache).")
+                      ] = True,
+    device: Device = DEFAULT_DEVICE,
+    out: Out = DEFAULT_OUT,
+    seed: Seed = DEFAULT_SEED,
+) -> None:
+    """Top-1/top-5 accuracy when the long kernels of a stage are truncated to relative size r (paper Fig. 6).
+
+    Runs unchanged under `torchrun --nproc-per-node N` (each rank a shard of the batches; rank 0 writes).
+    """
+    from hpx_analysis.analyzers.truncation import distributed_setup, truncation_sweep
+    from hpx_analysis.datasets import labelled_images, stratified_subset
+    from hpx_analysis.devices import resolve_device
+    from hpx_analysis.models.zoo import load_model
+    from hpx_analysis.plotting.truncation import plot_truncation
+
+    target, rank, world = distributed_setup(resolve_device(device))
+    samples = stratified_subset(labelled_images(data, labels), limit, seed)
+    net = load_model(model, weights, seed=seed, device=target)
+    result = truncation_sweep(net, samples, parse_stages(stage), parse_sizes(sizes), shape, batch_size=batch_size,
+                              image_size=image_size, cache_dir=Path(out) / "truncate_cache" if resume else None,
+                              strict=strict, workers=workers, n_resamples=bootstrap, seed=seed)
+    if world > 1:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        return
+    result.meta["inputs"] = {"data": str(Path(data).resolve()), "labels": str(labels) if labels else None,
+                             "limit": limit, "images": [s.name for s in samples]}
+    stem = Path(out) / f"truncate_{Path(model).stem if model.endswith('.json') else model}"
+    written = [result.save(stem), stem.with_suffix(".json"), result.write_csv(stem.with_suffix(".csv")),
+               *plot_truncation(result, stem)]
+    for path in written:
+        typer.echo(str(path))

@@ -1,0 +1,389 @@
+"""Window truncation: accuracy when the long kernels of one stage are cut to a relative size (paper Fig. 6).
+
+For a relative size r every long-kernel tap of the stage's HyenaPixel layers whose distance from the
+kernel centre exceeds r * F / 2 is zeroed (F: the stage's feature-map side at the evaluation
+resolution; a disc, or a centred square with ``shape="square"``); for Hyena 1D layers the cut is on
+the tap offset, |d| > r * L / 2 with L = H * W. r = 0 keeps only the centre tap (plus the skip term).
+
+Work that a truncation cannot change is done once: the activations entering a stage are computed
+once per batch and shared by every r (and by every stage of the sweep); sizes that keep the same
+taps are evaluated once; the masked kernels go straight into the filters' FFT caches, so the
+implicit filters are evaluated once per run. Per-batch correctness flags are saved in a cache
+folder, so an interrupted run resumes; under ``torchrun`` every rank takes every world-th batch and
+the flags are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..datasets import LabelledImage, LabelledImageDataset, collate_skipping
+from ..errors import HpxError
+from ..inspection import HYENA_1D, HYENAPIXEL_2D, MixerInfo, kernel, long_filter_layers, modify_kernels
+from ..results import Result, model_metadata
+
+SHAPES = ("disc", "square")
+DEFAULT_SIZES: Tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))
+TOLERANCE = 1e-9  # sizes given in decimals (0.3 = 0.30000000000000004) keep taps exactly on the border
+
+
+class TruncationResult(Result):
+    """Accuracy per (stage, relative size) and of the untruncated model, with 95% bootstrap intervals.
+
+    arrays: ``stages`` (S,) 0-based, ``sizes`` (R,), ``top1``/``top5`` (S, R), ``top1_ci``/``top5_ci``
+    (S, R, 2), ``kept_fraction`` (S, R) share of the stage's long-kernel taps kept,
+    ``reference`` (2,) untruncated top-1/top-5 and ``reference_ci`` (2, 2), ``coverage`` (S,) the
+    stage's mean learned coverage (coverage analyzer, same relative units), ``top1_correct`` /
+    ``top5_correct`` (1 + S * R,) correct counts, column 0 untruncated, then stage-major.
+    """
+
+    kind = "truncation"
+
+    def rows(self) -> List[Dict[str, float]]:
+        """One row per (stage, size), stages numbered from 1 as in the paper."""
+        a = self.arrays
+        rows = []
+        for i, stage in enumerate(a["stages"]):
+            for j, size in enumerate(a["sizes"]):
+                rows.append({"stage": int(stage) + 1, "relative_size": float(size),
+                             "top1": float(a["top1"][i, j]), "top1_low": float(a["top1_ci"][i, j, 0]),
+                             "top1_high": float(a["top1_ci"][i, j, 1]), "top5": float(a["top5"][i, j]),
+                             "top5_low": float(a["top5_ci"][i, j, 0]), "top5_high": float(a["top5_ci"][i, j, 1]),
+                             "kept_fraction": float(a["kept_fraction"][i, j]),
+                             "reference_top1": float(a["reference"][0]), "reference_top5": float(a["reference"][1]),
+                             "images": int(self.meta["images_evaluated"])})
+        return rows
+
+    def write_csv(self, path: Path | str) -> Path:
+        """Every number of :meth:`rows` as CSV."""
+        import csv
+        path = Path(path)
+        rows = self.rows()
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+
+def relative_tap_distance(info: MixerInfo, shape: str = "disc") -> Tensor:
+    """Distance of each tap from the kernel centre relative to half the feature map: (S, S) or (T,).
+
+    HyenaPixel: Euclidean (``disc``) or Chebyshev (``square``) offset over (H/2, W/2); Hyena 1D:
+    |offset| / (L/2) with L = H * W. A tap is kept at relative size r when this is <= r.
+    """
+    if shape not in SHAPES:
+        raise HpxError(f"unknown truncation shape '{shape}'; use {' or '.join(SHAPES)}")
+    if info.feature_size is None:
+        raise ValueError("layer info lacks feature_size: list the layers with an input_size")
+    filt = info.long_filter
+    height, width = info.feature_size
+    offsets = [(torch.arange(n, dtype=torch.float64) - c).abs() for n, c in zip(filt.kernel_size, filt.centre)]
+    if info.kind != HYENAPIXEL_2D:
+        return offsets[0] / (height * width / 2)
+    dy, dx = offsets[0][:, None] / (height / 2), offsets[1][None, :] / (width / 2)
+    return torch.sqrt(dy ** 2 + dx ** 2) if shape == "disc" else torch.maximum(dy, dx)
+
+
+def kept_taps(distance: Tensor, size: float) -> Tensor:
+    """Boolean mask of the taps kept at relative size ``size``, from :func:`relative_tap_distance`."""
+    return distance <= size + TOLERANCE
+
+
+@contextlib.contextmanager
+def truncate_kernels(model: nn.Module, stages: Sequence[int], size: float, shape: str = "disc",
+                     input_size: Union[int, Sequence[int], None] = None) -> Iterator[List[MixerInfo]]:
+    """Inside the block the long kernels of the 0-based ``stages`` keep only the taps within relative
+    size ``size`` at resolution ``input_size`` (the model's default when None); restored on exit."""
+    from ..models.zoo import default_input_size
+
+    def cut(k: Tensor, info: MixerInfo) -> Tensor:
+        return k * kept_taps(relative_tap_distance(info, shape), size).to(k.device, k.dtype)
+
+    wanted = set(stages)
+    with modify_kernels(model, cut, layers=lambda info: info.stage in wanted,
+                        input_size=input_size if input_size is not None else default_input_size(model)) as chosen:
+        yield chosen
+
+
+def _distinct_truncations(distances: Sequence[Tensor], sizes: Sequence[float]
+                          ) -> Tuple[List[int], List[Optional[Tuple[int, ...]]]]:
+    """Per size the index of its distinct tap set, and per distinct set its kept-tap counts
+    (None for the set that keeps every tap, i.e. the untruncated model)."""
+    keys: List[Optional[Tuple[int, ...]]] = []
+    column = []
+    for size in sizes:
+        counts = tuple(int(kept_taps(d, size).sum()) for d in distances)
+        key = None if all(c == d.numel() for c, d in zip(counts, distances)) else counts
+        if key not in keys:
+            keys.append(key)
+        column.append(keys.index(key))
+    return column, keys
+
+
+def eval_transform(model: nn.Module, image_size: Optional[int] = None) -> Tuple[Callable, Tuple[int, int]]:
+    """timm's evaluation transform from the model's pretrained config (``image_size`` overrides the
+    input size) and the (H, W) it produces."""
+    from timm.data import create_transform, resolve_data_config
+    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    config = resolve_data_config(args, model=model)
+    return create_transform(**config), (int(config["input_size"][1]), int(config["input_size"][2]))
+
+
+def distributed_setup(device: torch.device) -> Tuple[torch.device, int, int]:
+    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group (nccl on CUDA, gloo on CPU) and use
+    this rank's GPU; returns (device, rank, world size), (device, 0, 1) otherwise."""
+    import torch.distributed as dist
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return device, dist.get_rank(), dist.get_world_size()
+    return device, 0, 1
+
+
+def _all_reduce(tensors: Sequence[Tensor], device: torch.device) -> List[Tensor]:
+    """Element-wise sums over all ranks (the tensors themselves when not distributed)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return list(tensors)
+    reduced = []
+    for tensor in tensors:
+        moved = tensor.to(device)
+        dist.all_reduce(moved)
+        reduced.append(moved.cpu())
+    return reduced
+
+
+def _bootstrap_ci(flags: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """95% percentile bootstrap interval of the mean of each row of ``flags`` (K, N): (K, 2)."""
+    from scipy.stats import DegenerateDataWarning, bootstrap
+    if flags.shape[1] < 2:
+        mean = flags.mean(axis=1) if flags.shape[1] else np.full(len(flags), np.nan)
+        return np.stack([mean, mean], axis=1)
+    batch = max(1, int(2e7 // flags.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        ci = bootstrap((flags.astype(np.float64),), np.mean, axis=-1, n_resamples=n_resamples, batch=batch,
+                       vectorized=True, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
+    return np.stack([ci.low, ci.high], axis=1)
+
+
+def _run_key(model: nn.Module, samples: Sequence[LabelledImage], stages: Sequence[int], sizes: Sequence[float],
+             shape: str, batch_size: int, input_hw: Tuple[int, int]) -> str:
+    """Hash of everything that determines the per-batch flags (names the cache folder)."""
+    description = {"model": model_metadata(model), "stages": list(stages), "sizes": list(sizes), "shape": shape,
+                   "batch_size": batch_size, "input": list(input_hw),
+                   "samples": [[s.name, s.label] for s in samples]}
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _StagePlan:
+    """The long-filter layers of one stage, their masks per distinct truncation and their base kernels."""
+
+    def __init__(self, stage: int, layers: List[MixerInfo], sizes: Sequence[float], shape: str):
+        self.stage, self.layers = stage, layers
+        distances = [relative_tap_distance(info, shape) for info in layers]
+        self.column, keys = _distinct_truncations(distances, sizes)
+        self.full = keys.index(None) if None in keys else None
+        self.masks: List[Optional[Dict[int, Tensor]]] = [
+            None if key is None else {info.index: kept_taps(d, sizes[self.column.index(k)])
+                                      for info, d in zip(layers, distances)}
+            for k, key in enumerate(keys)]
+        total = sum(d.numel() for d in distances)
+        self.kept_fraction = [1.0 if self.masks[k] is None else
+                              sum(int(m.sum()) for m in self.masks[k].values()) / total for k in self.column]
+        self.base = {info.index: kernel(info) for info in layers}
+
+    def masked_forward(self, model: nn.Module, entering: Tensor, distinct: int) -> Tensor:
+        """Logits (B, classes) with truncation ``distinct`` applied, from the activations entering the stage."""
+        masks = self.masks[distinct]
+        by_index = {info.index: info for info in self.layers}
+
+        def truncate(k: Tensor, info: MixerInfo) -> Tensor:
+            return k * masks[info.index].to(k.device, k.dtype)
+
+        with modify_kernels(model, truncate, layers=list(masks)):
+            for index in masks:
+                info = by_index[index]
+                info.long_filter.cache_kernel(truncate(self.base[index], info), _signal_size(info))
+            x = entering
+            for stage in model.stages[self.stage:]:
+                x = stage(x)
+            return model.forward_head(x)
+
+    def cache_untruncated(self) -> None:
+        """Put the untruncated kernels back into the FFT caches (the next batch's first forward needs them)."""
+        for info in self.layers:
+            info.long_filter.cache_kernel(self.base[info.index], _signal_size(info))
+
+
+def _signal_size(info: MixerInfo) -> Tuple[int, ...]:
+    """Spatial size of the signal a long filter convolves: (H, W), or (H * W,) for Hyena 1D."""
+    height, width = info.feature_size
+    return (height, width) if info.kind == HYENAPIXEL_2D else (height * width,)
+
+
+def _correct(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """Top-1 and top-k (k = min(5, classes)) correctness (B,) as uint8."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return hits[:, 0].to(torch.uint8), hits.any(dim=1).to(torch.uint8)
+
+
+@torch.no_grad()
+def _evaluate_batch(model: nn.Module, images: Tensor, labels: Tensor, plans: Sequence[_StagePlan]
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """Correctness (B, 1 + stages * sizes) for top-1 and top-5: column 0 the untruncated model."""
+    x = model.stem(images)
+    entering = []
+    for stage in model.stages:
+        entering.append(x)
+        x = stage(x)
+    reference = _correct(model.forward_head(x), labels)
+    top1, top5 = [reference[0]], [reference[1]]
+    for plan in plans:
+        distinct = [reference if d == plan.full else
+                    _correct(plan.masked_forward(model, entering[plan.stage], d), labels)
+                    for d in range(len(plan.masks))]
+        plan.cache_untruncated()
+        top1 += [distinct[d][0] for d in plan.column]
+        top5 += [distinct[d][1] for d in plan.column]
+    return torch.stack(top1, 1).cpu().numpy(), torch.stack(top5, 1).cpu().numpy()
+
+
+def _stage_plans(model: nn.Module, stages: Optional[Sequence[int]], sizes: Sequence[float], shape: str,
+                 input_hw: Tuple[int, int]) -> List[_StagePlan]:
+    if not hasattr(model, "stages") or not hasattr(model, "forward_head"):
+        raise HpxError(f"{type(model).__name__} is not a MetaFormer-style model with stages; truncation needs one")
+    layers = long_filter_layers(model, input_hw)
+    with_filters = sorted({info.stage for info in layers})
+    if not with_filters:
+        raise HpxError("the model has no implicit long filters (HyenaPixel or Hyena layers) to truncate")
+    chosen = with_filters if stages is None else list(dict.fromkeys(stages))
+    for stage in chosen:
+        if not 0 <= stage < len(model.stages):
+            raise HpxError(f"stage {stage + 1} does not exist; the model has stages 1-{len(model.stages)}")
+        if stage not in with_filters:
+            raise HpxError(f"stage {stage + 1} has no long-filter layers; stages with them: "
+                           f"{', '.join(str(s + 1) for s in with_filters)}")
+    return [_StagePlan(stage, [i for i in layers if i.stage == stage], sizes, shape) for stage in chosen]
+
+
+def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages: Optional[Sequence[int]] = None,
+                     sizes: Sequence[float] = DEFAULT_SIZES, shape: str = "disc", *, batch_size: int = 32,
+                     image_size: Optional[int] = None, cache_dir: Optional[Path | str] = None, strict: bool = False,
+                     workers: int = 0, n_resamples: int = 1000, seed: int = 0, progress: bool = True
+                     ) -> TruncationResult:
+    """Top-1/top-5 accuracy on ``samples`` for every relative size in ``sizes`` and stage in ``stages``.
+
+    stages: 0-based stage indices (None: every stage with long filters). The model runs on the
+    device of its parameters. cache_dir: per-batch results go to ``cache_dir/<run hash>/`` and a
+    rerun with the same arguments skips finished batches. strict: an unreadable image raises
+    instead of being skipped. Under ``torch.distributed`` each rank evaluates every world-th
+    batch; every rank returns the full result.
+    """
+    from tqdm import tqdm
+
+    if shape not in SHAPES:
+        raise HpxError(f"unknown truncation shape '{shape}'; use {' or '.join(SHAPES)}")
+    if not sizes or any(not np.isfinite(s) or s < 0 for s in sizes):
+        raise HpxError("relative sizes must be finite and non-negative")
+    if batch_size < 1:
+        raise HpxError(f"batch size must be positive, got {batch_size}")
+    sizes = [float(s) for s in sizes]
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and samples and max(s.label for s in samples) >= num_classes:
+        raise HpxError(f"labels reach {max(s.label for s in samples)} but the model has {num_classes} classes")
+    transform, input_hw = eval_transform(model, image_size)
+    device = next(model.parameters()).device
+    plans = _stage_plans(model, stages, sizes, shape, input_hw)
+    import torch.distributed as dist
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    count, settings = len(samples), 1 + len(plans) * len(sizes)
+    batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / _run_key(model, samples, [p.stage for p in plans], sizes, shape, batch_size,
+                                            input_hw)
+        folder.mkdir(parents=True, exist_ok=True)
+    top1 = torch.zeros(count, settings, dtype=torch.int32)
+    top5 = torch.zeros(count, settings, dtype=torch.int32)
+    status = torch.zeros(count, dtype=torch.int32)  # 1 evaluated, 2 unreadable
+    mine = list(range(rank, len(batches), world))
+    resumed = [b for b in mine if folder is not None and (folder / f"batch_{b:06d}.npz").is_file()]
+    for b in resumed:
+        with np.load(folder / f"batch_{b:06d}.npz") as saved:
+            top1[saved["indices"]] = torch.from_numpy(saved["top1"]).int()
+            top5[saved["indices"]] = torch.from_numpy(saved["top5"]).int()
+            status[saved["indices"]] = 1
+            status[saved["skipped"]] = 2
+    todo = [b for b in mine if b not in set(resumed)]
+    loader = torch.utils.data.DataLoader(LabelledImageDataset(samples, transform),
+                                         batch_sampler=[batches[b] for b in todo], collate_fn=collate_skipping,
+                                         num_workers=workers)
+    for batch, b in zip(tqdm(loader, total=len(todo), desc="truncation sweep", unit="batch",
+                             disable=not progress or rank != 0), todo):
+        if batch.skipped and strict:
+            raise HpxError(f"unreadable image {samples[batch.skipped[0]].path} (drop --strict to skip such files)")
+        if len(batch.indices):
+            flags1, flags5 = _evaluate_batch(model, batch.images.to(device), batch.labels.to(device), plans)
+        else:
+            flags1 = flags5 = np.zeros((0, settings), np.uint8)
+        top1[batch.indices], top5[batch.indices] = torch.from_numpy(flags1).int(), torch.from_numpy(flags5).int()
+        status[batch.indices], status[batch.skipped] = 1, 2
+        if folder is not None:
+            partial = folder / f"batch_{b:06d}.tmp.npz"
+            np.savez(partial, indices=batch.indices.numpy(), skipped=np.asarray(batch.skipped, dtype=np.int64),
+                     top1=flags1, top5=flags5)
+            partial.replace(folder / f"batch_{b:06d}.npz")
+    top1, top5, status = _all_reduce([top1, top5, status], device)
+    return _summarise(model, samples, plans, sizes, shape, top1.numpy(), top5.numpy(), status.numpy(),
+                      dict(batch_size=batch_size, input_size=list(input_hw), n_resamples=n_resamples, seed=seed,
+                           world_size=world, batches_total=len(batches), batches_resumed=len(resumed),
+                           batches_computed=len(todo), cache=str(folder) if folder else None))
+
+
+def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequence[_StagePlan], sizes: Sequence[float],
+               shape: str, top1: np.ndarray, top5: np.ndarray, status: np.ndarray, options: Dict) -> TruncationResult:
+    """Accuracies, bootstrap intervals and metadata from per-image flags (N, 1 + S * R)."""
+    from .coverage import compute_coverage
+    evaluated = status == 1
+    if not evaluated.any():
+        raise HpxError("no image could be read; nothing was evaluated")
+    flags = np.concatenate([top1[evaluated].T, top5[evaluated].T])  # (2 * settings, N)
+    accuracy = flags.mean(axis=1)
+    ci = _bootstrap_ci(flags, options["n_resamples"], options["seed"])
+    settings = top1.shape[1]
+    coverage = compute_coverage(model, input_size=tuple(options["input_size"]))
+    shape_sr = (len(plans), len(sizes))
+    arrays = {
+        "stages": np.array([p.stage for p in plans]), "sizes": np.array(sizes),
+        "top1": accuracy[1:settings].reshape(shape_sr), "top5": accuracy[settings + 1:].reshape(shape_sr),
+        "top1_ci": ci[1:settings].reshape(*shape_sr, 2), "top5_ci": ci[settings + 1:].reshape(*shape_sr, 2),
+        "kept_fraction": np.array([p.kept_fraction for p in plans]),
+        "coverage": np.array([coverage.stage_coverage(p.stage, kinds=(HYENAPIXEL_2D, HYENA_1D)) for p in plans]),
+        "reference": accuracy[[0, settings]], "reference_ci": ci[[0, settings]],
+        "top1_correct": top1[evaluated].sum(axis=0), "top5_correct": top5[evaluated].sum(axis=0),
+    }
+    skipped = [samples[i].name for i in np.flatnonzero(status == 2)]
+    meta = {"model": model_metadata(model), "shape": shape, "stages_paper": [p.stage + 1 for p in plans],
+            "layers": {f"S{p.stage + 1}": [i.name for i in p.layers] for p in plans},
+            "distinct_truncations": {f"S{p.stage + 1}": len(p.masks) for p in plans},
+            "images_total": len(samples), "images_evaluated": int(evaluated.sum()),
+            "images_skipped": len(skipped), "skipped": skipped, "classes": len({s.label for s in samples}),
+            "options": options}
+    return TruncationResult(arrays=arrays, meta=meta)

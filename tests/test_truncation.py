@@ -1,0 +1,270 @@
+"""Window truncation (issue 5): masks, equivalences with independently built models, the sweep vs. a
+naive loop, resuming, data sets, the CLI and a 2-process torchrun run, on tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from hpx_analysis.analyzers import truncation as trunc
+from hpx_analysis.analyzers.truncation import (TruncationResult, relative_tap_distance, truncate_kernels,
+                                               truncation_sweep)
+from hpx_analysis.datasets import labelled_images, stratified_subset
+from hpx_analysis.errors import HpxError
+from hpx_analysis.inspection import kernel, long_filter_layers
+from hpx_analysis.models.zoo import load_model
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models gain nothing from more, and oversubscribed shared cores stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny(tiny_config, tiny_weights):
+    return lambda name: load_model(tiny_config(name), tiny_weights(name))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """ImageFolder tree: 3 classes x 2 random images (odd sizes), plus one corrupt file in class b."""
+    root = tmp_path_factory.mktemp("data") / "val"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    (root / "b" / "corrupt.png").write_bytes(b"\x89PNG not really")
+    return root
+
+
+def _batch(seed: int = 0, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_relative_distance_analytic(tiny):
+    """Kernel 3 on the 2x2 map of stage 4: offsets are 0 or 1 pixel, half the map is 1 pixel."""
+    info = [i for i in long_filter_layers(tiny("tiny_hpx"), SIZE) if i.stage == 3][0]
+    assert info.feature_size == (2, 2)
+    disc, square = relative_tap_distance(info, "disc"), relative_tap_distance(info, "square")
+    expected = torch.tensor([[2 ** 0.5, 1, 2 ** 0.5], [1, 0, 1], [2 ** 0.5, 1, 2 ** 0.5]], dtype=torch.float64)
+    assert torch.allclose(disc, expected)
+    assert torch.equal(square, torch.tensor([[1.0, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=torch.float64))
+    hyena = [i for i in long_filter_layers(tiny("tiny_hb"), SIZE) if i.stage == 3][0]  # L = 4, taps 7
+    assert torch.allclose(relative_tap_distance(hyena), torch.tensor([3, 2, 1, 0, 1, 2, 3], dtype=torch.float64) / 2)
+
+
+@pytest.mark.parametrize("name", ["tiny_hpx", "tiny_hb"])
+def test_large_size_unchanged_and_restored(tiny, name):
+    model, x = tiny(name), _batch()
+    with torch.no_grad():
+        before = model(x)
+        with truncate_kernels(model, [0, 1, 2, 3], 100.0, input_size=SIZE):
+            full = model(x)
+        with truncate_kernels(model, [0, 1, 2, 3], 0.3, input_size=SIZE):
+            cut = model(x)
+        after = model(x)
+    assert torch.equal(full, before)
+    assert not torch.allclose(cut, before)
+    assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("name,stage", [("tiny_hpx", 1), ("tiny_hb", 2)])
+def test_zero_size_is_centre_tap_plus_skip(tiny, monkeypatch, name, stage):
+    """r = 0 equals a model whose long filters of that stage are ``u * (K_centre + bias)``."""
+    truncated, independent, x = tiny(name), tiny(name), _batch(1)
+    for info in long_filter_layers(independent):
+        if info.stage != stage:
+            continue
+        filt = info.long_filter
+        centre = kernel(filt)[(slice(None), *filt.centre)]  # (C,) the centre tap of the learned kernel
+        gain = (centre + filt.bias.flatten()).detach()
+        shape = (1, -1, 1, 1) if filt.bias.dim() == 4 else (1, -1, 1)
+        monkeypatch.setattr(filt, "forward", lambda u, g=gain.view(shape): u * g)
+    with torch.no_grad(), truncate_kernels(truncated, [stage], 0.0, input_size=SIZE):
+        got = truncated(x)
+    with torch.no_grad():
+        expected, original = independent(x), tiny(name)(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(expected, original, atol=1e-3)
+
+
+def _naive_counts(model, data: Path, sizes, stages, shape, batch_size):
+    """Correct top-1 counts with a full forward per (stage, size): column 0 untruncated, then stage-major."""
+    from hpx_analysis.datasets import LabelledImageDataset, collate_skipping
+    transform, _ = trunc.eval_transform(model, SIZE)
+    loader = torch.utils.data.DataLoader(LabelledImageDataset(labelled_images(data), transform),
+                                         batch_size=batch_size, collate_fn=collate_skipping)
+    counts = np.zeros(1 + len(stages) * len(sizes), dtype=int)
+    with torch.no_grad():
+        for batch in loader:
+            counts[0] += int((model(batch.images).argmax(1) == batch.labels).sum())
+            for i, stage in enumerate(stages):
+                for j, size in enumerate(sizes):
+                    with truncate_kernels(model, [stage], size, shape, input_size=SIZE):
+                        hits = model(batch.images).argmax(1) == batch.labels
+                    counts[1 + i * len(sizes) + j] += int(hits.sum())
+    return counts
+
+
+@pytest.mark.parametrize("name,shape", [("tiny_hpx", "square"), ("tiny_hyena_causal", "disc")])
+def test_sweep_matches_naive_loop(tiny, image_folder, name, shape):
+    model, sizes, x = tiny(name), [0.0, 0.2, 50.0], _batch(2)
+    with torch.no_grad():
+        before = model(x)
+    result = truncation_sweep(model, labelled_images(image_folder), [0, 3], sizes, shape, batch_size=4,
+                              image_size=SIZE, n_resamples=200, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the sweep leaves the model computing exactly what it did
+    assert np.array_equal(result.arrays["top1_correct"], _naive_counts(model, image_folder, sizes, [0, 3], shape, 4))
+    assert result.meta["images_evaluated"] == 6 and result.meta["skipped"] == ["b/corrupt.png"]
+    assert result.arrays["top1"][:, -1].tolist() == [result.arrays["reference"][0]] * 2  # r = 50 keeps all
+    assert np.all(np.diff(result.arrays["kept_fraction"], axis=1) >= 0)
+    assert result.arrays["kept_fraction"][:, -1].tolist() == [1.0, 1.0]
+    # stage 4 of the tiny model (2x2 map) has few taps, so several sizes share one set of kept taps
+    assert result.meta["distinct_truncations"]["S4"] < len(sizes)
+    ci = result.arrays["top1_ci"]
+    assert np.all(ci[..., 0] <= result.arrays["top1"] + 1e-12) and np.all(result.arrays["top1"] <= ci[..., 1] + 1e-12)
+
+
+def test_bootstrap_interval_matches_normal_approximation():
+    flags = np.zeros((2, 400))
+    flags[0, :200] = 1
+    flags[1] = 1
+    ci = trunc._bootstrap_ci(flags, 2000, seed=0)
+    half_width = 1.96 * np.sqrt(0.25 / 400)
+    assert np.allclose(ci[0], [0.5 - half_width, 0.5 + half_width], atol=0.012)
+    assert ci[1].tolist() == [1.0, 1.0]
+
+
+def test_interrupted_run_resumes(tiny, image_folder, tmp_path, monkeypatch):
+    args = dict(stages=[3], sizes=[0.0, 1.0], batch_size=3, image_size=SIZE, n_resamples=100, progress=False)
+    samples = labelled_images(image_folder)
+    uninterrupted = truncation_sweep(tiny("tiny_hpx"), samples, **args)
+    original, calls = trunc._evaluate_batch, []
+
+    def crash_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(trunc, "_evaluate_batch", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        truncation_sweep(tiny("tiny_hpx"), samples, cache_dir=tmp_path, **args)
+    monkeypatch.setattr(trunc, "_evaluate_batch", original)
+    resumed = truncation_sweep(tiny("tiny_hpx"), samples, cache_dir=tmp_path, **args)
+    assert resumed.meta["options"]["batches_resumed"] == 2
+    assert resumed.meta["options"]["batches_computed"] == resumed.meta["options"]["batches_total"] - 2
+    for key in ("top1_correct", "top5_correct", "top1", "top1_ci"):
+        assert np.array_equal(resumed.arrays[key], uninterrupted.arrays[key])
+    assert resumed.meta["skipped"] == uninterrupted.meta["skipped"]
+
+
+def test_datasets_folder_labels_and_limit(image_folder, tmp_path):
+    tree = labelled_images(image_folder)
+    assert {s.name.split("/")[0]: s.label for s in tree} == {"a": 0, "b": 1, "c": 2}
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    names = sorted(p.name for p in (image_folder / "a").glob("*.png"))
+    for i, name in enumerate(names):
+        shutil.copy(image_folder / "a" / name, flat / f"img{i}.png")
+    (tmp_path / "labels.csv").write_text("filename,label\nimg1.png,3\nimg0.png,7\n")
+    (tmp_path / "ground_truth.txt").write_text("5\n6\n")
+    (tmp_path / "val.txt").write_text("img0.png 9\nimg1.png 8\n")
+    from_csv = labelled_images(flat, tmp_path / "labels.csv")
+    assert [(s.name, s.label) for s in from_csv] == [("img0.png", 7), ("img1.png", 3)]
+    assert [s.label for s in labelled_images(flat, tmp_path / "ground_truth.txt")] == [5, 6]
+    assert [s.label for s in labelled_images(flat, tmp_path / "val.txt")] == [9, 8]
+    subset = stratified_subset(tree, 6, seed=1)
+    assert sorted(s.label for s in subset) == [0, 0, 1, 1, 2, 2]
+    assert subset == stratified_subset(tree, 6, seed=1) and len(stratified_subset(tree, 4, seed=0)) == 4
+    draws = {tuple(s.name for s in stratified_subset(tree, 3, seed=seed)) for seed in range(8)}
+    assert len(draws) > 1 and all(len({name.split("/")[0] for name in draw}) == 3 for draw in draws)
+    with pytest.raises(HpxError, match="1 labels but"):
+        (tmp_path / "short.txt").write_text("1\n")
+        labelled_images(flat, tmp_path / "short.txt")
+
+
+def test_bad_stage_and_classes(tiny, image_folder):
+    samples = labelled_images(image_folder)
+    with pytest.raises(HpxError, match="stage 5 does not exist"):
+        truncation_sweep(tiny("tiny_hpx"), samples, [4], [0.0], image_size=SIZE)
+    with pytest.raises(HpxError, match="stage 1 has no long-filter layers"):
+        truncation_sweep(tiny("tiny_c_hpx"), samples, [0], [0.0], image_size=SIZE)
+    with pytest.raises(HpxError, match="no implicit long filters"):
+        truncation_sweep(tiny("tiny_hpx_sc"), samples, None, [0.0], image_size=SIZE)
+
+
+def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
+    from hpx_analysis_cli.app import app
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["truncate", "--model", tiny_config("tiny_hpx"), "--weights",
+                                      tiny_weights("tiny_hpx"), "--data", str(image_folder), "--stage", "2",
+                                      "--stage", "4", "--sizes", "0:1:0.5", "--image-size", str(SIZE),
+                                      "--limit", "6", "--batch-size", "3", "--bootstrap", "100", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    stem = out / "truncate_tiny_hpx"
+    for suffix in (".npz", ".json", ".csv", ".pdf", ".png"):
+        assert stem.with_suffix(suffix).is_file()
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    assert meta["stages_paper"] == [2, 4] and len(meta["inputs"]["images"]) == 6
+    rows = list(csv.DictReader(open(stem.with_suffix(".csv"))))
+    expected = [(s, r) for s in ("2", "4") for r in ("0.0", "0.5", "1.0")]
+    assert [(r["stage"], r["relative_size"]) for r in rows] == expected
+    loaded = TruncationResult.load(stem)
+    assert loaded.arrays["top1"].shape == (2, 3) and (out / "truncate_tiny_hpx.figure.json").is_file()
+
+
+def test_cli_strict_error(tiny_config, image_folder, tmp_path):
+    done = subprocess.run([shutil.which("hpx-analyze"), "truncate", "--model", tiny_config("tiny_hpx"), "--weights",
+                           "random", "--data", str(image_folder), "--sizes", "0", "--stage", "4", "--image-size",
+                           str(SIZE), "--strict", "--no-resume", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    assert "unreadable image" in done.stderr and "Traceback" not in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_folder, tmp_path):
+    args = ["truncate", "--model", tiny_config("tiny_hpx"), "--weights", tiny_weights("tiny_hpx"), "--data",
+            str(image_folder), "--stage", "2", "--stage", "4", "--sizes", "0,0.5,1", "--image-size", str(SIZE),
+            "--batch-size", "2", "--bootstrap", "50", "--device", "cpu", "--no-resume"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}  # one thread per process
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port()), "--no-python", shutil.which("hpx-analyze")]
+    done = subprocess.run(torchrun + args + ["--out", str(tmp_path / "dist")], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([shutil.which("hpx-analyze")] + args + ["--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    dist_result = TruncationResult.load(tmp_path / "dist" / "truncate_tiny_hpx")
+    one_result = TruncationResult.load(tmp_path / "one" / "truncate_tiny_hpx")
+    assert dist_result.meta["options"]["world_size"] == 2
+    for key in ("top1_correct", "top5_correct"):
+        assert np.array_equal(dist_result.arrays[key], one_result.arrays[key])
+    assert dist_result.meta["skipped"] == one_result.meta["skipped"] == ["b/corrupt.png"]
