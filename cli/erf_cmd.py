@@ -1,0 +1,91 @@
+"""``hpx-analyze erf``: effective receptive fields of one or more models in one figure (Fig. 4/8)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from . import options
+
+
+def register(app: typer.Typer) -> None:
+    app.command("erf")(erf)
+
+
+def _label(model: str) -> str:
+    """Panel label: the model name, or a config file's stem."""
+    return Path(model).stem if model.endswith(".json") else model
+
+
+def _stem_name(models: List[str]) -> str:
+    """``erf_<models>``: the models' labels joined with '+', filesystem-safe."""
+    return "erf_" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(_label(m) for m in models))
+
+
+def erf(
+    model: options.Models = None,
+    weights: options.Weights = options.DEFAULT_WEIGHTS,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (recursive) or ImageFolder "
+                      "tree; default: scikit-image's bundled photographs.")] = None,
+    num_images: Annotated[int, typer.Option("--num-images", help="Images to sample (sorted, seeded, spread "
+                          "over class subfolders).")] = 50,
+    size: Annotated[int, typer.Option("--size", help="Input resolution in px (images resized bicubic, "
+                    "no crop).")] = 1024,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Output: stage number 1-4 or a module path "
+                     "(default: last stage, before the final norm and head).")] = None,
+    convention: Annotated[str, typer.Option("--convention", help="replknet (paper) or kim2023.")] = "replknet",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backward pass.")] = 1,
+    amp: Annotated[Optional[str], typer.Option("--amp", help="Autocast dtype bf16 or fp16 (GPU).")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="Fuse elementwise and norm work with "
+                             "torch.compile (pays off from a few images at 1024 px).")] = False,
+    shared_scale: Annotated[bool, typer.Option("--shared-scale/--per-panel", help="One colour scale for all "
+                            "panels or a colorbar per panel.")] = False,
+    replot: Annotated[Optional[Path], typer.Option("--replot", help="Redraw a saved erf_*.npz without "
+                      "recomputing.")] = None,
+    device: options.Device = options.DEFAULT_DEVICE,
+    out: options.Out = options.DEFAULT_OUT,
+    seed: options.Seed = options.DEFAULT_SEED,
+) -> None:
+    """Effective receptive field (mean input gradient of the centre output) per model, with the
+    high-contribution area ratios; writes erf_<models>.pdf/.png and the maps as .npz + .json.
+    Partial sums are kept in --out, so an interrupted run resumes when rerun with the same options."""
+    from hpx_analysis.analyzers.erf import ERFResult, effective_receptive_field
+    from hpx_analysis.errors import HpxError
+    from hpx_analysis.plotting.erf import save_erf_figure
+
+    if replot is not None:
+        result = ERFResult.load(replot)
+        stem = Path(replot).with_suffix("")
+        for path in save_erf_figure(result, stem, shared_scale):
+            typer.echo(f"wrote {path}")
+        return
+    if not model:
+        raise HpxError("give at least one --model (or --replot a saved result)")
+
+    from hpx_analysis.devices import resolve_device
+    from hpx_analysis.images import image_sources
+    from hpx_analysis.models.zoo import load_model
+
+    target = resolve_device(device)
+    sources = image_sources(images, num_images, seed)
+    results = []
+    for name in model:
+        net = load_model(name, weights, seed=seed, device=target)
+        results.append(effective_receptive_field(net, sources, input_size=size, layer=layer, convention=convention,
+                                                 batch_size=batch_size, amp=amp, compile=compile_model,
+                                                 label=_label(name), resume_dir=out))
+    result = ERFResult.combine(results)
+    result.meta["options"].update(images=str(images) if images else "skimage samples", num_images=num_images,
+                                  seed=seed, weights=weights, device=str(target))
+    stem = Path(out) / _stem_name(model)
+    written = [result.save(stem), stem.with_suffix(".json")] + save_erf_figure(result, stem, shared_scale)
+    for entry in result.meta["models"]:
+        ratios = ", ".join(f"t={t}: {'n/a' if v is None else f'{v:.4f}'}" for t, v in entry["area_ratios"].items())
+        typer.echo(f"{entry['label']}: {entry['images_used']} images used, "
+                   f"{entry['images_skipped_nonfinite']} skipped (non-finite); area ratio {ratios}")
+    for path in written:
+        typer.echo(f"wrote {path}")

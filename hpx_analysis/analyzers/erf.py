@@ -1,0 +1,376 @@
+"""Effective receptive field (ERF): how much each input pixel moves the centre output of a layer.
+
+Two conventions:
+
+* ``replknet`` (the paper's Fig. 4/8, after RepLKNet): scalar = sum over channels of
+  ``relu(feature[:, :, H//2, W//2])``; per-image map = ``relu(d scalar / d input)`` summed over RGB;
+  mean over images. Display map ``log10(map + 1) / max``; high-contribution area ratios at
+  t = 0.2, 0.3, 0.5, 0.99 are the smallest centred squares holding more than t of the display map.
+* ``kim2023`` (Kim et al. 2023, dead pixel test): scalar = channel mean of the centre feature;
+  map = relu of the input gradient averaged over RGB, mean over images, normalised to sum 1;
+  metrics: a 2D Gaussian fit (sigma_x, sigma_y, R^2) and the radial cumulative mass.
+
+Images whose gradient is not finite are skipped and counted. Parameters are frozen during the
+run (no weight gradients); with ``resume_dir`` the running sums are saved every few batches and
+a rerun with the same arguments continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import HpxError
+from ..images import ImageSource, model_mean_std, read_rgb, to_model_input
+from ..inspection import feature_layer
+from ..results import Result, model_metadata
+
+CONVENTIONS = ("replknet", "kim2023")
+AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _StopForward(Exception):
+    """Raised by the output hook: nothing after the analysed layer needs computing."""
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+def display_map(erf_map: np.ndarray, convention: str = "replknet") -> np.ndarray:
+    """The map as shown: ``log10(map + 1) / max`` (replknet) or ``map / max`` (kim2023); (H, W)."""
+    shown = np.log10(erf_map + 1.0) if convention == "replknet" else np.asarray(erf_map, dtype=np.float64)
+    peak = shown.max()
+    return shown / peak if peak > 0 else shown
+
+
+def area_ratios(display: np.ndarray, thresholds: Sequence[float] = AREA_THRESHOLDS) -> Dict[str, Optional[float]]:
+    """High-contribution area ratio per threshold t: area of the smallest centred square (side 2i+1,
+    i >= 0) whose share of ``display``'s total exceeds t, over the image area; None when no square
+    inside the image qualifies (or the map is all zero). display: (H, W), non-negative."""
+    height, width = display.shape
+    cy, cx = height // 2, width // 2
+    largest = min(cy, cx, height - 1 - cy, width - 1 - cx)
+    integral = np.pad(np.cumsum(np.cumsum(display, axis=0), axis=1), ((1, 0), (1, 0)))
+    radii = np.arange(largest + 1)
+    top, bottom, left, right = cy - radii, cy + radii + 1, cx - radii, cx + radii + 1
+    square_sums = integral[bottom, right] - integral[top, right] - integral[bottom, left] + integral[top, left]
+    total = integral[-1, -1]
+    ratios: Dict[str, Optional[float]] = {}
+    for t in thresholds:
+        hits = np.nonzero(square_sums > t * total)[0] if total > 0 else np.array([], dtype=int)
+        side = 2 * int(hits[0]) + 1 if hits.size else None
+        ratios[f"{t:g}"] = side * side / (height * width) if side else None
+    return ratios
+
+
+def radial_mass(erf_map: np.ndarray) -> np.ndarray:
+    """Share of the map's total within distance r of the centre pixel, r = 0, 1, ..., R: (R+1,)."""
+    height, width = erf_map.shape
+    yy, xx = np.indices(erf_map.shape)
+    radius = np.ceil(np.hypot(yy - height // 2, xx - width // 2)).astype(int)
+    per_ring = np.bincount(radius.ravel(), weights=erf_map.ravel())
+    total = per_ring.sum()
+    return np.cumsum(per_ring) / total if total > 0 else np.zeros_like(per_ring)
+
+
+def _gaussian_2d(coords: Tuple[np.ndarray, np.ndarray], amplitude: float, x0: float, y0: float,
+                 sigma_x: float, sigma_y: float) -> np.ndarray:
+    yy, xx = coords
+    return amplitude * np.exp(-0.5 * (((xx - x0) / sigma_x) ** 2 + ((yy - y0) / sigma_y) ** 2))
+
+
+def gaussian_fit(erf_map: np.ndarray) -> Dict[str, Optional[float]]:
+    """Least-squares axis-aligned 2D Gaussian fit (scipy): centre, sigma_x, sigma_y (pixels), R^2."""
+    from scipy.optimize import curve_fit
+
+    total = erf_map.sum()
+    failed = {"x0": None, "y0": None, "sigma_x": None, "sigma_y": None, "r2": None}
+    if not np.isfinite(total) or total <= 0:
+        return failed
+    yy, xx = np.indices(erf_map.shape, dtype=np.float64)
+    weights = erf_map / total
+    mean_x, mean_y = (weights * xx).sum(), (weights * yy).sum()
+    std_x = np.sqrt(max((weights * (xx - mean_x) ** 2).sum(), 0.25))
+    std_y = np.sqrt(max((weights * (yy - mean_y) ** 2).sum(), 0.25))
+    start = (erf_map.max(), mean_x, mean_y, std_x, std_y)
+    try:
+        params, _ = curve_fit(_gaussian_2d, (yy.ravel(), xx.ravel()), erf_map.ravel(), p0=start, maxfev=4000)
+    except (RuntimeError, ValueError):
+        return failed
+    residual = erf_map.ravel() - _gaussian_2d((yy.ravel(), xx.ravel()), *params)
+    spread = ((erf_map - erf_map.mean()) ** 2).sum()
+    return {"x0": float(params[1]), "y0": float(params[2]), "sigma_x": float(abs(params[3])),
+            "sigma_y": float(abs(params[4])), "r2": float(1 - (residual ** 2).sum() / spread) if spread > 0 else None}
+
+
+# -- result --------------------------------------------------------------------------------------
+
+class ERFResult(Result):
+    """ERFs of one or more models at one input size.
+
+    arrays: ``maps`` (M, H, W) float64 raw mean maps, ``display`` (M, H, W) display maps,
+    ``used`` / ``skipped`` (M,) image counts, ``radial_mass`` (M, R) (kim2023 only).
+    meta: ``convention``, ``models`` (per model: label, model metadata, layer, area_ratios,
+    gaussian), ``inputs`` (image names), ``options``.
+    """
+
+    kind = "erf"
+
+    @property
+    def labels(self) -> List[str]:
+        return [entry["label"] for entry in self.meta["models"]]
+
+    @property
+    def convention(self) -> str:
+        return self.meta["convention"]
+
+    @classmethod
+    def combine(cls, results: Sequence["ERFResult"]) -> "ERFResult":
+        """One result holding the models of several single-model results (same size and convention)."""
+        if len({r.arrays["maps"].shape[1:] for r in results}) != 1 or len({r.convention for r in results}) != 1:
+            raise HpxError("ERFs to combine must share the input size and the convention")
+        arrays = {key: np.concatenate([r.arrays[key] for r in results]) for key in results[0].arrays}
+        meta = dict(results[0].meta)
+        meta["models"] = [entry for r in results for entry in r.meta["models"]]
+        return cls(arrays=arrays, meta=meta)
+
+
+# -- computation ---------------------------------------------------------------------------------
+
+def resolve_output_layer(model: nn.Module, layer: Union[str, int, None]) -> str:
+    """Module path of the ERF output: None -> last stage (before norm and head); an int or digit
+    string -> that stage (1-based, as in the paper); a module path as is ("" = the whole model)."""
+    if layer is None:
+        try:
+            return feature_layer(model)
+        except ValueError as err:
+            raise HpxError(str(err)) from None
+    if isinstance(layer, int) or str(layer).isdigit():
+        stage = int(layer)
+        info = getattr(model, "feature_info", None) or []
+        modules = [entry["module"] for entry in (info if isinstance(info, list) else info.get_dicts())]
+        if not 1 <= stage <= len(modules):
+            raise HpxError(f"stage {stage} out of range; this model has stages 1-{len(modules)}")
+        return modules[stage - 1]
+    names = dict(model.named_modules())
+    if layer not in names:
+        raise HpxError(f"model has no layer '{layer}'; use a stage number 1-4 or a module path "
+                       f"such as {', '.join(list(names)[1:4])}")
+    return str(layer)
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad inside the block (only input gradients are computed)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def compiled_submodules(model: nn.Module, layer: str) -> Iterator[List[str]]:
+    """``torch.compile`` every largest submodule that is not the output layer or one of its ancestors
+    (whole stages: fused norms, MLPs, gating). Long filters stay eager (their FFT kernel cache
+    inspects tensor identities), so each one is a graph break. Restored to eager on exit; yields
+    the compiled module paths."""
+    from ..models.long_filters import LongFilterBase
+
+    on_path = {".".join(layer.split(".")[:i]) for i in range(len(layer.split(".")) + 1)} if layer else {""}
+    chosen: List[Tuple[str, nn.Module]] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if name in on_path:
+            for child_name, child in module.named_children():
+                visit(f"{name}.{child_name}" if name else child_name, child)
+        elif any(True for _ in module.parameters()):
+            chosen.append((name, module))
+
+    visit("", model)
+    filters = [m for m in model.modules() if isinstance(m, LongFilterBase)]
+    try:
+        for filt in filters:  # instance attribute shadows the class's forward until restored
+            filt.forward = torch.compiler.disable(filt.forward)
+        for _, module in chosen:
+            module.compile()
+        with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(chosen))):
+            yield [name for name, _ in chosen]
+    finally:
+        for _, module in chosen:
+            module._compiled_call_impl = None
+        for filt in filters:
+            del filt.forward
+
+
+def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: str = "replknet",
+                      amp_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Per-image ERF maps (B, H, W) for normalised inputs (B, 3, H, W) on the model's device.
+
+    Images in a batch are independent in eval mode, so one backward pass of the summed centre
+    scalars gives every image's gradient.
+    """
+    if convention not in CONVENTIONS:
+        raise HpxError(f"unknown ERF convention '{convention}'; use {' or '.join(CONVENTIONS)}")
+    captured: Dict[str, Tensor] = {}
+
+    def grab(_module: nn.Module, _args: tuple, output: Tensor) -> None:
+        captured["feature"] = output[0] if isinstance(output, (tuple, list)) else output
+        raise _StopForward
+
+    handle = model.get_submodule(layer).register_forward_hook(grab)
+    x = inputs.detach().clone().requires_grad_(True)
+    autocast = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    try:
+        with torch.enable_grad(), autocast:
+            try:
+                model(x)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if "feature" not in captured:
+        raise HpxError(f"layer '{layer}' is not used in the model's forward pass; choose another --layer")
+    feature = captured["feature"].float()
+    if feature.dim() == 3:  # (B, N, C) tokens -> (B, C, h, w) on a square grid
+        side = int(round(feature.shape[1] ** 0.5))
+        feature = feature.transpose(1, 2).reshape(feature.shape[0], -1, side, feature.shape[1] // side)
+    centre = feature[:, :, feature.shape[-2] // 2, feature.shape[-1] // 2]
+    scalar = torch.relu(centre).sum() if convention == "replknet" else centre.mean(dim=1).sum()
+    scalar.backward(inputs=[x])  # only the input's gradient (works under FlopCounterMode too)
+    grad = x.grad.float()
+    return torch.relu(grad).sum(dim=1) if convention == "replknet" else torch.relu(grad.mean(dim=1))
+
+
+def _run_key(model: nn.Module, names: Sequence[str], options: Dict[str, Any]) -> str:
+    """Fingerprint of everything a partial sum depends on (model, weights, inputs, options)."""
+    with torch.no_grad():
+        checksum = float(sum(p.double().abs().sum() for p in model.parameters()))
+    blob = json.dumps({"model": model_metadata(model), "params": checksum, "names": list(names),
+                       "options": options}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _image_tensors(images: Union[Sequence[ImageSource], Tensor], size: Tuple[int, int], model: nn.Module
+                   ) -> Tuple[List[str], List[Optional[Tensor]]]:
+    """Names and normalised (3, H, W) tensors (None for unreadable files)."""
+    if isinstance(images, Tensor):
+        return [f"tensor[{i}]" for i in range(len(images))], list(images)
+    mean, std = model_mean_std(model)
+    tensors = []
+    for source in images:
+        image = read_rgb(source)
+        tensors.append(None if image is None else to_model_input(image, size, mean, std))
+    return [s.name for s in images], tensors
+
+
+def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSource], Tensor], *,
+                              input_size: int = 1024, layer: Union[str, int, None] = None,
+                              convention: str = "replknet", batch_size: int = 1,
+                              amp: Optional[str] = None, compile: bool = False, label: Optional[str] = None,
+                              resume_dir: Optional[Path] = None, save_every: int = 8,
+                              progress: bool = True) -> ERFResult:
+    """Mean ERF of ``model`` (on its own device) over ``images``.
+
+    images: image sources (resized bicubic to ``input_size`` squared, normalised with the model's
+    mean/std) or a tensor (N, 3, H, W) already prepared. layer: see :func:`resolve_output_layer`.
+    amp: None, "bf16" or "fp16" (autocast on the model's device). compile: fuse the elementwise
+    and norm work with ``torch.compile`` (:func:`compiled_submodules`). resume_dir: folder for partial
+    sums, saved every ``save_every`` images; a rerun with equal arguments resumes from them.
+    Returns an :class:`ERFResult` with one model.
+    """
+    from tqdm.auto import tqdm
+
+    if convention not in CONVENTIONS:
+        raise HpxError(f"unknown ERF convention '{convention}'; use {' or '.join(CONVENTIONS)}")
+    if batch_size < 1:
+        raise HpxError(f"--batch-size must be at least 1, got {batch_size}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise HpxError(f"unknown autocast dtype '{amp}'; use {', '.join(AMP_DTYPES)}")
+    layer_path = resolve_output_layer(model, layer)
+    size = (input_size, input_size)
+    names, tensors = _image_tensors(images, size, model)
+    if not names:
+        raise HpxError("no images to compute the ERF over")
+    height, width = tensors[0].shape[-2:] if isinstance(images, Tensor) else size
+    device = next(model.parameters()).device
+    options = {"input_size": [int(height), int(width)], "layer": layer_path, "convention": convention,
+               "batch_size": batch_size, "amp": amp, "compile": compile}
+    label = label or str(model_metadata(model).get("model"))
+
+    partial = None
+    state = {"sum": np.zeros((height, width)), "used": 0, "skipped": 0, "unreadable": 0, "next": 0}
+    if resume_dir is not None:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(label).stem)
+        content = [f"tensor sum {float(images.double().sum())!r}"] if isinstance(images, Tensor) else []
+        partial = Path(resume_dir) / f".erf_partial_{safe}_{_run_key(model, names + content, options)}.npz"
+        if partial.is_file():
+            with np.load(partial) as saved:
+                state = {key: saved[key] if key == "sum" else int(saved[key]) for key in saved.files}
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(names), initial=state["next"], unit="img", desc=f"ERF {label}", disable=not progress)
+    try:
+        with frozen_parameters(model), (compiled_submodules(model, layer_path) if compile
+                                        else contextlib.nullcontext()):
+            since_save = 0
+            while state["next"] < len(names):
+                chunk = tensors[state["next"]:state["next"] + batch_size]
+                readable = [t for t in chunk if t is not None]
+                state["unreadable"] += len(chunk) - len(readable)
+                if readable:
+                    maps = erf_gradient_maps(model, torch.stack(readable).to(device), layer_path, convention,
+                                             AMP_DTYPES.get(amp) if amp else None).double()
+                    finite = torch.isfinite(maps).flatten(1).all(dim=1)
+                    state["sum"] = state["sum"] + maps[finite].sum(dim=0).cpu().numpy()
+                    state["used"] += int(finite.sum())
+                    state["skipped"] += int((~finite).sum())
+                state["next"] += len(chunk)
+                since_save += len(chunk)
+                bar.update(len(chunk))
+                if partial is not None and (since_save >= save_every or state["next"] >= len(names)):
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(partial.with_suffix(".tmp.npz"), **state)
+                    partial.with_suffix(".tmp.npz").replace(partial)
+                    since_save = 0
+    finally:
+        bar.close()
+        model.train(was_training)
+    if state["used"] == 0:
+        raise HpxError(f"no image gave a finite ERF for {label} ({state['skipped']} skipped, "
+                       f"{state['unreadable']} unreadable)")
+
+    mean_map = state["sum"] / state["used"]
+    if convention == "kim2023":
+        mean_map = mean_map / mean_map.sum() if mean_map.sum() > 0 else mean_map
+    shown = display_map(mean_map, convention)
+    arrays = {"maps": mean_map[None], "display": shown.astype(np.float32)[None],
+              "used": np.array([state["used"]]), "skipped": np.array([state["skipped"]])}
+    entry: Dict[str, Any] = {"label": label, "model": model_metadata(model), "layer": layer_path,
+                             "images_used": state["used"], "images_skipped_nonfinite": state["skipped"],
+                             "images_unreadable": state["unreadable"], "area_ratios": area_ratios(shown)}
+    if convention == "kim2023":
+        arrays["radial_mass"] = radial_mass(mean_map)[None]
+        entry["gaussian"] = gaussian_fit(mean_map)
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    return ERFResult(arrays=arrays, meta={"convention": convention, "models": [entry], "inputs": names,
+                                          "options": options})
+
+
+__all__ = ["AREA_THRESHOLDS", "CONVENTIONS", "ERFResult", "area_ratios", "compiled_submodules", "display_map",
+           "effective_receptive_field", "erf_gradient_maps", "frozen_parameters", "gaussian_fit", "radial_mass",
+           "resolve_output_layer"]
