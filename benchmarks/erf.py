@@ -2,15 +2,18 @@
 
 Plain loop: batch 1, parameters requiring grad, full forward, backward of the centre scalar.
 Analyzer: :func:`hpx_analysis.analyzers.erf.effective_receptive_field` (frozen parameters, forward
-stopped at the output layer, batches, optional ``torch.compile``). Each side runs in its own
-subprocess so its peak resident memory can be read; both use the same images and weights.
+stopped at the output layer, batches; with ``--compile`` also the ``torch.compile`` variant).
 
-Prints seconds per image, the speed-up, peak memory per image (peak RSS minus RSS before the first
-pass, CPU; peak allocated, CUDA), the pass FLOPs (torch.utils.flop_counter, FFTs excluded), achieved
-GFLOP/s as a fraction of a 2048x2048 float32 matmul rate measured in the same run, and the maximum
-map difference relative to the map's maximum (must be <= 1e-4).
+Timing: one process, two copies of the same seeded model, the variants alternate image by image
+(so load from other processes hits all of them alike); one untimed warm-up round first (twice for
+the compiled variant, which absorbs its recompiles). Memory: each variant once more in its own
+subprocess for one image after a warm-up, peak RSS (sampled every 5 ms) minus RSS before the
+pass (CUDA: peak allocated).
+Prints seconds per image, speed-up, pass GFLOP (torch.utils.flop_counter, FFTs excluded), achieved
+GFLOP/s as a fraction of a 2048x2048 float32 matmul rate measured in the same run, peak memory per
+image, and the maximum map difference relative to the map's maximum (must be <= 1e-4).
 
-    python benchmarks/erf.py            # hpx_former_s18, 1024 px, 2 timed images per side
+    python benchmarks/erf.py            # hpx_former_s18, 1024 px, 2 timed images per variant
     python benchmarks/erf.py --quick    # tiny model at 64 px: checks the script in seconds
 """
 
@@ -22,14 +25,16 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable, Dict
 
 import numpy as np
 import torch
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden" / "tiny" / "tiny_hpx.json"
+VARIANTS = ("plain loop", "analyzer", "analyzer+compile")
 
 
 def _rss_gb() -> float:
@@ -38,18 +43,15 @@ def _rss_gb() -> float:
     return pages * resource.getpagesize() / 1e9
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
 def _inputs(model: torch.nn.Module, size: int, count: int) -> torch.Tensor:
+    """The first ``count`` bundled sample photographs, prepared: (count, 3, size, size)."""
     from hpx_analysis.images import model_mean_std, read_rgb, sample_images, to_model_input
     mean, std = model_mean_std(model)
     return torch.stack([to_model_input(read_rgb(s), (size, size), mean, std) for s in sample_images(count)])
 
 
 def _plain_map(model: torch.nn.Module, image: torch.Tensor, layer: str) -> torch.Tensor:
-    """The textbook loop body: full forward with parameter gradients on, hook the layer, backward."""
+    """The textbook loop body: full forward with parameter gradients on, hook the layer, backward: (H, W)."""
     captured = {}
     handle = model.get_submodule(layer).register_forward_hook(lambda _m, _a, out: captured.update(out=out))
     x = image[None].clone().requires_grad_(True)
@@ -62,44 +64,51 @@ def _plain_map(model: torch.nn.Module, image: torch.Tensor, layer: str) -> torch
     return torch.relu(x.grad[0]).sum(0)
 
 
-def run_side(args: argparse.Namespace) -> None:
-    """One side in this process: warm-up pass (counted for FLOPs), then timed images; prints JSON."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _runner(variant: str, model: torch.nn.Module, layer: str, batch_size: int) -> Callable[[torch.Tensor], np.ndarray]:
+    """images (B, 3, H, W) -> summed ERF map (H, W) for one variant."""
+    from hpx_analysis.analyzers.erf import effective_receptive_field
 
-    from hpx_analysis.analyzers.erf import (compiled_submodules, effective_receptive_field, erf_gradient_maps,
-                                            frozen_parameters)
+    if variant == "plain loop":
+        return lambda images: sum(_plain_map(model, image, layer) for image in images).double().cpu().numpy()
+    return lambda images: effective_receptive_field(model, images, layer=layer, batch_size=batch_size,
+                                                    progress=False).arrays["maps"][0] * len(images)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_memory(args: argparse.Namespace) -> None:
+    """Subprocess body: one warm-up and one measured image of ``args.variant``; prints peak GB per image."""
+    from hpx_analysis.analyzers.erf import compiled_submodules
     from hpx_analysis.inspection import feature_layer
     from hpx_analysis.models.zoo import load_model
 
-    torch.set_num_threads(args.threads)
     model = load_model(args.model, "random", seed=0, device=args.device)
     layer = feature_layer(model)
-    images = _inputs(model, args.size, args.images + 1).to(args.device)
-    cuda = args.device.startswith("cuda")
-    rss_before = _rss_gb()
-    flops = None
-    if args.side == "plain":
-        _plain_map(model, images[0], layer)  # warm-up
-        start = time.perf_counter()
-        maps = torch.stack([_plain_map(model, image, layer) for image in images[1:]])
-    else:
-        with FlopCounterMode(display=False) as counter, frozen_parameters(model):
-            erf_gradient_maps(model, images[:1], layer)  # eager warm-up, counted
-        flops = counter.get_total_flops()
-        with compiled_submodules(model, layer) if args.compile else contextlib.nullcontext():
-            if args.compile:  # compile warm-up, untimed; the second pass absorbs stride-driven recompiles
-                effective_receptive_field(model, images[:1].repeat(2, 1, 1, 1), layer=layer,
-                                          batch_size=args.batch_size, progress=False)
-            start = time.perf_counter()
-            result = effective_receptive_field(model, images[1:], layer=layer, batch_size=args.batch_size,
-                                               progress=False)
-        maps = torch.from_numpy(result.arrays["maps"][0])[None] * len(images[1:])  # sum, as the plain side
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.images
-    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else _peak_rss_gb() - rss_before
-    np.save(args.maps_out, maps.sum(0).double().cpu().numpy())
-    print(json.dumps({"seconds_per_image": seconds, "peak_gb": peak, "flops": flops}))
+    images = _inputs(model, args.size, args.batch_size).to(args.device)
+    run = _runner(args.variant, model, layer, args.batch_size)
+    compiled = compiled_submodules(model, layer) if args.variant.endswith("compile") else contextlib.nullcontext()
+    with compiled:
+        run(images)  # warm-up (and compilation) outside the measured peak
+        rss_before, rss_peak, done = _rss_gb(), [0.0], threading.Event()
+
+        def sample() -> None:  # RSS every 5 ms: the peak of this pass alone (ru_maxrss spans the process)
+            while not done.is_set():
+                rss_peak[0] = max(rss_peak[0], _rss_gb())
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        run(images)
+        _sync(args.device)
+        done.set()
+        sampler.join()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if args.device.startswith("cuda") else rss_peak[0] - rss_before
+    print(json.dumps({"peak_gb_per_image": peak / args.batch_size}))
 
 
 def matmul_rate(device: str, repeats: int = 10) -> float:
@@ -110,61 +119,81 @@ def matmul_rate(device: str, repeats: int = 10) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * 2048 ** 3 / best / 1e9
+
+
+def benchmark(args: argparse.Namespace) -> float:
+    """Interleaved timing of the variants; prints the table; returns the worst map difference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hpx_analysis.analyzers.erf import compiled_submodules, erf_gradient_maps, frozen_parameters
+    from hpx_analysis.inspection import feature_layer
+    from hpx_analysis.models.zoo import load_model
+
+    variants = VARIANTS if args.compile else VARIANTS[:2]
+    models = {v: load_model(args.model, "random", seed=0, device=args.device) for v in variants}
+    layer = feature_layer(models["analyzer"])
+    batches = _inputs(models["analyzer"], args.size, args.batch_size * (args.images + 1)).to(args.device)
+    batches = list(batches.split(args.batch_size))
+    with FlopCounterMode(display=False) as counter, frozen_parameters(models["analyzer"]):
+        erf_gradient_maps(models["analyzer"], batches[0][:1], layer)
+    gflop = counter.get_total_flops() / 1e9
+    rate = matmul_rate(args.device)
+
+    runners = {v: _runner(v, models[v], layer, args.batch_size) for v in variants}
+    seconds: Dict[str, float] = {v: 0.0 for v in variants}
+    maps: Dict[str, np.ndarray] = {}
+    with compiled_submodules(models[VARIANTS[2]], layer) if args.compile else contextlib.nullcontext():
+        if args.compile:
+            runners[VARIANTS[2]](batches[0])
+        for variant in variants:
+            runners[variant](batches[0])  # warm-up
+        for batch in batches[1:]:
+            for variant in variants:
+                start = time.perf_counter()
+                summed = runners[variant](batch)
+                _sync(args.device)
+                seconds[variant] += time.perf_counter() - start
+                maps[variant] = maps.get(variant, 0) + summed
+
+    count = args.images * args.batch_size
+    print(f"model {Path(args.model).stem} at {args.size} px, {count} timed images per variant (interleaved), "
+          f"device {args.device}, {torch.get_num_threads()} threads, analyzer batch {args.batch_size}")
+    print(f"matmul 2048x2048: {rate:.1f} GFLOP/s; ERF pass (forward to the layer + input backward): {gflop:.1f} GFLOP")
+    plain_time, worst = seconds["plain loop"] / count, 0.0
+    for variant in variants:
+        command = [sys.executable, __file__, "--memory-of", variant, "--model", args.model, "--size", str(args.size),
+                   "--batch-size", str(args.batch_size), "--device", args.device]
+        memory = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                            .strip().splitlines()[-1])["peak_gb_per_image"]
+        per_image = seconds[variant] / count
+        difference = np.abs(maps[variant] - maps["plain loop"]).max() / np.abs(maps["plain loop"]).max()
+        worst = max(worst, difference)
+        print(f"{variant:<17} {per_image:7.2f} s/image  speed-up {plain_time / per_image:5.2f}x  "
+              f"{gflop / per_image:6.1f} GFLOP/s ({gflop / per_image / rate:.2f} of matmul)  "
+              f"peak {memory:5.2f} GB/image  map difference {difference:.1e}")
+    print(f"maps agree to {worst:.1e} of the map maximum: {'OK' if worst <= 1e-4 else 'FAIL'} at 1e-4")
+    return worst
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="hpx_former_s18")
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--images", type=int, default=2, help="timed images per side (plus one warm-up)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--compile", action="store_true", help="add an analyzer side with torch.compile")
+    parser.add_argument("--images", type=int, default=2, help="timed batches per variant (plus one warm-up)")
+    parser.add_argument("--batch-size", type=int, default=1, help="analyzer batch size")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="tiny model at 64 px (a smoke run)")
-    parser.add_argument("--side", choices=("plain", "analyzer"), help=argparse.SUPPRESS)
-    parser.add_argument("--maps-out", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", dest="variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.model, args.size = str(TINY_CONFIG), 64
-    if args.side:
-        run_side(args)
-        return
-
-    rate = matmul_rate(args.device)
-    variants = [("plain loop", "plain", False), ("analyzer", "analyzer", False)]
-    if args.compile:
-        variants.append(("analyzer+compile", "analyzer", True))
-    sides = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, side, compiled in variants:
-            maps_out = str(Path(tmp) / f"{len(sides)}.npy")
-            command = [sys.executable, __file__, "--side", side, "--maps-out", maps_out, "--model", args.model,
-                       "--size", str(args.size), "--images", str(args.images), "--batch-size", str(args.batch_size),
-                       "--device", args.device, "--threads", str(args.threads)] + (["--compile"] if compiled else [])
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            sides[name] = json.loads(output.strip().splitlines()[-1])
-            sides[name]["map"] = np.load(maps_out)
-    plain = sides["plain loop"]
-    gflop = sides["analyzer"]["flops"] / 1e9
-    print(f"model {Path(args.model).stem} at {args.size} px, {args.images} timed images per side, "
-          f"device {args.device}, {args.threads} threads, analyzer batch {args.batch_size}")
-    print(f"matmul 2048x2048: {rate:.1f} GFLOP/s; ERF pass (forward to the layer + input backward): {gflop:.1f} GFLOP")
-    worst = 0.0
-    for name, side in sides.items():
-        per_image = side["seconds_per_image"]
-        batch = 1 if name == "plain loop" else args.batch_size
-        difference = np.abs(side["map"] - plain["map"]).max() / np.abs(plain["map"]).max()
-        worst = max(worst, difference)
-        print(f"{name:<17} {per_image:7.2f} s/image  speed-up {plain['seconds_per_image'] / per_image:5.2f}x  "
-              f"{gflop / per_image:6.1f} GFLOP/s ({gflop / per_image / rate:.2f} of matmul)  "
-              f"peak {side['peak_gb'] / batch:5.2f} GB/image  map difference {difference:.1e}")
-    print(f"maps agree to {worst:.1e} of the map maximum: {'OK' if worst <= 1e-4 else 'FAIL'} at 1e-4")
-    if worst > 1e-4:
+    if args.variant:
+        measure_memory(args)
+    elif benchmark(args) > 1e-4:
         sys.exit(1)
 
 

@@ -41,7 +41,7 @@ def erf(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backward pass.")] = 1,
     amp: Annotated[Optional[str], typer.Option("--amp", help="Autocast dtype bf16 or fp16 (GPU).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Fuse elementwise and norm work with "
-                             "torch.compile (pays off from a few images at 1024 px).")] = False,
+                             "torch.compile (experimental; slower than eager on CPU in benchmarks/erf.py).")] = False,
     shared_scale: Annotated[bool, typer.Option("--shared-scale/--per-panel", help="One colour scale for all "
                             "panels or a colorbar per panel.")] = False,
     replot: Annotated[Optional[Path], typer.Option("--replot", help="Redraw a saved erf_*.npz without "
