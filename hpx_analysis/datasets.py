@@ -9,7 +9,6 @@ reads and transforms them, giving no image for unreadable or corrupt files, whic
 from __future__ import annotations
 
 import csv
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -19,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .errors import HpxError
-from .images import IMAGE_SUFFIXES, ImageSource, list_images, read_rgb
+from .images import IMAGE_SUFFIXES, ImageSource, list_images, read_rgb, round_robin_sample
 
 
 @dataclass(frozen=True)
@@ -114,18 +113,7 @@ def stratified_subset(samples: Sequence[LabelledImage], count: Optional[int], se
     by_class: Dict[int, List[LabelledImage]] = {}
     for sample in sorted(samples, key=lambda s: s.name):
         by_class.setdefault(sample.label, []).append(sample)
-    rng = random.Random(seed)
-    queues = []
-    for label in sorted(by_class):
-        members = by_class[label]
-        rng.shuffle(members)
-        queues.append(members)
-    chosen: List[LabelledImage] = []
-    while len(chosen) < count:
-        for queue in queues:
-            if queue and len(chosen) < count:
-                chosen.append(queue.pop())
-    return sorted(chosen, key=lambda s: s.name)
+    return sorted(round_robin_sample(by_class, count, seed), key=lambda s: s.name)
 
 
 class LabelledImageDataset(Dataset):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import HpxError
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".jpe")
 # colour photographs shipped with scikit-image (no download needed)
@@ -55,18 +57,23 @@ def select_images(paths: Sequence[Path], count: Optional[int], seed: int, root: 
     for path in paths:
         relative = path.relative_to(root)
         groups.setdefault(relative.parts[0] if len(relative.parts) > 1 else "", []).append(path)
+    return sorted(round_robin_sample(groups, count, seed))
+
+
+def round_robin_sample(groups: Mapping[Any, Sequence[T]], count: int, seed: int) -> List[T]:
+    """``count`` items taken round-robin over the sorted group keys, each group shuffled with ``seed``."""
     rng = random.Random(seed)
     queues = []
     for key in sorted(groups):
         members = list(groups[key])
         rng.shuffle(members)
         queues.append(members)
-    chosen: List[Path] = []
+    chosen: List[T] = []
     while len(chosen) < count:
         for queue in queues:
             if queue and len(chosen) < count:
                 chosen.append(queue.pop())
-    return sorted(chosen)
+    return chosen
 
 
 def sample_images(count: Optional[int] = None) -> List[ImageSource]:
