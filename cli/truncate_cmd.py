@@ -42,8 +42,9 @@ def parse_stages(values: List[str]) -> Optional[List[int]]:
 
 
 def truncate(
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder tree (sorted class folders = indices 0..), "
-                                       "or a flat folder with --labels.")],
+    data: Annotated[Path, typer.Option("--data", help="ImageFolder tree (class folders named by "
+                                       "ImageNet WordNet ids take timm's index of that id, other names sorted = "
+                                       "0, 1, ...), or a flat folder with --labels.")],
     model: Model = "hpx_former_s18",
     weights: Weights = DEFAULT_WEIGHTS,
     stage: Annotated[List[str], typer.Option("--stage", help="Stage to truncate, numbered 1-4 as in the paper; "
@@ -53,8 +54,10 @@ def truncate(
                                        "'0,0.5,1'. Taps farther than r*F/2 from the centre are zeroed.")] = "0:2:0.1",
     shape: Annotated[str, typer.Option("--shape", help="Kept region: 'disc' or a centred 'square'.")] = "disc",
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels of a flat --data folder: CSV "
-                                                   "'filename,label', or one class index per line in sorted "
-                                                   "file order (ImageNet validation ground truth).")] = None,
+                                                   "'filename,label' (class index or ImageNet WordNet id; Kaggle's "
+                                                   "LOC_val_solution.csv works), one label per line in sorted file "
+                                                   "order, or the ImageNet devkit (its folder, .tar.gz or "
+                                                   "ILSVRC2012_validation_ground_truth.txt beside meta.mat).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate a stratified, seeded subset of N "
                                                  "images.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of "

@@ -204,6 +204,66 @@ def test_datasets_folder_labels_and_limit(image_folder, tmp_path):
         labelled_images(flat, tmp_path / "short.txt")
 
 
+def _fake_devkit(folder: Path, wnids_of_images) -> Path:
+    """A devkit data/ folder: meta.mat with the 1000 leaf synsets under shuffled devkit ids, one
+    non-leaf synset, and the ground truth (devkit ids) of the given images."""
+    from scipy.io import savemat
+    from hpx_analysis.datasets import imagenet_wnid_index
+    wnids = list(imagenet_wnid_index())
+    order = np.random.default_rng(3).permutation(len(wnids))
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")]
+    synsets = np.array([(int(i) + 1, wnids[j], 0) for i, j in enumerate(order)] + [(1001, "n00001740", 5)],
+                       dtype=dtype)
+    data = folder / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    savemat(data / "meta.mat", {"synsets": synsets})
+    devkit_id = {wnids[j]: i + 1 for i, j in enumerate(order)}
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{devkit_id[w]}\n" for w in wnids_of_images))
+    return data
+
+
+def test_imagenet_label_formats(image_folder, tmp_path):
+    """WordNet-id folders, wnid CSVs (Kaggle layout, names without suffix) and the devkit ground
+    truth (ids through meta.mat, as a file, folder or tar.gz) all give timm's class indices."""
+    import tarfile
+    from hpx_analysis.datasets import imagenet_wnid_index
+    index = imagenet_wnid_index()
+    assert index["n01440764"] == 0 and index["n15075141"] == 999 and len(index) == 1000
+    tree = tmp_path / "tree"
+    for wnid in ("n04592741", "n01530575"):  # a subset of classes: indices are not 0, 1
+        shutil.copytree(image_folder / "a", tree / wnid)
+    assert {s.name.split("/")[0]: s.label for s in labelled_images(tree)} == {"n01530575": 10, "n04592741": 908}
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, source in enumerate(sorted((image_folder / "a").glob("*.png"))):
+        shutil.copy(source, flat / f"ILSVRC2012_val_{i + 1:08d}.png")
+    kaggle = tmp_path / "LOC_val_solution.csv"
+    kaggle.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n01530575 1 2 30 40 n01530575 5 6 7 8 \n"
+                      "ILSVRC2012_val_00000001,n04592741 3 4 50 60 \n")
+    expected = [("ILSVRC2012_val_00000001.png", 908), ("ILSVRC2012_val_00000002.png", 10)]
+    assert [(s.name, s.label) for s in labelled_images(flat, kaggle)] == expected
+
+    data = _fake_devkit(tmp_path / "devkit", ["n04592741", "n01530575"])
+    truth = data / "ILSVRC2012_validation_ground_truth.txt"
+    assert int(truth.read_text().split()[0]) - 1 != 908  # devkit ids are not timm indices
+    archive = tmp_path / "ILSVRC2012_devkit_t12.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(data.parent, arcname="ILSVRC2012_devkit_t12")
+    for labels in (truth, data.parent, archive):
+        assert [(s.name, s.label) for s in labelled_images(flat, labels)] == expected
+
+    (data / "meta.mat").unlink()
+    with pytest.raises(HpxError, match="need the devkit's meta.mat"):
+        labelled_images(flat, truth)
+    (tmp_path / "bad.csv").write_text("ILSVRC2012_val_00000001.png,n99999999\n")
+    with pytest.raises(HpxError, match="not an ImageNet-1k class"):
+        labelled_images(flat, tmp_path / "bad.csv")
+    (tmp_path / "words.csv").write_text("ILSVRC2012_val_00000001.png,cat\nILSVRC2012_val_00000002.png,dog\n")
+    with pytest.raises(HpxError, match="class indices or ImageNet WordNet ids"):
+        labelled_images(flat, tmp_path / "words.csv")
+
+
 def test_bad_stage_and_classes(tiny, image_folder):
     samples = labelled_images(image_folder)
     with pytest.raises(HpxError, match="stage 5 does not exist"):
@@ -249,18 +309,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_folder, tmp_path):
-    args = ["truncate", "--model", tiny_config("tiny_hpx"), "--weights", tiny_weights("tiny_hpx"), "--data",
-            str(image_folder), "--stage", "2", "--stage", "4", "--sizes", "0,0.5,1", "--image-size", str(SIZE),
-            "--batch-size", "2", "--bootstrap", "50", "--device", "cpu", "--no-resume"]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}  # one thread per process
+def _torchrun(args, out: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``hpx-analyze`` under a 2-process CPU torchrun, one thread per process."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                 "--master-port", str(_free_port()), "--no-python", shutil.which("hpx-analyze")]
-    done = subprocess.run(torchrun + args + ["--out", str(tmp_path / "dist")], capture_output=True, text=True,
-                          env=env, timeout=240)
+    return subprocess.run(torchrun + args + ["--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _dist_args(tiny_config, tiny_weights, image_folder):
+    return ["truncate", "--model", tiny_config("tiny_hpx"), "--weights", tiny_weights("tiny_hpx"), "--data",
+            str(image_folder), "--stage", "2", "--stage", "4", "--sizes", "0,0.5,1", "--image-size", str(SIZE),
+            "--batch-size", "2", "--bootstrap", "50", "--device", "cpu", "--no-resume"]
+
+
+def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_folder, tmp_path):
+    args = _dist_args(tiny_config, tiny_weights, image_folder)
+    done = _torchrun(args, tmp_path / "dist")
     assert done.returncode == 0, done.stderr[-3000:]
     single = subprocess.run([shutil.which("hpx-analyze")] + args + ["--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=120)
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
     dist_result = TruncationResult.load(tmp_path / "dist" / "truncate_tiny_hpx")
     one_result = TruncationResult.load(tmp_path / "one" / "truncate_tiny_hpx")
@@ -268,3 +337,10 @@ def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_fo
     for key in ("top1_correct", "top5_correct"):
         assert np.array_equal(dist_result.arrays[key], one_result.arrays[key])
     assert dist_result.meta["skipped"] == one_result.meta["skipped"] == ["b/corrupt.png"]
+
+
+def test_torchrun_strict_failure_stops_every_rank(tiny_config, tiny_weights, image_folder, tmp_path):
+    """Rank 0 meets the corrupt image (batch 2 of 4); rank 1 must not wait for it forever."""
+    done = _torchrun(_dist_args(tiny_config, tiny_weights, image_folder) + ["--strict"], tmp_path, timeout=180)
+    assert done.returncode != 0
+    assert "error: unreadable image" in done.stderr and "error: rank 0 failed" in done.stderr

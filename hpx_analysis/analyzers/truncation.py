@@ -167,6 +167,21 @@ def _all_reduce(tensors: Sequence[Tensor], device: torch.device) -> List[Tensor]
     return reduced
 
 
+def _raise_if_any_rank_failed(failure: Optional[Exception], device: torch.device) -> None:
+    """Re-raise this rank's error, or stop this rank with a one-line error when another rank failed
+    (every rank calls this once, so no rank is left waiting in a collective)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    failed = torch.tensor([0 if failure is None else 1 + dist.get_rank()], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise HpxError(f"rank {int(failed.item()) - 1} failed (its error is printed above); "
+                       f"partial results are kept for a resumed run")
+
+
 def _bootstrap_ci(flags: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """95% percentile bootstrap interval of the mean of each row of ``flags`` (K, N): (K, 2)."""
     from scipy.stats import DegenerateDataWarning, bootstrap
@@ -335,21 +350,29 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
     loader = torch.utils.data.DataLoader(LabelledImageDataset(samples, transform),
                                          batch_sampler=[batches[b] for b in todo], collate_fn=collate_skipping,
                                          num_workers=workers)
-    for batch, b in zip(tqdm(loader, total=len(todo), desc="truncation sweep", unit="batch",
-                             disable=not progress or rank != 0), todo):
-        if batch.skipped and strict:
-            raise HpxError(f"unreadable image {samples[batch.skipped[0]].path} (drop --strict to skip such files)")
-        if len(batch.indices):
-            flags1, flags5 = _evaluate_batch(model, batch.images.to(device), batch.labels.to(device), plans)
-        else:
-            flags1 = flags5 = np.zeros((0, settings), np.uint8)
-        top1[batch.indices], top5[batch.indices] = torch.from_numpy(flags1).int(), torch.from_numpy(flags5).int()
-        status[batch.indices], status[batch.skipped] = 1, 2
-        if folder is not None:
-            partial = folder / f"batch_{b:06d}.tmp.npz"
-            np.savez(partial, indices=batch.indices.numpy(), skipped=np.asarray(batch.skipped, dtype=np.int64),
-                     top1=flags1, top5=flags5)
-            partial.replace(folder / f"batch_{b:06d}.npz")
+    failure: Optional[Exception] = None
+    try:
+        for batch, b in zip(tqdm(loader, total=len(todo), desc="truncation sweep", unit="batch",
+                                 disable=not progress or rank != 0), todo):
+            if batch.skipped and strict:
+                raise HpxError(f"unreadable image {samples[batch.skipped[0]].path} (drop --strict to skip such files)")
+            if len(batch.indices):
+                flags1, flags5 = _evaluate_batch(model, batch.images.to(device), batch.labels.to(device), plans)
+            else:
+                flags1 = flags5 = np.zeros((0, settings), np.uint8)
+            top1[batch.indices] = torch.from_numpy(flags1).int()
+            top5[batch.indices] = torch.from_numpy(flags5).int()
+            status[batch.indices], status[batch.skipped] = 1, 2
+            if folder is not None:
+                partial = folder / f"batch_{b:06d}.tmp.npz"
+                np.savez(partial, indices=batch.indices.numpy(), skipped=np.asarray(batch.skipped, dtype=np.int64),
+                         top1=flags1, top5=flags5)
+                partial.replace(folder / f"batch_{b:06d}.npz")
+    except Exception as err:  # other ranks must hear of it, or they wait forever in the all-reduce below
+        if world == 1:
+            raise
+        failure = err
+    _raise_if_any_rank_failed(failure, device)
     top1, top5, status = _all_reduce([top1, top5, status], device)
     return _summarise(model, samples, plans, sizes, shape, top1.numpy(), top5.numpy(), status.numpy(),
                       dict(batch_size=batch_size, input_size=list(input_hw), n_resamples=n_resamples, seed=seed,
