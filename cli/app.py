@@ -14,7 +14,7 @@ from typing_extensions import Annotated
 
 from . import coverage_cmd, erf_cmd, inspect_cmd, kernels_cmd, models_cmd
 from . import truncate_cmd
-from . import explain_cmd
+from . import demo_cmd, explain_cmd
 
 app = typer.Typer(
     name="hpx-analyze",
@@ -24,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+demo_cmd.register(app)
 models_cmd.register(app)
 truncate_cmd.register(app)
 erf_cmd.register(app)

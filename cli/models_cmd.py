@@ -14,7 +14,7 @@ def list_models() -> None:
     import timm
     import torch
 
-    from hpx_analysis.models import PUBLISHED
+    from hpx_analysis.models import PROXY_NAMES, PUBLISHED
     from hpx_analysis.models.zoo import available_models, count_parameters, default_input_size
 
     typer.echo(f"{'model':<22}{'params':>10}  {'resolution':<11}{'weights'}")
@@ -22,6 +22,12 @@ def list_models() -> None:
         with torch.device("meta"):
             model = timm.create_model(name)
         height, width = default_input_size(model)
-        source = "published (Spravil/...westai_in1k)" if name in PUBLISHED else (
-            "timm hub" if name in timm.list_pretrained(name + "*") or timm.list_pretrained(name + ".*") else "none")
-        typer.echo(f"{name:<22}{count_parameters(model) / 1e6:>9.1f}M  {f'{height}x{width}':<11}{source}")
+        if name in PUBLISHED:
+            source = "published (Spravil/...westai_in1k)"
+        elif name in PROXY_NAMES:
+            source = "trained by `hpx-analyze demo`"
+        elif name in timm.list_pretrained(name + "*") or timm.list_pretrained(name + ".*"):
+            source = "timm hub"
+        else:
+            source = "none"
+        typer.echo(f"{name:<22}{count_parameters(model) / 1e6:>9.2f}M  {f'{height}x{width}':<11}{source}")

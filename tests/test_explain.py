@@ -13,7 +13,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from hpx_analysis.analyzers.attribution import attribute, reference_image, to_rgb
-from hpx_analysis.analyzers.fgvis import FgvisSettings, activation_bounds, activation_modules, fgvis
+from hpx_analysis.analyzers.fgvis import (FgvisSettings, NoiseStreams, activation_bounds, activation_modules,
+                                         fgvis)
 from hpx_analysis.analyzers.sanity import cascade_groups, sanity_check
 
 SIZE = 32
@@ -178,6 +179,40 @@ def test_sanity_correlation_is_one_for_identical_weights_and_drops_for_random(ti
     randomised = sanity_check(model, x, "saliency")
     assert randomised.steps[0] == "trained" and np.allclose(randomised.correlations[0], 1.0)
     assert randomised.correlations[-1].mean() < 0.95
+
+
+def test_noise_stream_of_a_sample_ignores_its_batch() -> None:
+    """A sample's noise is the same drawn alone or beside others that stop early, across chunk borders."""
+    shape, std = (3, 4, 4), 0.1
+    alone = NoiseStreams([11], shape, std, torch.device("cpu"), chunk=4)
+    together = NoiseStreams([7, 11, 13], shape, std, torch.device("cpu"), chunk=4)
+    draws_alone, draws_together = [], []
+    for step in range(10):
+        active = [0, 1, 2] if step < 3 else [1, 2] if step < 6 else [1]
+        draws_alone.append(alone.draw([0], step)[0])
+        draws_together.append(together.draw(active, step)[active.index(1)])
+    assert torch.equal(torch.stack(draws_alone), torch.stack(draws_together))
+    assert not torch.equal(draws_alone[0], draws_alone[1])
+    many = NoiseStreams([3], (3, 64, 64), std, torch.device("cpu")).draw([0], 0)
+    assert abs(float(many.std()) - std) < 0.005
+
+
+def test_fgvis_under_the_sanity_check(tiny_config, tiny_weights) -> None:
+    """Cascading randomisation with FGVis: identical weights reproduce the masks exactly (same seeds),
+    the trained step correlates 1 with itself, and the fully randomised model's masks differ."""
+    import copy
+    from hpx_analysis.models.zoo import load_model
+
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    settings = FgvisSettings(iterations=6, lambda_tries=1, noise_std=0.0)  # noise alone can flip this tiny model
+    same = sanity_check(model, x, "fgvis", random_model=copy.deepcopy(model), settings=settings, seed=3)
+    assert same.steps[0] == "trained" and same.correlations.shape == (len(same.steps), 2)
+    np.testing.assert_allclose(same.correlations, 1.0, atol=1e-9)
+    randomised = sanity_check(model, x, "fgvis", settings=settings, seed=3)
+    np.testing.assert_allclose(randomised.correlations[0], 1.0)
+    assert np.nanmean(randomised.correlations[-1]) < 0.9
+    assert randomised.meta["method"] == "fgvis" and randomised.meta["options"]["settings"]["iterations"] == 6
 
 
 def test_cli_end_to_end(tiny_config, tiny_weights, tmp_path) -> None:

@@ -408,5 +408,6 @@ def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequen
             "distinct_truncations": {f"S{p.stage + 1}": len(p.masks) for p in plans},
             "images_total": len(samples), "images_evaluated": int(evaluated.sum()),
             "images_skipped": len(skipped), "skipped": skipped, "classes": len({s.label for s in samples}),
+            "model_classes": getattr(model, "num_classes", None),
             "options": options}
     return TruncationResult(arrays=arrays, meta=meta)

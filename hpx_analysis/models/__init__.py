@@ -3,6 +3,7 @@
 from .hyenapixel import (MODEL_NAMES, PUBLISHED, HyenaPixelFormer, checkpoint_filter_fn, model_from_config)
 from .long_filters import HyenaFilter1D, HyenaPixelFilter, LongFilterBase, fft_conv_same
 from .mixers import HyenaMixer, HyenaPixelMixer
+from .proxies import PROXY_NAMES
 
 __all__ = ["MODEL_NAMES", "PUBLISHED", "HyenaPixelFormer", "checkpoint_filter_fn", "model_from_config",
-           "HyenaFilter1D", "HyenaPixelFilter", "LongFilterBase", "fft_conv_same", "HyenaMixer", "HyenaPixelMixer"]
+           "HyenaFilter1D", "HyenaPixelFilter", "LongFilterBase", "fft_conv_same", "HyenaMixer", "HyenaPixelMixer", "PROXY_NAMES"]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import HpxError
 from .hyenapixel import HUB_FILENAME, HUB_REPOS, MODEL_NAMES, model_from_config
+from .proxies import PROXY_NAMES
 
 REFERENCE_BACKBONES = ("convformer_s18", "caformer_s18", "convnext_tiny", "resnet50", "vgg16")
 WEIGHT_MODES = ("pretrained", "random")
@@ -29,8 +30,8 @@ WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")
 
 
 def available_models() -> List[str]:
-    """Our HyenaPixel variants followed by the reference backbones."""
-    return list(MODEL_NAMES) + list(REFERENCE_BACKBONES)
+    """Our HyenaPixel variants, the reference backbones and the demo's proxy models."""
+    return list(MODEL_NAMES) + list(REFERENCE_BACKBONES) + list(PROXY_NAMES)
 
 
 def _check_name(name: str) -> None:

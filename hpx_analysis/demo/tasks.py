@@ -1,0 +1,107 @@
+"""Synthetic 64 px proxy tasks, generated on the fly from a seed, with the answer known per image.
+
+Every image shows two bright square marks, at least ``MIN_GAP`` pixels apart horizontally, on a dark
+noisy background:
+
+- ``same-row`` (global): label 1 when both marks lie on the same row, 0 when their rows differ by at
+  least a mark's height. Each mark alone looks the same in both classes; only relating two regions
+  half an image apart answers it.
+- ``stripes`` (local): both marks carry stripes, label 0 horizontal, 1 vertical. Any small window
+  on a mark answers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+IMAGE_SIZE = 64
+MARK = 6          # side of a mark in pixels
+MIN_GAP = 32      # smallest horizontal distance between the two marks' left edges
+ROW_GAP = MARK    # smallest row difference of the marks in the "different rows" class
+BACKGROUND = 0.2
+NOISE_STD = 0.05
+MARK_VALUE = 1.0
+
+
+@dataclass(frozen=True)
+class ProxyTask:
+    """A binary image task: name, what it needs (``global``/``local``) and its class names."""
+
+    name: str
+    scope: str
+    classes: Tuple[str, str]
+    description: str
+
+
+TASKS: Dict[str, ProxyTask] = {
+    "same-row": ProxyTask("same-row", "global", ("different_rows", "same_row"),
+                          "two marks >= 32 px apart: same row (1) or rows differ (0)"),
+    "stripes": ProxyTask("stripes", "local", ("horizontal", "vertical"),
+                         "two striped marks: horizontal (0) or vertical (1) stripes"),
+}
+
+
+@dataclass
+class TaskBatch:
+    """images (N, 3, S, S) in [0, 1], labels (N,) int64, marks (N, S, S) bool: the pixels of the marks."""
+
+    images: Tensor
+    labels: Tensor
+    marks: Tensor
+
+
+def _mark_positions(count: int, generator: torch.Generator, same_row: Tensor) -> Tuple[Tensor, Tensor]:
+    """Top-left corners (N, 2) rows and (N, 2) columns of the two marks; rows equal where ``same_row``."""
+    span = IMAGE_SIZE - MARK + 1
+    left = torch.randint(0, span - MIN_GAP, (count,), generator=generator)
+    right = left + MIN_GAP + (torch.rand(count, generator=generator) * (span - MIN_GAP - left)).long()
+    swap = torch.rand(count, generator=generator) < 0.5
+    columns = torch.stack([torch.where(swap, right, left), torch.where(swap, left, right)], dim=1)
+    first = torch.randint(0, span, (count,), generator=generator)
+    # a second row at least ROW_GAP away: an offset in [ROW_GAP, span - ROW_GAP] taken modulo the span
+    offset = ROW_GAP + (torch.rand(count, generator=generator) * (span - 2 * ROW_GAP + 1)).long()
+    second = torch.where(same_row, first, (first + offset) % span)
+    return torch.stack([first, second], dim=1), columns
+
+
+def _boxes(rows: Tensor, columns: Tensor) -> Tensor:
+    """(N, S, S) bool: the union of the marks with top-left corners rows[:, k], columns[:, k]."""
+    grid = torch.arange(IMAGE_SIZE)
+    inside = torch.zeros(len(rows), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    for k in range(rows.shape[1]):
+        in_rows = (grid[None] >= rows[:, k, None]) & (grid[None] < rows[:, k, None] + MARK)
+        in_cols = (grid[None] >= columns[:, k, None]) & (grid[None] < columns[:, k, None] + MARK)
+        inside |= in_rows[:, :, None] & in_cols[:, None, :]
+    return inside
+
+
+def sample_task(task: str, count: int, seed: int) -> TaskBatch:
+    """``count`` images of ``task`` (see :data:`TASKS`), the same for the same seed; balanced labels in
+    random order."""
+    if task not in TASKS:
+        raise ValueError(f"unknown proxy task '{task}'; known: {', '.join(TASKS)}")
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randperm(count, generator=generator) % 2
+    same_row = labels.bool() if task == "same-row" else torch.rand(count, generator=generator) < 0.5
+    rows, columns = _mark_positions(count, generator, same_row)
+    marks = _boxes(rows, columns)
+    images = BACKGROUND + NOISE_STD * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    value = torch.full((count, IMAGE_SIZE, IMAGE_SIZE), MARK_VALUE)
+    if task == "stripes":
+        grid = torch.arange(IMAGE_SIZE)
+        horizontal = (grid[:, None] % 2 == 0).expand(IMAGE_SIZE, IMAGE_SIZE)
+        stripes = torch.where(labels.bool()[:, None, None], horizontal.T, horizontal)
+        value = torch.where(stripes, MARK_VALUE, BACKGROUND)
+    images = torch.where(marks[:, None], value[:, None], images).clamp(0, 1)
+    return TaskBatch(images=images, labels=labels, marks=marks)
+
+
+def normalise(images: Tensor, mean: Tuple[float, ...], std: Tuple[float, ...]) -> Tensor:
+    """(N, 3, H, W) in [0, 1] -> model input with per-channel ``mean``/``std``."""
+    mean_t = torch.tensor(mean, dtype=images.dtype)[:, None, None]
+    std_t = torch.tensor(std, dtype=images.dtype)[:, None, None]
+    return (images - mean_t) / std_t

@@ -1,0 +1,125 @@
+"""Training the proxy models on a proxy task on CPU, with a cache keyed by everything that sets the result.
+
+A trained proxy is saved as ``<cache>/<model>_<task>_<key>.safetensors`` plus a ``.json`` record
+(configuration, held-out accuracy, time), and loads back through the normal checkpoint path
+(:func:`hpx_analysis.models.zoo.load_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import HpxError
+from ..images import model_mean_std
+from ..models.proxies import PROXY_NAMES
+from .tasks import TASKS, normalise, sample_task
+
+EVAL_SEED_OFFSET = 1_000_000  # held-out images come from seeds no training batch uses
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One proxy training run: AdamW at a constant learning rate on freshly generated batches."""
+
+    model: str
+    task: str
+    steps: int
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    seed: int = 0
+    eval_images: int = 512
+
+    def key(self) -> str:
+        """Short hash of the configuration (names the cached checkpoint)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def stem(self) -> str:
+        return f"{self.model}_{self.task}_{self.key()}"
+
+
+@torch.no_grad()
+def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on ``count`` held-out images of ``task`` (seed offset from training)."""
+    batch = sample_task(task, count, EVAL_SEED_OFFSET + seed)
+    mean, std = model_mean_std(model)
+    inputs = normalise(batch.images, mean, std)
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, count, batch_size):
+        logits = model(inputs[start:start + batch_size].to(device))
+        correct += int((logits.argmax(1).cpu() == batch.labels[start:start + batch_size]).sum())
+    return correct / count
+
+
+def train_proxy(config: TrainingConfig, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Train ``config.model`` from its seeded initialisation; returns the eval-mode model and a record
+    (config, held-out accuracy, final loss, seconds)."""
+    from tqdm.auto import tqdm
+    from ..models.zoo import load_model
+
+    if config.model not in PROXY_NAMES:
+        raise HpxError(f"unknown proxy model '{config.model}'; known: {', '.join(PROXY_NAMES)}")
+    if config.task not in TASKS:
+        raise HpxError(f"unknown proxy task '{config.task}'; known: {', '.join(TASKS)}")
+    if config.steps < 1:
+        raise HpxError(f"training steps must be positive, got {config.steps}")
+    model = load_model(config.model, "random", seed=config.seed).train()
+    mean, std = model_mean_std(model)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    started = time.perf_counter()
+    losses = []
+    bar = tqdm(range(config.steps), desc=f"train {config.model} on {config.task}", unit="step",
+               disable=not progress, leave=False)
+    for step in bar:
+        batch = sample_task(config.task, config.batch_size, config.seed * 10_000_000 + step)
+        loss = F.cross_entropy(model(normalise(batch.images, mean, std)), batch.labels)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    bar.close()
+    model.eval()
+    record = {"config": asdict(config), "seconds": round(time.perf_counter() - started, 1),
+              "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+              "accuracy": task_accuracy(model, config.task, config.eval_images, config.seed),
+              "parameters": sum(p.numel() for p in model.parameters()), "torch": torch.__version__}
+    return model, record
+
+
+def load_or_train(config: TrainingConfig, cache_dir: Optional[Path | str], progress: bool = True
+                  ) -> Tuple[nn.Module, Dict[str, Any], Optional[Path]]:
+    """The trained proxy of ``config`` from ``cache_dir`` when there, else trained and saved there.
+
+    Returns (eval-mode model loaded through the checkpoint path, training record, checkpoint file or None).
+    """
+    from safetensors.torch import save_file
+    from ..models.zoo import load_model
+
+    if cache_dir is None:
+        model, record = train_proxy(config, progress)
+        return model, record, None
+    cache_dir = Path(cache_dir)
+    checkpoint = cache_dir / f"{config.stem()}.safetensors"
+    record_file = checkpoint.with_suffix(".json")
+    if not (checkpoint.is_file() and record_file.is_file()):
+        model, record = train_proxy(config, progress)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = checkpoint.with_name(checkpoint.stem + ".tmp.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
+        partial.replace(checkpoint)
+        record_file.write_text(json.dumps(record, indent=1))
+    record = json.loads(record_file.read_text())
+    record["cached"] = True
+    return load_model(config.model, str(checkpoint), seed=config.seed), record, checkpoint
