@@ -126,7 +126,8 @@ def test_cli_models_version_and_inspect():
     assert listing.exit_code == 0
     for name in ("hpx_former_s18", "hb_former_b36", "convformer_s18", "vgg16"):
         assert name in listing.output
-    assert "27.5M" in listing.output  # hpx_former_s18 learnable parameters
+    assert "27.47M" in listing.output  # hpx_former_s18 learnable parameters
+    assert "proxy_hpx_former" in listing.output and "trained by `hpx-analyze demo`" in listing.output
     assert runner.invoke(app, ["--version"]).output.startswith("hpx-analyze ")
     table = runner.invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx_a.json"), "--size", "96"])
     assert table.exit_code == 0, table.output
