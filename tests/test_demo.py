@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from hpx_analysis.demo.pipeline import (CONV_PROXY, GLOBAL_TASK, HPX_PROXY, LOCAL_TASK, DemoSettings,
-                                        deleted_mass_on_marks)
+                                        deleted_mass_on_marks, short_convs_cut)
 from hpx_analysis.demo.tasks import MARK, MIN_GAP, sample_task
 from hpx_analysis.demo.training import TrainingConfig, load_or_train, task_accuracy
 from hpx_analysis.models.proxies import PROXY_NAMES
@@ -91,6 +91,18 @@ def test_erf_of_the_global_proxy_is_larger(trained):
     ratio = {name: effective_receptive_field(runs[name, GLOBAL_TASK][0], images, input_size=64, progress=False)
              .meta["models"][0]["area_ratios"]["0.5"] for name in PROXY_NAMES}
     assert ratio[HPX_PROXY] > 2 * ratio[CONV_PROXY]
+
+
+def test_global_proxy_relies_on_its_stage_2_short_path(trained):
+    """Why truncating the long kernels leaves the proxy's accuracy (the demo's finding): with the stage-2
+    5x5 depthwise kernels cut to their centre tap the proxy is at chance; the weights come back exactly."""
+    _, runs = trained
+    model = runs[HPX_PROXY, GLOBAL_TASK][0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with short_convs_cut(model, [1]):
+        assert model.stages[1].blocks[0].token_mixer.depthwise_conv.weight[..., 0, 0].abs().max() == 0
+        assert task_accuracy(model, GLOBAL_TASK, 512, 0) <= 0.6
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_deleted_mass_on_marks():

@@ -9,10 +9,11 @@ analyzers measure, and the summary reports each check, met or not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,6 +67,28 @@ def _accuracy_under_truncation(model: nn.Module, size: float, images: int, seed:
     from ..analyzers.truncation import truncate_kernels
     with truncate_kernels(model, stages=range(len(model.stages)), size=size, input_size=IMAGE_SIZE):
         return task_accuracy(model, GLOBAL_TASK, images, seed)
+
+
+@contextlib.contextmanager
+def short_convs_cut(model: nn.Module, stages: Sequence[int]) -> Iterator[None]:
+    """Inside the block the HyenaPixel mixers' depthwise (short) kernels of the 0-based ``stages`` keep
+    only their centre tap; restored on exit. Isolates what the gated short path contributes."""
+    from ..models.mixers import HyenaPixelMixer
+    convs = [m.depthwise_conv for stage in stages for m in model.stages[stage].modules()
+             if isinstance(m, HyenaPixelMixer)]
+    saved = [conv.weight.detach().clone() for conv in convs]
+    try:
+        with torch.no_grad():
+            for conv in convs:
+                height, width = conv.weight.shape[-2:]
+                centre_only = torch.zeros_like(conv.weight)
+                centre_only[..., height // 2, width // 2] = conv.weight[..., height // 2, width // 2]
+                conv.weight.copy_(centre_only)
+        yield
+    finally:
+        with torch.no_grad():
+            for conv, weight in zip(convs, saved):
+                conv.weight.copy_(weight)
 
 
 def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = DemoSettings(),
@@ -124,6 +147,10 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     written += [sweep.save(out / "truncation"), *plot_truncation(sweep, out / "truncation")]
     cut = {str(size): _accuracy_under_truncation(hpx, size, settings.truncation_images, seed) for size in (0.0, 1.0)}
     cut["untruncated"] = task_accuracy(hpx, GLOBAL_TASK, settings.truncation_images, seed)
+    short_cut = {}
+    for stage in range(len(hpx.stages)):
+        with short_convs_cut(hpx, [stage]):
+            short_cut[f"S{stage + 1}"] = task_accuracy(hpx, GLOBAL_TASK, settings.truncation_images, seed)
 
     batch = sample_task(GLOBAL_TASK, 64, EVAL_SEED_OFFSET + seed + 2)
     chosen = torch.nonzero(batch.labels == 1).flatten()[:settings.fgvis_images]
@@ -136,6 +163,7 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
         "accuracy": accuracy,
         "erf_area_ratio_t0.5": {entry["label"]: entry["area_ratios"]["0.5"] for entry in erf.meta["models"]},
         "truncation_all_stages": cut,
+        "short_convs_cut_to_centre": short_cut,
         "truncation_per_stage": {f"S{int(s) + 1}": dict(zip(map(str, sweep.arrays["sizes"]), map(float, row)))
                                  for s, row in zip(sweep.arrays["stages"], sweep.arrays["top1"])},
         "coverage_mean": {c.model_name: [round(row["mean"], 4) for row in c.rows()] for c in coverage},
@@ -200,6 +228,9 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         f"r = 0 (centre tap), {_percent(cut['1.0'])} at r = 1, {_percent(cut['untruncated'])} untruncated.",
         "- One stage at a time (the `truncation` figure), r = 0: " + "; ".join(
             f"{stage} {_percent(row['0.0'])}" for stage, row in summary["truncation_per_stage"].items()) + ".",
+        "- The gated short path instead: the 5x5 depthwise kernels of one stage cut to their centre tap (long "
+        "kernels untouched): " + "; ".join(f"{stage} {_percent(value)}"
+                                          for stage, value in summary["short_convs_cut_to_centre"].items()) + ".",
         f"- FGVis on {len(shares)} same-row images: {_percent(float(np.mean(shares)))} of the deleted mass lies on "
         f"the marks, which cover {_percent(summary['mark_area_share'])} of the image "
         f"(class flipped for {sum(summary['fgvis_success'])} of {len(shares)}).",
