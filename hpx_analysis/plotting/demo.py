@@ -43,7 +43,7 @@ def plot_accuracies(accuracy: Mapping[str, Dict[str, float]]) -> "plt.Figure":
     with paper_style():
         models = list(accuracy)
         tasks = list(next(iter(accuracy.values())))
-        fig, ax = plt.subplots(figsize=(3.6, 2.6))
+        fig, ax = plt.subplots(figsize=(3.6, 3.0))
         width = 0.8 / len(models)
         positions = np.arange(len(tasks))
         for i, model in enumerate(models):
@@ -54,6 +54,6 @@ def plot_accuracies(accuracy: Mapping[str, Dict[str, float]]) -> "plt.Figure":
         ax.set_xticks(positions, tasks)
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_ylim(0, 110)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
         fig.tight_layout()
     return fig
