@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typing_extensions import Annotated
 
-from .options import DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, Models, Out, Seed, Weights
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Models, Out, Seed,
+                      Weights)
 
 
 def register(app: typer.Typer) -> None:
@@ -20,8 +20,7 @@ def coverage(
     model: Models,
     weights: Weights = DEFAULT_WEIGHTS,
     threshold: Annotated[float, typer.Option(help="Window value below which a tap counts as switched off.")] = 0.05,
-    input_size: Annotated[Optional[int], typer.Option(help="Input resolution defining the feature-map size F; "
-                                                           "default each model's training resolution.")] = None,
+    input_size: InputSize = None,
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
     seed: Seed = DEFAULT_SEED,
@@ -31,7 +30,7 @@ def coverage(
 
     from hpx_analysis.analyzers.coverage import compute_coverage, write_table
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.models.zoo import load_model
+    from hpx_analysis.models.zoo import load_model, model_label
     from hpx_analysis.plotting import save_figure
     from hpx_analysis.plotting.coverage import plot_coverage
     from hpx_analysis.results import to_jsonable
@@ -42,7 +41,7 @@ def coverage(
     for name in tqdm(model, desc="coverage", unit="model"):
         result = compute_coverage(load_model(name, weights, seed=seed, device=target), threshold=threshold,
                                   input_size=input_size)
-        result.save(out / f"coverage_{Path(name).stem if name.endswith('.json') else name}")
+        result.save(out / f"coverage_{model_label(name)}")
         results.append(result)
     stem = out / "coverage"
     table = write_table(results, stem.with_suffix(".csv"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,14 +15,10 @@ def register(app: typer.Typer) -> None:
     app.command("erf")(erf)
 
 
-def _label(model: str) -> str:
-    """Panel label: the model name, or a config file's stem."""
-    return Path(model).stem if model.endswith(".json") else model
-
-
 def _stem_name(models: List[str]) -> str:
     """``erf_<models>``: the models' labels joined with '+', filesystem-safe."""
-    return "erf_" + re.sub(r"[^A-Za-z0-9_.+-]+", "_", "+".join(_label(m) for m in models))
+    from hpx_analysis.models.zoo import model_label
+    return "erf_" + options.safe_filename("+".join(model_label(m) for m in models))
 
 
 def erf(
@@ -68,7 +63,7 @@ def erf(
 
     from hpx_analysis.devices import resolve_device
     from hpx_analysis.images import image_sources
-    from hpx_analysis.models.zoo import load_model
+    from hpx_analysis.models.zoo import load_model, model_label
 
     target = resolve_device(device)
     sources = image_sources(images, num_images, seed)
@@ -77,7 +72,7 @@ def erf(
         net = load_model(name, weights, seed=seed, device=target)
         results.append(effective_receptive_field(net, sources, input_size=size, layer=layer, convention=convention,
                                                  batch_size=batch_size, amp=amp, compile=compile_model,
-                                                 label=_label(name), resume_dir=out))
+                                                 label=model_label(name), resume_dir=out))
     result = ERFResult.combine(results)
     result.meta["options"].update(images=str(images) if images else "skimage samples", num_images=num_images,
                                   seed=seed, weights=weights, device=str(target))

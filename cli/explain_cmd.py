@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -14,14 +13,6 @@ from . import options
 
 def register(app: typer.Typer) -> None:
     app.command("explain")(explain)
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
-
-
-def _label(model: str) -> str:
-    return Path(model).stem if model.endswith(".json") else model
 
 
 def explain(
@@ -70,7 +61,7 @@ def explain(
     from hpx_analysis.analyzers.sanity import SanityResult, sanity_check
     from hpx_analysis.devices import resolve_device
     from hpx_analysis.images import image_sources, model_mean_std
-    from hpx_analysis.models.zoo import default_input_size, load_model
+    from hpx_analysis.models.zoo import default_input_size, load_model, model_label
     from hpx_analysis.plotting.explain import plot_explanations, plot_sanity
 
     target_device = resolve_device(device)
@@ -88,7 +79,7 @@ def explain(
         inputs, names = load_inputs(sources, hw, mean, std)
         inputs = inputs.to(target_device)
         for chosen in methods:
-            stem = folder / _safe(f"{_label(name)}_{chosen}")
+            stem = folder / options.safe_filename(f"{model_label(name)}_{chosen}")
             partial = stem.parent / f"{stem.name}.partial.npz"
             method_options = ({"settings": settings, "seed": seed, "partial": partial,
                                "progress": True} if chosen == "fgvis" else {"reference": reference})
@@ -101,13 +92,14 @@ def explain(
             results.append(result)
             _report(name, chosen, result)
             if sanity:
-                sanity_stem = folder / _safe(f"sanity_{_label(name)}_{chosen}")
+                sanity_stem = folder / options.safe_filename(f"sanity_{model_label(name)}_{chosen}")
                 check = _cached(sanity_stem, SanityResult, wanted, lambda: sanity_check(
                     net, inputs, chosen, init_seed=seed + 1, **common,
                     **{k: v for k, v in method_options.items() if k not in ("partial", "progress")}))
                 plot_sanity(check, sanity_stem, {"options": run_options})
                 _report_sanity(name, chosen, check)
-    figure = folder / _safe("explain_" + "+".join(_label(m) for m in models) + "_" + "+".join(methods))
+    figure = folder / options.safe_filename("explain_" + "+".join(model_label(m) for m in models) + "_"
+                                            + "+".join(methods))
     for path in plot_explanations(results, figure, exponent, {"options": run_options}):
         typer.echo(f"wrote {path}")
 
@@ -132,17 +124,19 @@ def _jsonable(value: object) -> object:
 
 
 def _report(model: str, method: str, result: object) -> None:
+    from hpx_analysis.models.zoo import model_label
     if method != "fgvis":
         return
     for image, record in zip(result.meta["images"], result.records):
         status = "" if record["success"] else f"  ({record['note']})"
-        typer.echo(f"{_label(model)} {image}: lambda {record['lambda']:.0e}, {record['iterations']} iterations, "
+        typer.echo(f"{model_label(model)} {image}: lambda {record['lambda']:.0e}, {record['iterations']} iterations, "
                    f"class {record['original_class']} p={record['original_prob']:.3f} -> "
                    f"{record['final_class']} p={record['final_prob']:.3f}{status}")
 
 
 def _report_sanity(model: str, method: str, check: object) -> None:
     import numpy as np
-    typer.echo(f"sanity {_label(model)} {method}: Spearman rho with the trained model's maps")
+    from hpx_analysis.models.zoo import model_label
+    typer.echo(f"sanity {model_label(model)} {method}: Spearman rho with the trained model's maps")
     for step, row in zip(check.steps, check.correlations):
         typer.echo(f"  {step:<20} mean {np.nanmean(row):+.3f}  per image {' '.join(f'{v:+.3f}' for v in row)}")

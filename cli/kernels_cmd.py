@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from .options import DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, Model, Out, Seed, Weights
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Model, Out, Seed,
+                      Weights)
 
 
 def register(app: typer.Typer) -> None:
@@ -37,8 +38,7 @@ def kernels(
                                                        "0.0,1.2 (0.0 is the paper's S1 B1). Default: all.")] = None,
     position: Annotated[Optional[str], typer.Option(help="Evaluation pixel ROW,COL of the 1D (Hyena) wrap-around; "
                                                          "default the centre-most pixel.")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Input resolution defining the feature-map size F; "
-                                                           "default the model's training resolution.")] = None,
+    input_size: InputSize = None,
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
     seed: Seed = DEFAULT_SEED,
@@ -46,7 +46,7 @@ def kernels(
     """Plot each long-filter layer's kernel: 2D HyenaPixel kernels and reshaped, wrapped 1D Hyena kernels."""
     from hpx_analysis.analyzers.kernels import compute_kernels, parse_layers
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.models.zoo import load_model
+    from hpx_analysis.models.zoo import load_model, model_label
     from hpx_analysis.plotting import save_figure
     from hpx_analysis.plotting.kernels import plot_kernels
 
@@ -54,7 +54,7 @@ def kernels(
     net = load_model(model, weights, seed=seed, device=resolve_device(device))
     result = compute_kernels(net, reduction=chosen_reduction, normalisation=normalise, layers=parse_layers(layers),
                              top_k=top_k, position=_pair(position, "--position"), input_size=input_size)
-    stem = Path(out) / f"kernels_{Path(model).stem if model.endswith('.json') else model}"
+    stem = Path(out) / f"kernels_{model_label(model)}"
     result.save(stem)
     written = save_figure(plot_kernels(result), stem, metadata=result.meta)
     for path in [stem.with_suffix(".npz"), stem.with_suffix(".json"), *written]:

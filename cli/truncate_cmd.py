@@ -82,7 +82,7 @@ def truncate(
     from hpx_analysis.analyzers.truncation import distributed_setup, truncation_sweep
     from hpx_analysis.datasets import labelled_images, stratified_subset
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.models.zoo import load_model
+    from hpx_analysis.models.zoo import load_model, model_label
     from hpx_analysis.plotting.truncation import plot_truncation
 
     target, rank, world = distributed_setup(resolve_device(device))
@@ -99,7 +99,7 @@ def truncate(
         return
     result.meta["inputs"] = {"data": str(Path(data).resolve()), "labels": str(labels) if labels else None,
                              "limit": limit, "images": [s.name for s in samples]}
-    stem = Path(out) / f"truncate_{Path(model).stem if model.endswith('.json') else model}"
+    stem = Path(out) / f"truncate_{model_label(model)}"
     written = [result.save(stem), stem.with_suffix(".json"), result.write_csv(stem.with_suffix(".csv")),
                *plot_truncation(result, stem)]
     for path in written:

@@ -67,9 +67,14 @@ def _image_folder(root: Path) -> List[LabelledImage]:
     return samples
 
 
+def _first_token(field: str) -> str:
+    """The first whitespace-separated token of a label field (Kaggle's rows add boxes after the id)."""
+    return field.split()[0] if field.split() else field
+
+
 def _class_index(label: str, source: Path) -> int:
     """A label field as a class index: an integer, or an ImageNet-1k WordNet id (first token)."""
-    token = label.split()[0] if label.split() else label
+    token = _first_token(label)
     if token.lstrip("-").isdigit():
         return int(token)
     if WNID.match(token):
@@ -81,7 +86,7 @@ def _class_index(label: str, source: Path) -> int:
 
 
 def _is_label(field: str) -> bool:
-    token = field.split()[0] if field.split() else field
+    token = _first_token(field)
     return token.lstrip("-").isdigit() or bool(WNID.match(token))
 
 

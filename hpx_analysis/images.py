@@ -111,13 +111,17 @@ def read_rgb(source: ImageSource) -> Optional[Image.Image]:
         return None
 
 
+def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """RGB in [0, 1], (3, H, W) or (N, 3, H, W), to model input with per-channel ``mean``/``std``."""
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device)[:, None, None]
+    return (images - mean_t) / std_t
+
+
 def to_model_input(image: Image.Image, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Resize to ``size`` (H, W) with bicubic interpolation, no crop, and normalise: (3, H, W) float32."""
     resized = image.resize((size[1], size[0]), Image.BICUBIC)
-    array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (array - mean_t) / std_t
+    return normalise(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1), mean, std)
 
 
 def model_mean_std(model: torch.nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

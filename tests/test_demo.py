@@ -85,7 +85,7 @@ def test_cached_proxy_loads_through_the_checkpoint_path(trained):
 
 def test_erf_of_the_global_proxy_is_larger(trained):
     from hpx_analysis.analyzers.erf import effective_receptive_field
-    from hpx_analysis.demo.tasks import normalise
+    from hpx_analysis.images import normalise
     _, runs = trained
     images = normalise(sample_task(GLOBAL_TASK, 16, seed=5).images, (0.5,) * 3, (0.5,) * 3)
     ratio = {name: effective_receptive_field(runs[name, GLOBAL_TASK][0], images, input_size=64, progress=False)

@@ -63,9 +63,8 @@ def reference_image(images: Tensor, kind: str, mean: Sequence[float], std: Seque
     ``BLUR_SIGMA`` pixels); mean: the dataset mean, i.e. zero after normalisation.
     """
     if kind == "black":
-        mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device)[:, None, None]
-        std_t = torch.tensor(std, dtype=images.dtype, device=images.device)[:, None, None]
-        return ((0.0 - mean_t) / std_t).expand_as(images).clone()
+        from ..images import normalise
+        return normalise(torch.zeros_like(images), mean, std)
     if kind == "blur":
         from torchvision.transforms.functional import gaussian_blur
         radius = int(min(3 * BLUR_SIGMA, (min(images.shape[-2:]) - 1) // 2))

@@ -89,8 +89,8 @@ class CoverageResult(Result):
     @property
     def model_name(self) -> str:
         """The model's registered name, or the stem of its config file."""
-        name = str(self.meta["model"]["model"])
-        return Path(name).stem if name.endswith(".json") else name
+        from ..models.zoo import model_label
+        return model_label(str(self.meta["model"]["model"]))
 
     @property
     def layers(self) -> List[Dict[str, Any]]:

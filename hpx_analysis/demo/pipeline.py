@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..images import model_mean_std
+from ..images import model_mean_std, normalise
 from ..models.proxies import PROXY_NAMES
-from .tasks import IMAGE_SIZE, TASKS, normalise, sample_task
+from .tasks import IMAGE_SIZE, TASKS, sample_task
 from .training import EVAL_SEED_OFFSET, TrainingConfig, load_or_train, task_accuracy
 
 GLOBAL_TASK, LOCAL_TASK = "same-row", "stripes"

@@ -98,10 +98,3 @@ def sample_task(task: str, count: int, seed: int) -> TaskBatch:
         value = torch.where(stripes, MARK_VALUE, BACKGROUND)
     images = torch.where(marks[:, None], value[:, None], images).clamp(0, 1)
     return TaskBatch(images=images, labels=labels, marks=marks)
-
-
-def normalise(images: Tensor, mean: Tuple[float, ...], std: Tuple[float, ...]) -> Tensor:
-    """(N, 3, H, W) in [0, 1] -> model input with per-channel ``mean``/``std``."""
-    mean_t = torch.tensor(mean, dtype=images.dtype)[:, None, None]
-    std_t = torch.tensor(std, dtype=images.dtype)[:, None, None]
-    return (images - mean_t) / std_t

@@ -12,16 +12,16 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HpxError
-from ..images import model_mean_std
+from ..images import model_mean_std, normalise
 from ..models.proxies import PROXY_NAMES
-from .tasks import TASKS, normalise, sample_task
+from .tasks import TASKS, sample_task
 
 EVAL_SEED_OFFSET = 1_000_000  # held-out images come from seeds no training batch uses
 
@@ -98,18 +98,15 @@ def train_proxy(config: TrainingConfig, progress: bool = True) -> Tuple[nn.Modul
     return model, record
 
 
-def load_or_train(config: TrainingConfig, cache_dir: Optional[Path | str], progress: bool = True
-                  ) -> Tuple[nn.Module, Dict[str, Any], Optional[Path]]:
+def load_or_train(config: TrainingConfig, cache_dir: Path | str, progress: bool = True
+                  ) -> Tuple[nn.Module, Dict[str, Any], Path]:
     """The trained proxy of ``config`` from ``cache_dir`` when there, else trained and saved there.
 
-    Returns (eval-mode model loaded through the checkpoint path, training record, checkpoint file or None).
+    Returns (eval-mode model loaded through the checkpoint path, training record, checkpoint file).
     """
     from safetensors.torch import save_file
     from ..models.zoo import load_model
 
-    if cache_dir is None:
-        model, record = train_proxy(config, progress)
-        return model, record, None
     cache_dir = Path(cache_dir)
     checkpoint = cache_dir / f"{config.stem()}.safetensors"
     record_file = checkpoint.with_suffix(".json")

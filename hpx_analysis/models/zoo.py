@@ -217,6 +217,11 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
     return model.to(device).eval()
 
 
+def model_label(name: str) -> str:
+    """Short label of a model argument: the registered name, or a config file's stem."""
+    return Path(name).stem if name.endswith(".json") else name
+
+
 def default_input_size(model: nn.Module) -> Tuple[int, int]:
     """(H, W) the model was trained at, from its pretrained config (224x224 when unknown)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -229,5 +234,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["REFERENCE_BACKBONES", "available_models", "create_model", "read_checkpoint", "load_model",
+__all__ = ["REFERENCE_BACKBONES", "available_models", "create_model", "read_checkpoint", "load_model", "model_label",
            "load_state_dict_checked", "default_input_size", "count_parameters"]
