@@ -79,9 +79,10 @@ def _boxes(rows: Tensor, columns: Tensor) -> Tensor:
     return inside
 
 
-def sample_task(task: str, count: int, seed: int) -> TaskBatch:
+def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND,
+                noise_std: float = NOISE_STD) -> TaskBatch:
     """``count`` images of ``task`` (see :data:`TASKS`), the same for the same seed; balanced labels in
-    random order."""
+    random order. ``background``/``noise_std``: grey level and pixel noise of the background."""
     if task not in TASKS:
         raise ValueError(f"unknown proxy task '{task}'; known: {', '.join(TASKS)}")
     generator = torch.Generator().manual_seed(seed)
@@ -89,12 +90,12 @@ def sample_task(task: str, count: int, seed: int) -> TaskBatch:
     same_row = labels.bool() if task == "same-row" else torch.rand(count, generator=generator) < 0.5
     rows, columns = _mark_positions(count, generator, same_row)
     marks = _boxes(rows, columns)
-    images = BACKGROUND + NOISE_STD * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    images = background + noise_std * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     value = torch.full((count, IMAGE_SIZE, IMAGE_SIZE), MARK_VALUE)
     if task == "stripes":
         grid = torch.arange(IMAGE_SIZE)
         horizontal = (grid[:, None] % 2 == 0).expand(IMAGE_SIZE, IMAGE_SIZE)
         stripes = torch.where(labels.bool()[:, None, None], horizontal.T, horizontal)
-        value = torch.where(stripes, MARK_VALUE, BACKGROUND)
+        value = torch.where(stripes, MARK_VALUE, background)
     images = torch.where(marks[:, None], value[:, None], images).clamp(0, 1)
     return TaskBatch(images=images, labels=labels, marks=marks)
