@@ -18,29 +18,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from hpx_analysis.analyzers.fgvis import FgvisSettings, fgvis
 from hpx_analysis.analyzers.truncation import truncate_kernels, truncation_sweep
 from hpx_analysis.datasets import labelled_images
-from hpx_analysis.demo.pipeline import deleted_mass_on_marks
-from hpx_analysis.demo.tasks import IMAGE_SIZE, TaskBatch, sample_task
+from hpx_analysis.demo.pipeline import GLOBAL_TASK, deleted_mass_on_marks, write_task_folder
+from hpx_analysis.demo.tasks import IMAGE_SIZE, sample_task
+from hpx_analysis.demo.training import EVAL_SEED_OFFSET, TrainingConfig, fit_on_task, task_accuracy
 from hpx_analysis.images import model_mean_std, normalise
 from hpx_analysis.inspection import modify_kernels
 from hpx_analysis.models.hyenapixel import HyenaPixelFormer
 
 GREY = 0.5          # the normalisation mean: background tokens start near zero and do not drown the marks
-TRAIN_STEPS = 300
-HELD_OUT_SEED = 10 ** 6
-
-
-def _grey_same_row(count: int, seed: int) -> TaskBatch:
-    return sample_task("same-row", count, seed, background=GREY)
+TRAINING = TrainingConfig(model="planted_line", task=GLOBAL_TASK, steps=300, lr=1e-3)
 
 
 def _row_kernel(kernel: torch.Tensor, _info) -> torch.Tensor:
@@ -52,12 +45,6 @@ def _row_kernel(kernel: torch.Tensor, _info) -> torch.Tensor:
     return line
 
 
-def _accuracy(model: torch.nn.Module, batch: TaskBatch) -> float:
-    with torch.no_grad():
-        logits = model(normalise(batch.images, *model_mean_std(model)))
-    return float((logits.argmax(1) == batch.labels).float().mean())
-
-
 @pytest.fixture(scope="module")
 def planted():
     """The trained planted-line model, its long kernels held at the line while the tests run."""
@@ -65,30 +52,21 @@ def planted():
     model = HyenaPixelFormer([{"type": "hpx", "long_kernel_size": 31, "filter_emb_dim": 16}],
                              depths=(1,), dims=(32,), num_classes=2)
     model.pretrained_cfg = timm.models.get_pretrained_cfg("proxy_hpx_former").to_dict()  # 64 px, mean/std 0.5
-    mean, std = model_mean_std(model)
     with modify_kernels(model, _row_kernel):
-        optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        model.train()
-        for step in range(TRAIN_STEPS):
-            batch = _grey_same_row(32, step)
-            loss = F.cross_entropy(model(normalise(batch.images, mean, std)), batch.labels)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-        model.eval().requires_grad_(False)
+        fit_on_task(model, TRAINING, background=GREY, progress=False)
+        model.requires_grad_(False)
         yield model
 
 
 def test_planted_model_solves_the_global_task(planted):
-    assert _accuracy(planted, _grey_same_row(512, HELD_OUT_SEED)) >= 0.95
+    assert task_accuracy(planted, GLOBAL_TASK, 512, 0, background=GREY) >= 0.95
 
 
 def test_truncation_to_the_centre_tap_leaves_chance(planted):
-    batch = _grey_same_row(512, HELD_OUT_SEED)
-    inputs = normalise(batch.images, *model_mean_std(planted))
+    inputs = normalise(sample_task(GLOBAL_TASK, 512, EVAL_SEED_OFFSET, GREY).images, *model_mean_std(planted))
     untruncated = planted(inputs)
     with truncate_kernels(planted, stages=[0], size=0.0, input_size=IMAGE_SIZE):
-        assert abs(_accuracy(planted, batch) - 0.5) <= 0.1
+        assert abs(task_accuracy(planted, GLOBAL_TASK, 512, 0, background=GREY) - 0.5) <= 0.1
     with truncate_kernels(planted, stages=[0], size=2.0, input_size=IMAGE_SIZE):  # every tap kept
         torch.testing.assert_close(planted(inputs), untruncated)
     torch.testing.assert_close(planted(inputs), untruncated)  # the planted kernel is back
@@ -96,13 +74,8 @@ def test_truncation_to_the_centre_tap_leaves_chance(planted):
 
 def test_truncation_sweep_finds_the_planted_dependence(planted, tmp_path: Path):
     """The sweep that ``hpx-analyze truncate`` runs, over an ImageFolder of held-out PNGs."""
-    batch = _grey_same_row(256, HELD_OUT_SEED)
-    pixels = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    for index, (image, label) in enumerate(zip(pixels, batch.labels.tolist())):
-        folder = tmp_path / f"class_{label}"
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(image).save(folder / f"{index:04d}.png")
-    sweep = truncation_sweep(planted, labelled_images(tmp_path), None, [0.0, 2.0], image_size=IMAGE_SIZE,
+    data = write_task_folder(GLOBAL_TASK, 256, 0, tmp_path, background=GREY)
+    sweep = truncation_sweep(planted, labelled_images(data), None, [0.0, 2.0], image_size=IMAGE_SIZE,
                              batch_size=64, n_resamples=50, progress=False)
     at_centre, at_full = sweep.arrays["top1"][0]
     assert at_full >= 0.95 and abs(at_centre - 0.5) <= 0.1
@@ -111,7 +84,7 @@ def test_truncation_sweep_finds_the_planted_dependence(planted, tmp_path: Path):
 def test_fgvis_deletes_the_marks(planted):
     """With the background as the deletion reference ("mean": grey after normalisation), the masks that
     flip same-row delete mark pixels at least 4x as much as background pixels, in every image."""
-    batch = _grey_same_row(64, 5)
+    batch = sample_task(GLOBAL_TASK, 64, 5, GREY)
     chosen = torch.nonzero(batch.labels == 1).flatten()[:4]
     result = fgvis(planted, normalise(batch.images[chosen], *model_mean_std(planted)), seed=0,
                    settings=FgvisSettings(reference="mean"))

@@ -79,10 +79,9 @@ def _boxes(rows: Tensor, columns: Tensor) -> Tensor:
     return inside
 
 
-def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND,
-                noise_std: float = NOISE_STD) -> TaskBatch:
+def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND) -> TaskBatch:
     """``count`` images of ``task`` (see :data:`TASKS`), the same for the same seed; balanced labels in
-    random order. ``background``/``noise_std``: grey level and pixel noise of the background."""
+    random order. ``background``: grey level of the (noisy) background."""
     if task not in TASKS:
         raise ValueError(f"unknown proxy task '{task}'; known: {', '.join(TASKS)}")
     generator = torch.Generator().manual_seed(seed)
@@ -90,7 +89,7 @@ def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND
     same_row = labels.bool() if task == "same-row" else torch.rand(count, generator=generator) < 0.5
     rows, columns = _mark_positions(count, generator, same_row)
     marks = _boxes(rows, columns)
-    images = background + noise_std * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    images = background + NOISE_STD * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     value = torch.full((count, IMAGE_SIZE, IMAGE_SIZE), MARK_VALUE)
     if task == "stripes":
         grid = torch.arange(IMAGE_SIZE)

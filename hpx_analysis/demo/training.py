@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import HpxError
 from ..images import model_mean_std, normalise
 from ..models.proxies import PROXY_NAMES
-from .tasks import TASKS, sample_task
+from .tasks import BACKGROUND, TASKS, sample_task
 
 EVAL_SEED_OFFSET = 1_000_000  # held-out images come from seeds no training batch uses
 
@@ -48,9 +48,10 @@ class TrainingConfig:
 
 
 @torch.no_grad()
-def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size: int = 256) -> float:
+def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size: int = 256,
+                  background: float = BACKGROUND) -> float:
     """Top-1 accuracy of ``model`` on ``count`` held-out images of ``task`` (seed offset from training)."""
-    batch = sample_task(task, count, EVAL_SEED_OFFSET + seed)
+    batch = sample_task(task, count, EVAL_SEED_OFFSET + seed, background)
     mean, std = model_mean_std(model)
     inputs = normalise(batch.images, mean, std)
     device = next(model.parameters()).device
@@ -61,27 +62,20 @@ def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size
     return correct / count
 
 
-def train_proxy(config: TrainingConfig, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Train ``config.model`` from its seeded initialisation; returns the eval-mode model and a record
-    (config, held-out accuracy, final loss, seconds)."""
+def fit_on_task(model: nn.Module, config: TrainingConfig, background: float = BACKGROUND, desc: str = "train",
+                progress: bool = True) -> List[float]:
+    """Train ``model`` in place on freshly generated batches of ``config.task`` (``config``'s steps, batch
+    size, AdamW settings and seed; ``config.model`` is not used); leaves it in eval mode. Returns the
+    per-step losses."""
     from tqdm.auto import tqdm
-    from ..models.zoo import load_model
 
-    if config.model not in PROXY_NAMES:
-        raise HpxError(f"unknown proxy model '{config.model}'; known: {', '.join(PROXY_NAMES)}")
-    if config.task not in TASKS:
-        raise HpxError(f"unknown proxy task '{config.task}'; known: {', '.join(TASKS)}")
-    if config.steps < 1:
-        raise HpxError(f"training steps must be positive, got {config.steps}")
-    model = load_model(config.model, "random", seed=config.seed).train()
+    model.train()
     mean, std = model_mean_std(model)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    started = time.perf_counter()
-    losses = []
-    bar = tqdm(range(config.steps), desc=f"train {config.model} on {config.task}", unit="step",
-               disable=not progress, leave=False)
+    losses: List[float] = []
+    bar = tqdm(range(config.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
-        batch = sample_task(config.task, config.batch_size, config.seed * 10_000_000 + step)
+        batch = sample_task(config.task, config.batch_size, config.seed * 10_000_000 + step, background)
         loss = F.cross_entropy(model(normalise(batch.images, mean, std)), batch.labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,6 +85,23 @@ def train_proxy(config: TrainingConfig, progress: bool = True) -> Tuple[nn.Modul
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     bar.close()
     model.eval()
+    return losses
+
+
+def train_proxy(config: TrainingConfig, progress: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Train ``config.model`` from its seeded initialisation; returns the eval-mode model and a record
+    (config, held-out accuracy, final loss, seconds)."""
+    from ..models.zoo import load_model
+
+    if config.model not in PROXY_NAMES:
+        raise HpxError(f"unknown proxy model '{config.model}'; known: {', '.join(PROXY_NAMES)}")
+    if config.task not in TASKS:
+        raise HpxError(f"unknown proxy task '{config.task}'; known: {', '.join(TASKS)}")
+    if config.steps < 1:
+        raise HpxError(f"training steps must be positive, got {config.steps}")
+    model = load_model(config.model, "random", seed=config.seed)
+    started = time.perf_counter()
+    losses = fit_on_task(model, config, desc=f"train {config.model} on {config.task}", progress=progress)
     record = {"config": asdict(config), "seconds": round(time.perf_counter() - started, 1),
               "final_loss": sum(losses[-50:]) / len(losses[-50:]),
               "accuracy": task_accuracy(model, config.task, config.eval_images, config.seed),
