@@ -22,13 +22,13 @@ def demo(
     cache: Annotated[Path, typer.Option("--cache", help="Trained proxies and evaluation images; a rerun with "
                                         "the same settings reuses them.")] = DEFAULT_CACHE,
     global_steps: Annotated[int, typer.Option("--global-steps", help="Training steps on the global "
-                                              "same-row task.")] = 1000,
+                                              "same-row task.")] = 800,
     local_steps: Annotated[int, typer.Option("--local-steps", help="Training steps on the local stripes "
-                                             "task.")] = 400,
+                                             "task.")] = 300,
     seed: Seed = DEFAULT_SEED,
 ) -> None:
     """Train (or reuse) a HyenaPixel and a ConvFormer proxy on synthetic tasks with known answers, then run
-    ERF, kernels, coverage, truncation and FGVis on them. Offline: about 2.5 minutes on 2 CPU cores, 35 s
+    ERF, kernels, coverage, truncation and FGVis on them. Offline: about 3.5 minutes on 2 CPU cores, 35 s
     once cached. Each proxy is cached as soon as it is trained, so an interrupted run resumes from there."""
     from hpx_analysis.demo.pipeline import DemoSettings, run_demo
 

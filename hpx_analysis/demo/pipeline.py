@@ -32,8 +32,8 @@ HPX_PROXY, CONV_PROXY = PROXY_NAMES
 class DemoSettings:
     """Training steps per task, images per analysis and the seed of everything."""
 
-    global_steps: int = 1000
-    local_steps: int = 400
+    global_steps: int = 800
+    local_steps: int = 300
     erf_images: int = 32
     truncation_images: int = 256
     fgvis_images: int = 4
@@ -99,7 +99,7 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     Returns the summary numbers."""
     from ..analyzers.coverage import compute_coverage
     from ..analyzers.erf import ERFResult, effective_receptive_field
-    from ..analyzers.fgvis import fgvis
+    from ..analyzers.fgvis import FgvisSettings, fgvis
     from ..analyzers.kernels import compute_kernels
     from ..analyzers.truncation import truncation_sweep
     from ..datasets import labelled_images
@@ -153,10 +153,12 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
         with short_convs_cut(hpx, [stage]):
             short_cut[f"S{stage + 1}"] = task_accuracy(hpx, GLOBAL_TASK, settings.truncation_images, seed)
 
-    batch = sample_task(GLOBAL_TASK, 64, EVAL_SEED_OFFSET + seed + 2)
+    batch = sample_task(GLOBAL_TASK, 64, EVAL_SEED_OFFSET + seed + 2, noise_std=0.0)  # background = reference
     chosen = torch.nonzero(batch.labels == 1).flatten()[:settings.fgvis_images]
+    # deleting means replacing by the grey background (the normalisation mean), not by black
     explanation = fgvis(hpx, normalise(batch.images[chosen], *model_mean_std(hpx)), seed=seed,
-                        names=[f"same-row #{int(i)}" for i in chosen], progress=progress)
+                        settings=FgvisSettings(reference="mean"), names=[f"same-row #{int(i)}" for i in chosen],
+                        progress=progress)
     on_marks = deleted_mass_on_marks(explanation.arrays["maps"], batch.marks[chosen].numpy())
     written += [explanation.save(out / "fgvis"), *plot_explanations([explanation], out / "fgvis")]
 

@@ -1,11 +1,14 @@
 """Synthetic 64 px proxy tasks, generated on the fly from a seed, with the answer known per image.
 
-Every image shows two bright square marks, at least ``MIN_GAP`` pixels apart horizontally, on a dark
-noisy background:
+Every image shows two white square marks on a grey, slightly noisy background, their left edges at least ``MIN_GAP``
+pixels apart horizontally. Marks sit on the ``GRID``-pixel grid of the proxies' stride-4 tokens, so each
+covers exactly 2 x 2 tokens. The grey is the models' normalisation mean, so background tokens start
+near zero; on a noise-free image it is also what FGVis deletes towards, so all the information there is
+lies in the marks:
 
 - ``same-row`` (global): label 1 when both marks lie on the same row, 0 when their rows differ by at
-  least a mark's height. Each mark alone looks the same in both classes; only relating two regions
-  half an image apart answers it.
+  least ``ROW_GAP``. Each mark alone looks the same in both classes (every row is equally likely in
+  both); only relating two regions over half an image apart answers it.
 - ``stripes`` (local): both marks carry stripes, label 0 horizontal, 1 vertical. Any small window
   on a mark answers it.
 """
@@ -19,11 +22,12 @@ import torch
 from torch import Tensor
 
 IMAGE_SIZE = 64
-MARK = 6          # side of a mark in pixels
-MIN_GAP = 32      # smallest horizontal distance between the two marks' left edges
-ROW_GAP = MARK    # smallest row difference of the marks in the "different rows" class
-BACKGROUND = 0.2
-NOISE_STD = 0.05
+MARK = 8          # side of a mark in pixels
+GRID = 4          # marks' corners lie on multiples of GRID pixels (the proxies' token stride)
+MIN_GAP = 40      # smallest horizontal distance between the two marks' left edges (32 px between marks)
+ROW_GAP = 12      # smallest row difference of the marks in the "different rows" class
+BACKGROUND = 0.5
+NOISE_STD = 0.05  # background noise of training and evaluation images
 MARK_VALUE = 1.0
 
 
@@ -39,7 +43,7 @@ class ProxyTask:
 
 TASKS: Dict[str, ProxyTask] = {
     "same-row": ProxyTask("same-row", "global", ("different_rows", "same_row"),
-                          "two marks >= 32 px apart: same row (1) or rows differ (0)"),
+                          "two marks >= 40 px apart: same row (1) or rows differ (0)"),
     "stripes": ProxyTask("stripes", "local", ("horizontal", "vertical"),
                          "two striped marks: horizontal (0) or vertical (1) stripes"),
 }
@@ -55,17 +59,19 @@ class TaskBatch:
 
 
 def _mark_positions(count: int, generator: torch.Generator, same_row: Tensor) -> Tuple[Tensor, Tensor]:
-    """Top-left corners (N, 2) rows and (N, 2) columns of the two marks; rows equal where ``same_row``."""
-    span = IMAGE_SIZE - MARK + 1
-    left = torch.randint(0, span - MIN_GAP, (count,), generator=generator)
-    right = left + MIN_GAP + (torch.rand(count, generator=generator) * (span - MIN_GAP - left)).long()
+    """Top-left corners (N, 2) rows and (N, 2) columns of the two marks, multiples of ``GRID``; rows
+    equal where ``same_row``."""
+    span = (IMAGE_SIZE - MARK) // GRID + 1           # grid positions a mark can take per axis
+    gap, row_gap = -(-MIN_GAP // GRID), -(-ROW_GAP // GRID)
+    left = torch.randint(0, span - gap, (count,), generator=generator)
+    right = left + gap + (torch.rand(count, generator=generator) * (span - gap - left)).long()
     swap = torch.rand(count, generator=generator) < 0.5
     columns = torch.stack([torch.where(swap, right, left), torch.where(swap, left, right)], dim=1)
     first = torch.randint(0, span, (count,), generator=generator)
-    # a second row at least ROW_GAP away: an offset in [ROW_GAP, span - ROW_GAP] taken modulo the span
-    offset = ROW_GAP + (torch.rand(count, generator=generator) * (span - 2 * ROW_GAP + 1)).long()
+    # a second row at least row_gap away: an offset in [row_gap, span - row_gap] taken modulo the span
+    offset = row_gap + (torch.rand(count, generator=generator) * (span - 2 * row_gap + 1)).long()
     second = torch.where(same_row, first, (first + offset) % span)
-    return torch.stack([first, second], dim=1), columns
+    return GRID * torch.stack([first, second], dim=1), GRID * columns
 
 
 def _boxes(rows: Tensor, columns: Tensor) -> Tensor:
@@ -79,9 +85,10 @@ def _boxes(rows: Tensor, columns: Tensor) -> Tensor:
     return inside
 
 
-def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND) -> TaskBatch:
+def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND,
+                noise_std: float = NOISE_STD) -> TaskBatch:
     """``count`` images of ``task`` (see :data:`TASKS`), the same for the same seed; balanced labels in
-    random order. ``background``: grey level of the (noisy) background."""
+    random order. ``background``: grey level of the background, ``noise_std``: its Gaussian noise."""
     if task not in TASKS:
         raise ValueError(f"unknown proxy task '{task}'; known: {', '.join(TASKS)}")
     generator = torch.Generator().manual_seed(seed)
@@ -89,7 +96,7 @@ def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND
     same_row = labels.bool() if task == "same-row" else torch.rand(count, generator=generator) < 0.5
     rows, columns = _mark_positions(count, generator, same_row)
     marks = _boxes(rows, columns)
-    images = background + NOISE_STD * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    images = background + noise_std * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     value = torch.full((count, IMAGE_SIZE, IMAGE_SIZE), MARK_VALUE)
     if task == "stripes":
         grid = torch.arange(IMAGE_SIZE)

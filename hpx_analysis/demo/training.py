@@ -34,7 +34,7 @@ class TrainingConfig:
     task: str
     steps: int
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
     eval_images: int = 512

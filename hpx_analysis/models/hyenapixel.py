@@ -23,6 +23,7 @@ from timm.models.metaformer import (Attention, Downsampling, LayerNorm2dNoBias, 
                                     MlpHead, SepConv)
 from torch import nn
 
+from .long_filters import HyenaPixelFilter
 from .mixers import HyenaMixer, HyenaPixelMixer
 
 HEAD_NORM_EPS = 1e-5  # the reference MLP head normalises its hidden layer with nn.LayerNorm's default eps
@@ -69,6 +70,9 @@ class HyenaPixelFormer(MetaFormer):
                 self.stages[i].downsample.apply(self._init_weights)
         if isinstance(self.head.fc, MlpHead):
             self.head.fc.norm.eps = HEAD_NORM_EPS
+        for module in self.modules():  # after timm's weight init, which re-draws every conv
+            if isinstance(module, HyenaPixelFilter):
+                module.apply_output_gain()
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         super().reset_classifier(num_classes, *args, **kwargs)

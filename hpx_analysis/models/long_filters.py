@@ -172,20 +172,26 @@ class HyenaPixelFilter(LongFilterBase):
     (1, 1, S, S) Euclidean tap distance from the centre in pixels, ``deltas``/``shift``/``bias``
     (1, C, 1, 1), ``implicit_filter`` = 1x1 conv E->O, sin, 1x1 conv O->O, sin, 1x1 conv O->C
     (no bias), O = 2E.
+
+    Initialisation options (the published models use the defaults): ``sin_init``, the sine
+    frequency (higher: finer kernel detail); ``decay_scale`` multiplies the window decays (below 1:
+    windows reach further); ``output_gain`` multiplies the last layer's weights when
+    :meth:`apply_output_gain` is called after the model-wide weight init.
     """
 
-    def __init__(self, channels: int, kernel_size: int, emb_dim: int, sin_init: float = 1.0):
+    def __init__(self, channels: int, kernel_size: int, emb_dim: int, sin_init: float = 1.0,
+                 decay_scale: float = 1.0, output_gain: float = 1.0):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"long kernel size must be odd, got {kernel_size}")
         hidden = 2 * emb_dim
-        self.channels, self.size, self.emb_dim = channels, kernel_size, emb_dim
+        self.channels, self.size, self.emb_dim, self.output_gain = channels, kernel_size, emb_dim, output_gain
         self.register_buffer("z", sinusoidal_embedding_2d(kernel_size, emb_dim)[None])
         self.register_buffer("distance_map", centre_distance_map(kernel_size)[None, None])
         # decays chosen so that windows fall to 1% between 30% and 150% of the kernel radius
         radius = max(kernel_size // 2, 1)
         decay = torch.linspace(math.log(100) / (0.3 * radius), math.log(100) / (1.5 * radius), channels)
-        self.deltas = nn.Parameter(decay.view(1, channels, 1, 1))
+        self.deltas = nn.Parameter(decay_scale * decay.view(1, channels, 1, 1))
         self.shift = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.bias = nn.Parameter(torch.randn(1, channels, 1, 1))
         self.implicit_filter = nn.Sequential(
@@ -195,6 +201,11 @@ class HyenaPixelFilter(LongFilterBase):
             Sin((1, hidden, 1, 1), sin_init),
             nn.Conv2d(hidden, channels, 1, bias=False),
         )
+
+    @torch.no_grad()
+    def apply_output_gain(self) -> None:
+        """Multiply the last implicit-filter layer by ``output_gain`` (call once, after weight init)."""
+        self.implicit_filter[-1].weight.mul_(self.output_gain)
 
     @property
     def kernel_size(self) -> Tuple[int, int]:

@@ -22,11 +22,14 @@ class HyenaPixelMixer(nn.Module):
     q, k, v come from a pointwise conv C->3C and a depthwise 5x5 conv. With ``use_layernorm`` the
     product q*k and the output are normalised (bias-free LayerNorm over channels) before the
     output projection. With ``use_separable_conv`` the implicit long filter is replaced by two
-    explicit depthwise convolutions (S,1) then (1,S), the paper's "SC" ablation.
+    explicit depthwise convolutions (S,1) then (1,S), the paper's "SC" ablation. ``filter_sin_init``,
+    ``filter_decay_scale`` and ``filter_output_gain`` set the implicit filter's initialisation
+    (:class:`HyenaPixelFilter`; defaults as published).
     """
 
     def __init__(self, dim: int, long_kernel_size: int = 111, filter_emb_dim: int = 32,
-                 use_layernorm: bool = True, use_separable_conv: bool = False, **kwargs: Any):
+                 use_layernorm: bool = True, use_separable_conv: bool = False, filter_sin_init: float = 1.0,
+                 filter_decay_scale: float = 1.0, filter_output_gain: float = 1.0, **kwargs: Any):
         super().__init__()
         self.dim, self.use_layernorm, self.use_separable_conv = dim, use_layernorm, use_separable_conv
         self.pointwise_conv = nn.Conv2d(dim, 3 * dim, 1)
@@ -36,7 +39,8 @@ class HyenaPixelMixer(nn.Module):
             self.long_horizontal_conv = nn.Conv2d(dim, dim, (long_kernel_size, 1), padding=(pad, 0), groups=dim)
             self.long_vertical_conv = nn.Conv2d(dim, dim, (1, long_kernel_size), padding=(0, pad), groups=dim)
         else:
-            self.long_conv = HyenaPixelFilter(dim, long_kernel_size, filter_emb_dim)
+            self.long_conv = HyenaPixelFilter(dim, long_kernel_size, filter_emb_dim, sin_init=filter_sin_init,
+                                              decay_scale=filter_decay_scale, output_gain=filter_output_gain)
         if use_layernorm:
             self.qk_norm = LayerNorm2dNoBias(dim, eps=MIXER_NORM_EPS)
             self.out_norm = LayerNorm2dNoBias(dim, eps=MIXER_NORM_EPS)
