@@ -108,6 +108,15 @@ def test_global_proxy_needs_its_long_kernels(trained):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def test_cli_defaults_are_the_demo_settings():
+    """The CLI spells its step defaults out (importing DemoSettings would import torch for ``--help``)."""
+    import inspect
+    from hpx_analysis_cli.demo_cmd import demo
+    parameters = inspect.signature(demo).parameters
+    assert parameters["global_steps"].default == DEFAULTS.global_steps
+    assert parameters["local_steps"].default == DEFAULTS.local_steps
+
+
 def test_deleted_mass_on_marks():
     maps = np.zeros((2, 4, 4))
     marks = np.zeros((2, 4, 4), bool)

@@ -3,10 +3,11 @@
 The demo checks these answers on a proxy whose long kernels are learned (``test_demo``); here the
 answer is fixed by construction instead, so a failure points at the analyzers and not at training: a
 one-stage HyenaPixel model (16 x 16 tokens, 5x5 short convs, so the short path sees at most 23 px, less
-than the >= 32 px between the two marks) whose every long kernel is
-a horizontal line, ``K[c, 0, dx] = 1`` for dx != 0 and 0 elsewhere. Summed along a row, each mark
-sees the other one exactly when they share a row: the long filter is the only path that relates them.
-The rest of the model is trained on same-row (300 steps, about 20 s on 2 cores) and solves it; the analyzers must then find that
+than the >= 32 px between the two marks) whose every long kernel is a horizontal line,
+``K[c, 0, dx] = 1`` for dx != 0 and 0 elsewhere. Summed along a row, each mark sees the other one
+exactly when they share a row: the long filter is the only path that relates them. The rest of the
+model is trained on same-row (300 steps, about 20 s on 2 cores) and solves it; the analyzers must then
+find that
 
 - cutting the long kernels to their centre tap (r = 0) leaves chance, and keeping every tap changes
   nothing (the truncation sweep, as ``hpx-analyze truncate`` runs it, and ``truncate_kernels``);

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..images import model_mean_std, normalise
 from ..models.proxies import PROXY_NAMES
-from .tasks import BACKGROUND, IMAGE_SIZE, TASKS, sample_task
+from .tasks import IMAGE_SIZE, TASKS, sample_task
 from .training import EVAL_SEED_OFFSET, TrainingConfig, load_or_train, task_accuracy
 
 GLOBAL_TASK, LOCAL_TASK = "same-row", "stripes"
@@ -40,14 +40,13 @@ class DemoSettings:
     seed: int = 0
 
 
-def write_task_folder(task: str, count: int, seed: int, root: Path, background: float = BACKGROUND) -> Path:
+def write_task_folder(task: str, count: int, seed: int, root: Path) -> Path:
     """Held-out images of ``task`` as PNGs in an ImageFolder tree (class folders ``0_<name>``, ``1_<name>``)."""
     from PIL import Image
-    grey = "" if background == BACKGROUND else f"_bg{background:g}"
-    folder = root / f"{task}_eval_{count}_{seed}{grey}"
+    folder = root / f"{task}_eval_{count}_{seed}"
     if folder.is_dir() and sum(1 for _ in folder.rglob("*.png")) == count:
         return folder
-    batch = sample_task(task, count, EVAL_SEED_OFFSET + seed, background)
+    batch = sample_task(task, count, EVAL_SEED_OFFSET + seed)
     pixels = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for index, (image, label) in enumerate(zip(pixels, batch.labels.tolist())):
         target = folder / f"{label}_{TASKS[task].classes[label]}"

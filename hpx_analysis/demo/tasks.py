@@ -1,7 +1,7 @@
 """Synthetic 64 px proxy tasks, generated on the fly from a seed, with the answer known per image.
 
-Every image shows two white square marks on a grey, slightly noisy background, their left edges at least ``MIN_GAP``
-pixels apart horizontally. Marks sit on the ``GRID``-pixel grid of the proxies' stride-4 tokens, so each
+Every image shows two white square marks on a grey, slightly noisy background, their left edges at
+least ``MIN_GAP`` pixels apart horizontally. Marks sit on the ``GRID``-pixel grid of the proxies' stride-4 tokens, so each
 covers exactly 2 x 2 tokens. The grey is the models' normalisation mean, so background tokens start
 near zero; on a noise-free image it is also what FGVis deletes towards, so all the information there is
 lies in the marks:
@@ -85,10 +85,9 @@ def _boxes(rows: Tensor, columns: Tensor) -> Tensor:
     return inside
 
 
-def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND,
-                noise_std: float = NOISE_STD) -> TaskBatch:
+def sample_task(task: str, count: int, seed: int, noise_std: float = NOISE_STD) -> TaskBatch:
     """``count`` images of ``task`` (see :data:`TASKS`), the same for the same seed; balanced labels in
-    random order. ``background``: grey level of the background, ``noise_std``: its Gaussian noise."""
+    random order. ``noise_std``: the background's Gaussian noise."""
     if task not in TASKS:
         raise ValueError(f"unknown proxy task '{task}'; known: {', '.join(TASKS)}")
     generator = torch.Generator().manual_seed(seed)
@@ -96,12 +95,12 @@ def sample_task(task: str, count: int, seed: int, background: float = BACKGROUND
     same_row = labels.bool() if task == "same-row" else torch.rand(count, generator=generator) < 0.5
     rows, columns = _mark_positions(count, generator, same_row)
     marks = _boxes(rows, columns)
-    images = background + noise_std * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    images = BACKGROUND + noise_std * torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     value = torch.full((count, IMAGE_SIZE, IMAGE_SIZE), MARK_VALUE)
     if task == "stripes":
         grid = torch.arange(IMAGE_SIZE)
         horizontal = (grid[:, None] % 2 == 0).expand(IMAGE_SIZE, IMAGE_SIZE)
         stripes = torch.where(labels.bool()[:, None, None], horizontal.T, horizontal)
-        value = torch.where(stripes, MARK_VALUE, background)
+        value = torch.where(stripes, MARK_VALUE, BACKGROUND)
     images = torch.where(marks[:, None], value[:, None], images).clamp(0, 1)
     return TaskBatch(images=images, labels=labels, marks=marks)

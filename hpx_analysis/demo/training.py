@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import HpxError
 from ..images import model_mean_std, normalise
 from ..models.proxies import PROXY_NAMES
-from .tasks import BACKGROUND, TASKS, sample_task
+from .tasks import TASKS, sample_task
 
 EVAL_SEED_OFFSET = 1_000_000  # held-out images come from seeds no training batch uses
 
@@ -48,10 +48,9 @@ class TrainingConfig:
 
 
 @torch.no_grad()
-def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size: int = 256,
-                  background: float = BACKGROUND) -> float:
+def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``count`` held-out images of ``task`` (seed offset from training)."""
-    batch = sample_task(task, count, EVAL_SEED_OFFSET + seed, background)
+    batch = sample_task(task, count, EVAL_SEED_OFFSET + seed)
     mean, std = model_mean_std(model)
     inputs = normalise(batch.images, mean, std)
     device = next(model.parameters()).device
@@ -62,8 +61,7 @@ def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size
     return correct / count
 
 
-def fit_on_task(model: nn.Module, config: TrainingConfig, background: float = BACKGROUND, desc: str = "train",
-                progress: bool = True) -> List[float]:
+def fit_on_task(model: nn.Module, config: TrainingConfig, desc: str = "train", progress: bool = True) -> List[float]:
     """Train ``model`` in place on freshly generated batches of ``config.task`` (``config``'s steps, batch
     size, AdamW settings and seed; ``config.model`` is not used); leaves it in eval mode. Returns the
     per-step losses."""
@@ -75,7 +73,7 @@ def fit_on_task(model: nn.Module, config: TrainingConfig, background: float = BA
     losses: List[float] = []
     bar = tqdm(range(config.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
-        batch = sample_task(config.task, config.batch_size, config.seed * 10_000_000 + step, background)
+        batch = sample_task(config.task, config.batch_size, config.seed * 10_000_000 + step)
         loss = F.cross_entropy(model(normalise(batch.images, mean, std)), batch.labels)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
