@@ -95,13 +95,19 @@ def test_erf_of_the_global_proxy_is_larger(trained):
 
 
 def test_global_proxy_needs_its_long_kernels(trained):
-    """Cutting the trained proxy's long kernels to their centre tap leaves chance; cutting the 5x5 short
-    kernels instead is undone exactly on exit."""
+    """Cutting the trained proxy's long kernels to their centre tap leaves chance, keeping every tap changes
+    nothing; cutting the 5x5 short kernels instead is undone exactly on exit."""
     from hpx_analysis.analyzers.truncation import truncate_kernels
+    from hpx_analysis.images import model_mean_std, normalise
     _, runs = trained
     model = runs[HPX_PROXY, GLOBAL_TASK][0]
+    inputs = normalise(sample_task(GLOBAL_TASK, 256, seed=9).images, *model_mean_std(model))
+    logits = model(inputs)
     with truncate_kernels(model, stages=[0], size=0.0, input_size=IMAGE_SIZE):
         assert abs(task_accuracy(model, GLOBAL_TASK, 512, 0) - 0.5) <= 0.1
+    # every tap: the disc's corner taps lie at 15 * sqrt(2) / 8 = 2.65 half feature maps (r = 2 keeps 793 of 961)
+    with truncate_kernels(model, stages=[0], size=3.0, input_size=IMAGE_SIZE):
+        torch.testing.assert_close(model(inputs), logits)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with short_convs_cut(model, [0]):
         assert model.stages[0].blocks[0].token_mixer.depthwise_conv.weight[..., 0, 0].abs().max() == 0
