@@ -6,6 +6,7 @@ User errors (:class:`hpx_analysis.errors.HpxError`) print one line and exit with
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -15,6 +16,8 @@ from typing_extensions import Annotated
 from . import coverage_cmd, erf_cmd, inspect_cmd, kernels_cmd, models_cmd
 from . import truncate_cmd
 from . import demo_cmd, explain_cmd
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # the CLI writes figures to files; the library leaves the backend alone
 
 app = typer.Typer(
     name="hpx-analyze",

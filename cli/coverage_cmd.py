@@ -25,7 +25,8 @@ def coverage(
     out: Out = DEFAULT_OUT,
     seed: Seed = DEFAULT_SEED,
 ) -> None:
-    """Relative coverage (window diameter / F) of every block of each model: figure, CSV and JSON."""
+    """Relative coverage (window extent in taps / F, as k / F for a k x k conv) of every block of each model:
+    figure, CSV and JSON."""
     from tqdm import tqdm
 
     from hpx_analysis.analyzers.coverage import compute_coverage, write_table

@@ -28,8 +28,10 @@ def erf(
                       "tree; default: scikit-image's bundled photographs.")] = None,
     num_images: Annotated[int, typer.Option("--num-images", help="Images to sample (sorted, seeded, spread "
                           "over class subfolders).")] = 50,
-    size: Annotated[int, typer.Option("--size", help="Input resolution in px (images resized bicubic, "
-                    "no crop).")] = 1024,
+    size: Annotated[Optional[int], typer.Option("--size", help="Input resolution in px. replknet: images "
+                    "resized bicubic to size x size, no crop (default 1024). kim2023: the model's timm eval "
+                    "transform (shorter side resized by crop_pct, centre crop) at its pretrained input size, "
+                    "or at --size when given.")] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="Output: stage number 1-4 or a module path "
                      "(default: last stage, before the final norm and head).")] = None,
     convention: Annotated[str, typer.Option("--convention", help="replknet (paper) or kim2023.")] = "replknet",
@@ -46,7 +48,8 @@ def erf(
     seed: options.Seed = options.DEFAULT_SEED,
 ) -> None:
     """Effective receptive field (mean input gradient of the centre output) per model, with the
-    high-contribution area ratios; writes erf_<models>.pdf/.png and the maps as .npz + .json.
+    high-contribution area ratios (kim2023: OpenERF's Gaussian fit and radial masses, in px and relative
+    to the input side); writes erf_<models>.pdf/.png and the maps as .npz + .json.
     Partial sums are kept in --out, so an interrupted run resumes when rerun with the same options."""
     from hpx_analysis.analyzers.erf import ERFResult, effective_receptive_field
     from hpx_analysis.errors import HpxError
@@ -82,5 +85,9 @@ def erf(
         ratios = ", ".join(f"t={t}: {'n/a' if v is None else f'{v:.4f}'}" for t, v in entry["area_ratios"].items())
         typer.echo(f"{entry['label']}: {entry['images_used']} images used, "
                    f"{entry['images_skipped_nonfinite']} skipped (non-finite); area ratio {ratios}")
+        fit = entry.get("gaussian") or {}
+        if fit.get("r2") is not None:
+            typer.echo(f"  Gaussian fit (OpenERF): sigma_x {fit['sigma_x']:.2f} px ({fit['sigma_x_rel']:.4f} of W), "
+                       f"sigma_y {fit['sigma_y']:.2f} px ({fit['sigma_y_rel']:.4f} of H), R^2 {fit['r2']:.4f}")
     for path in written:
         typer.echo(f"wrote {path}")

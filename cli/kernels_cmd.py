@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,13 @@ from typing_extensions import Annotated
 
 from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Model, Out, Seed,
                       Weights)
+
+
+class Orientation(str, Enum):
+    """Panel layout, the same for 2D and 1D layers (hpx_analysis.analyzers.kernels.ORIENTATIONS)."""
+
+    kernel = "kernel"
+    response = "response"
 
 
 def register(app: typer.Typer) -> None:
@@ -38,6 +46,10 @@ def kernels(
                                                        "0.0,1.2 (0.0 is the paper's S1 B1). Default: all.")] = None,
     position: Annotated[Optional[str], typer.Option(help="Evaluation pixel ROW,COL of the 1D (Hyena) wrap-around; "
                                                          "default the centre-most pixel.")] = None,
+    orientation: Annotated[Orientation, typer.Option(help="kernel: the kernel array, tap c+d drawn at p+d (as the "
+                                                          "paper's Fig. 11); response: the weight each input pixel "
+                                                          "gets at the evaluation pixel p (tap c+d at p-d; 2D: the "
+                                                          "kernel point-reflected).")] = Orientation.kernel,
     input_size: InputSize = None,
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
@@ -53,7 +65,8 @@ def kernels(
     chosen_reduction = int(reduction) if reduction.lstrip("-").isdigit() else reduction
     net = load_model(model, weights, seed=seed, device=resolve_device(device))
     result = compute_kernels(net, reduction=chosen_reduction, normalisation=normalise, layers=parse_layers(layers),
-                             top_k=top_k, position=_pair(position, "--position"), input_size=input_size)
+                             top_k=top_k, position=_pair(position, "--position"), input_size=input_size,
+                             orientation=orientation.value)
     stem = Path(out) / f"kernels_{model_label(model)}"
     result.save(stem)
     written = save_figure(plot_kernels(result), stem, metadata=result.meta)

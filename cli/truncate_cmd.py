@@ -15,9 +15,11 @@ def register(app: typer.Typer) -> None:
     app.command("truncate")(truncate)
 
 
-def parse_sizes(text: str) -> List[float]:
-    """``start:stop:step`` (stop included) or a comma-separated list of relative sizes."""
+def parse_sizes(text: Optional[str]) -> Optional[List[float]]:
+    """``start:stop:step`` (stop included) or a comma-separated list of relative sizes; None for the default."""
     from hpx_analysis.errors import HpxError
+    if text is None:
+        return None
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
@@ -50,9 +52,18 @@ def truncate(
     stage: Annotated[List[str], typer.Option("--stage", help="Stage to truncate, numbered 1-4 as in the paper; "
                                              "repeat for several; 'all' (default): every stage with long "
                                              "filters, one curve each.")] = ["all"],
-    sizes: Annotated[str, typer.Option("--sizes", help="Relative filter sizes r: 'start:stop:step' or "
-                                       "'0,0.5,1'. Taps farther than r*F/2 from the centre are zeroed.")] = "0:2:0.1",
+    sizes: Annotated[Optional[str], typer.Option("--sizes", help="Relative filter sizes r: 'start:stop:step' or "
+                                                 "'0,0.5,1'. Taps farther than r*F/2 from the centre are zeroed. "
+                                                 "Default: 0 to the smallest r that keeps every tap of the swept "
+                                                 "stages in steps of 0.1, that r being the last point (the "
+                                                 "untruncated model; 2.78 for hpx_former_s18 at 224 px).",
+                                                 show_default=False)] = None,
     shape: Annotated[str, typer.Option("--shape", help="Kept region: 'disc' or a centred 'square'.")] = "disc",
+    hb_cut: Annotated[str, typer.Option("--hb-cut", help="Cut of Hyena 1D (Hb) layers: 'wrap' keeps the offsets "
+                                        "whose nearest 2D displacement on the flattened map lies in the disc or "
+                                        "square (the 2D cut at pixels at least r*F/2 from the left and right "
+                                        "edges); 'offset' keeps |offset| <= r*L/2 on the sequence of L = H*W "
+                                        "(full-width rows; disc only).")] = "wrap",
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels of a flat --data folder: CSV "
                                                    "'filename,label' (class index or ImageNet WordNet id; Kaggle's "
                                                    "LOC_val_solution.csv works), one label per line in sorted file "
@@ -88,9 +99,10 @@ def truncate(
     target, rank, world = distributed_setup(resolve_device(device))
     samples = stratified_subset(labelled_images(data, labels), limit, seed)
     net = load_model(model, weights, seed=seed, device=target)
-    result = truncation_sweep(net, samples, parse_stages(stage), parse_sizes(sizes), shape, batch_size=batch_size,
-                              image_size=image_size, cache_dir=Path(out) / "truncate_cache" if resume else None,
-                              strict=strict, workers=workers, n_resamples=bootstrap, seed=seed)
+    result = truncation_sweep(net, samples, parse_stages(stage), parse_sizes(sizes), shape, hb_cut=hb_cut,
+                              batch_size=batch_size, image_size=image_size,
+                              cache_dir=Path(out) / "truncate_cache" if resume else None, strict=strict,
+                              workers=workers, n_resamples=bootstrap, seed=seed)
     if world > 1:
         import torch.distributed
 

@@ -134,7 +134,11 @@ def _read_devkit(labels: Path) -> Optional[Tuple[str, bytes]]:
 
 
 def _devkit_labels(ground_truth: str, meta: bytes, source: Path) -> List[str]:
-    """The devkit's per-image ids (1-1000, in validation file order) as WordNet ids via ``meta.mat``."""
+    """The devkit's per-image ids (1-1000, in validation file order) as WordNet ids via ``meta.mat``.
+
+    torchvision reads the same two files, but only inside ``parse_devkit_archive``, which accepts
+    nothing but the official archive (MD5-checked) and writes its ``meta.bin`` beside it.
+    """
     from scipy.io import loadmat
     try:
         synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]

@@ -26,7 +26,6 @@ SEPARABLE_LONG_CONV = "separable_long_conv"
 ATTENTION = "attention"
 LOCAL_CONV = "local_conv"
 OTHER = "other"
-KINDS = (HYENAPIXEL_2D, HYENA_1D, SEPARABLE_LONG_CONV, ATTENTION, LOCAL_CONV, OTHER)
 
 
 @dataclass
@@ -234,13 +233,6 @@ def modify_kernels(model: nn.Module, modifier: Callable[[Tensor, MixerInfo], Ten
     finally:
         for filt, old in previous:
             filt.kernel_modifier = old
-
-
-def clear_kernel_caches(model: nn.Module) -> None:
-    """Drop every cached kernel FFT (they are rebuilt on the next forward)."""
-    for module in model.modules():
-        if isinstance(module, LongFilterBase):
-            module.fft_cache.clear()
 
 
 def feature_layer(model: nn.Module) -> str:

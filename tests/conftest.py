@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Dict, Mapping
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 TINY = GOLDEN / "tiny"
@@ -42,7 +45,21 @@ def tiny_config() -> callable:
     return lambda name: str(TINY / f"{name}.json")
 
 
-@pytest.fixture
-def tiny_weights() -> callable:
-    """tiny_weights(name) -> path of the golden tiny checkpoint (.safetensors, weights under state_dict.)."""
-    return lambda name: str(TINY / f"{name}.safetensors")
+def golden_state_dict(golden: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The reference weights of a golden tiny file, which keeps them under ``state_dict.`` beside its
+    inputs, outputs and kernels."""
+    prefix = "state_dict."
+    return {key[len(prefix):]: value for key, value in golden.items() if key.startswith(prefix)}
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> callable:
+    """tiny_weights(name) -> path of a checkpoint (.safetensors) holding just the golden tiny model's weights."""
+    folder = tmp_path_factory.mktemp("tiny_weights")
+
+    def path(name: str) -> str:
+        checkpoint = folder / f"{name}.safetensors"
+        if not checkpoint.exists():
+            save_file(golden_state_dict(load_file(str(TINY / f"{name}.safetensors"))), str(checkpoint))
+        return str(checkpoint)
+    return path

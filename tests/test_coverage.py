@@ -15,6 +15,7 @@ from hpx_analysis.analyzers.coverage import (CoverageResult, compute_coverage, w
                                              window_diameter_2d)
 from hpx_analysis.errors import HpxError
 from hpx_analysis.inspection import window, window_parameters
+from hpx_analysis.models.hyenapixel import HyenaPixelFormer
 from hpx_analysis.models.long_filters import HyenaFilter1D, HyenaPixelFilter
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
@@ -35,8 +36,26 @@ def test_hyenapixel_window_diameter_is_analytic(radius, shift):
         filt.deltas.fill_(delta)
         filt.shift.fill_(shift)
     diameters = window_diameter_2d(window(filt), window_parameters(filt)["distance"], threshold)
-    expected = 2 * largest_tap_distance(radius, size // 2)
+    expected = 2 * largest_tap_distance(radius, size // 2) + 1  # in taps: radius 0.5 keeps the centre tap, 1
     np.testing.assert_allclose(diameters.numpy(), [expected, expected], rtol=1e-6)
+
+
+def test_window_kept_on_seven_taps_covers_like_a_seven_by_seven_conv():
+    """At F = 7 (28 px) a 13-tap window kept on distances <= 3, i.e. 7 taps across, gives 7 / 7 = 1.0,
+    as the 7 x 7 convolution of a ConvFormer block does (a centre-to-centre diameter would give 6 / 7)."""
+    torch.manual_seed(0)
+    hyena = HyenaPixelFormer([{"type": "hpx", "long_kernel_size": 13, "filter_emb_dim": 4}], depths=(1,),
+                             dims=(8,), num_classes=2)
+    for module in hyena.modules():
+        if isinstance(module, HyenaPixelFilter):
+            with torch.no_grad():   # w(3) = 0.05^(3 / 3.1) >= 0.05 > w(sqrt(10)), the next tap distance
+                module.deltas.fill_(math.log(1 / 0.05) / 3.1)
+                module.shift.fill_(0.0)
+    conv = HyenaPixelFormer([{"type": "sepconv"}], depths=(1,), dims=(8,), num_classes=2)
+    for model, kind in ((hyena, "hyenapixel_2d"), (conv, "local_conv")):
+        result = compute_coverage(model, input_size=28)
+        assert result.layers[0]["kind"] == kind and result.arrays["feature_side"].tolist() == [7]
+        np.testing.assert_allclose(result.arrays["channels_0"], 1.0, rtol=1e-6)
 
 
 def test_window_falling_only_in_the_corners_covers_the_kernel_extent():
@@ -52,13 +71,15 @@ def test_hyena_window_coverage_is_analytic():
     reach = torch.tensor([10.5, 40.2, 200.0])       # in taps; the last never falls below within 99 taps
     with torch.no_grad():   # t = |offset| / (L - 1)
         filt.modulation.deltas.copy_((math.log(1 / threshold) * (length - 1) / reach).view(1, 1, 3))
-    coverage = window_coverage_1d(window(filt), filt.centre[0], length, threshold)
-    np.testing.assert_allclose(coverage.numpy(), [2 * 10 / length, 2 * 40 / length, (2 * length - 1) / length],
+    coverage = window_coverage_1d(window(filt), length, threshold)
+    # extent in taps: 2 * reach + 1, all 2L - 1 taps for the full window
+    np.testing.assert_allclose(coverage.numpy(), [21 / length, 81 / length, (2 * length - 1) / length], rtol=1e-6)
+    causal = HyenaFilter1D(channels=2, seq_len=length, emb_dim=5, hidden=8, causal=True)
+    with torch.no_grad():   # reach + 1 taps; a full causal window covers the L taps, 1
+        causal.modulation.deltas.copy_((math.log(1 / threshold) * (length - 1) / torch.tensor([30.5, 200.0]))
+                                       .view(1, 1, 2))
+    np.testing.assert_allclose(window_coverage_1d(window(causal), length, threshold).numpy(), [31 / length, 1.0],
                                rtol=1e-6)
-    causal = HyenaFilter1D(channels=1, seq_len=length, emb_dim=5, hidden=8, causal=True)
-    with torch.no_grad():
-        causal.modulation.deltas.fill_(math.log(1 / threshold) * (length - 1) / 30.5)
-    assert window_coverage_1d(window(causal), 0, length, threshold).item() == pytest.approx(30 / length)
 
 
 def test_model_whose_shift_exceeds_the_threshold_covers_its_whole_kernel(tiny_config, tiny_weights):

@@ -1,4 +1,5 @@
-"""ERF analyzer: known answers on linear toy models, metrics on constructed maps, resume, CLI end to end."""
+"""ERF analyzer: known answers on linear toy models, metrics on constructed maps (kim2023: OpenERF's
+definitions), preprocessing per convention, resume, CLI end to end."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import least_squares, minimize_scalar
 from scipy.signal import convolve2d
 from torch import nn
 from typer.testing import CliRunner
 
-from hpx_analysis.analyzers.erf import (ERFResult, area_ratios, display_map, effective_receptive_field,
-                                        gaussian_fit, radial_mass, resolve_output_layer)
+from hpx_analysis.analyzers.erf import (OPENERF_RADII, ERFResult, area_ratios, display_map,
+                                        effective_receptive_field, gaussian_fit, mass_within, radial_mass,
+                                        radial_mass_summary, resolve_output_layer)
 from hpx_analysis.errors import HpxError
+from hpx_analysis.images import read_rgb, sample_images
 from hpx_analysis.inspection import kernel
 from hpx_analysis.models.long_filters import HyenaPixelFilter
 from hpx_analysis.models.zoo import load_model
@@ -104,6 +108,124 @@ def test_radial_mass_of_isotropic_gaussian_matches_rayleigh() -> None:
     mass = radial_mass(np.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2)))
     for radius in (6, 12, 18):
         assert mass[radius] == pytest.approx(1 - np.exp(-radius ** 2 / (2 * sigma ** 2)), abs=0.03)
+
+
+def _unit_gaussian(xx: np.ndarray, yy: np.ndarray, amp: float, xc: float, yc: float, sx: float,
+                   sy: float) -> np.ndarray:
+    """OpenERF's fit model (openerf/fit.py): amp times the unit-volume axis-aligned 2D Gaussian."""
+    return amp * np.exp(-(xx - xc) ** 2 / (2 * sx ** 2) - (yy - yc) ** 2 / (2 * sy ** 2)) / (2 * np.pi * sx * sy)
+
+
+def test_gaussian_fit_follows_openerf_on_noisy_anisotropic_gaussian() -> None:
+    height, width = 41, 53  # non-square: sigma_x / W and sigma_y / H must not swap
+    yy, xx = np.indices((height, width), dtype=np.float64)
+    floor = np.random.default_rng(0).uniform(0, 0.15, (height, width))  # relu'd noise: positive floor
+    erf = np.exp(-0.5 * (((xx - 27.3) / 4.0) ** 2 + ((yy - 18.6) / 7.5) ** 2)) + floor
+    data = erf / erf.sum()  # OpenERF fits the map normalised to sum 1
+
+    # expected: the least-squares optimum of OpenERF's model (interior here, so unbounded
+    # Levenberg-Marquardt from the true parameters finds it) and OpenERF's R^2 = 1 - var(res) / var(map)
+    optimum = least_squares(lambda p: (_unit_gaussian(xx, yy, *p) - data).ravel(), x0=[1.0, 27.3, 18.6, 4.0, 7.5],
+                            method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15).x
+    residual = data - _unit_gaussian(xx, yy, *optimum)
+    expected_r2 = 1 - residual.var() / data.var()
+    sum_of_squares_r2 = 1 - (residual ** 2).sum() / ((data - data.mean()) ** 2).sum()
+    assert expected_r2 - sum_of_squares_r2 > 0.03  # the residual's mean (the floor) separates the two
+
+    fit = gaussian_fit(erf)
+    assert fit["r2"] == pytest.approx(expected_r2, abs=1e-7)  # R^2 moves ~1e-8 within the optimum's flat valley
+    for key, value in zip(("sigma_x", "sigma_y", "x0", "y0", "amplitude"), optimum[[3, 4, 1, 2, 0]]):
+        assert fit[key] == pytest.approx(value, rel=1e-6), key
+    assert fit["sigma_x_rel"] == pytest.approx(optimum[3] / width, rel=1e-6)
+    assert fit["sigma_y_rel"] == pytest.approx(optimum[4] / height, rel=1e-6)
+
+
+def test_gaussian_fit_keeps_the_centre_inside_openerf_bounds() -> None:
+    yy, xx = np.indices((40, 40), dtype=np.float64)
+    erf = np.exp(-0.5 * (((xx + 6) / 5.0) ** 2 + ((yy - 20) / 5.0) ** 2))  # true centre 6 px left of the image
+    fit = gaussian_fit(erf)
+    assert fit["x0"] == pytest.approx(0.0, abs=1e-6)  # bound 0 <= xc; an unbounded fit recovers -6
+    # separable map and model: the y profile is fitted exactly; the x profile is the best centred
+    # half-Gaussian c * exp(-x^2 / (2 s^2)) for exp(-(x + 6)^2 / 50), c solved in closed form
+    profile, x = np.exp(-0.5 * ((np.arange(40) + 6) / 5.0) ** 2), np.arange(40.0)
+
+    def misfit(s: float) -> float:
+        shape = np.exp(-x ** 2 / (2 * s ** 2))
+        return ((profile - shape * (shape @ profile) / (shape @ shape)) ** 2).sum()
+
+    best = minimize_scalar(misfit, bounds=(0.5, 20), method="bounded", options={"xatol": 1e-10}).x
+    assert fit["sigma_x"] == pytest.approx(best, rel=1e-5)
+    assert (fit["y0"], fit["sigma_y"]) == (pytest.approx(20.0, abs=1e-6), pytest.approx(5.0, rel=1e-6))
+
+
+def test_radial_mass_counts_pixels_at_distance_at_most_r() -> None:
+    erf = np.zeros((31, 31))
+    erf[15 + 3, 15 + 4] = 1.0  # distance 5 from the centre pixel (15, 15)
+    erf[15 - 6, 15 + 8] = 3.0  # distance 10
+    np.testing.assert_allclose(mass_within(erf, [4.99, 5, 9.99, 10]), [0, 0.25, 0.25, 1])
+    np.testing.assert_allclose(radial_mass(erf)[[4, 5, 9, 10]], [0, 0.25, 0.25, 1])
+    summary = radial_mass_summary(erf)
+    assert list(summary["px"]) == [str(r) for r in OPENERF_RADII] and summary["px"]["5"] == 0.25
+    assert summary["relative"]["0.25"] == 0.25  # 0.25 * 31 = 7.75 px
+    assert summary["relative"]["0.5"] == 1.0  # 15.5 px
+
+
+class _CentreTokens(nn.Module):
+    """4x4 patches -> (B, 1 + N, C) tokens behind a class token (a minimal ViT front end)."""
+
+    def __init__(self, with_attribute: bool) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(3, 2, 4, stride=4, bias=False)
+        nn.init.ones_(self.patches.weight)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 2))
+        if with_attribute:
+            self.num_prefix_tokens = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
+
+
+@pytest.mark.parametrize(("side", "first"), [(16, 4), (20, 8)])  # 4x4 grid: token (1, 1); 5x5: (2, 2)
+@pytest.mark.parametrize("with_attribute", [True, False])
+def test_kim_token_centre_is_upper_left_of_the_central_patches(side: int, first: int, with_attribute: bool) -> None:
+    model = _CentreTokens(with_attribute).eval()
+    result = effective_receptive_field(model, torch.randn(1, 3, side, side), layer="", convention="kim2023",
+                                       progress=False)
+    expected = np.zeros((side, side))
+    expected[first:first + 4, first:first + 4] = 1 / 16
+    np.testing.assert_allclose(result.arrays["maps"][0], expected, atol=1e-12)
+
+
+def test_kim_inputs_are_the_models_eval_transform(tiny_config, tiny_weights) -> None:
+    from timm.data import create_transform, resolve_model_data_config
+
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 48, 48), "crop_pct": 0.875}
+    chelsea = [s for s in sample_images() if s.name == "chelsea"]  # 300 x 451: the crop matters
+    image = read_rgb(chelsea[0])
+    for size, side in ((None, 48), (40, 40)):
+        result = effective_receptive_field(model, chelsea, input_size=size, convention="kim2023", progress=False)
+        assert result.arrays["maps"].shape == (1, side, side)
+        options = result.meta["options"]
+        assert options["input_size"] == [side, side] and options["size_override"] == size
+        assert "CenterCrop" in options["transform"]
+        config = {**resolve_model_data_config(model), **({"input_size": (3, size, size)} if size else {})}
+        prepared = create_transform(**config, is_training=False)(image)[None]  # OpenERF's preprocessing
+        reference = effective_receptive_field(model, prepared, convention="kim2023", progress=False)
+        np.testing.assert_allclose(result.arrays["maps"], reference.arrays["maps"], rtol=1e-6, atol=1e-12)
+
+
+def test_replknet_default_stays_1024_px_without_crop() -> None:
+    conv = nn.Conv2d(3, 1, 3, padding=1, bias=False).eval()
+    nn.init.ones_(conv.weight)
+    chelsea = [s for s in sample_images() if s.name == "chelsea"]
+    result = effective_receptive_field(conv, chelsea, layer="", progress=False)
+    assert result.arrays["maps"].shape == (1, 1024, 1024) and result.meta["options"]["size_override"] is None
+    assert "no crop" in result.meta["options"]["transform"]
+    np.testing.assert_allclose(result.arrays["maps"][0], 3 * _placed(np.ones((3, 3)), (1024, 1024)))
+    with pytest.raises(HpxError):
+        effective_receptive_field(conv, chelsea, input_size=0, layer="", progress=False)
 
 
 def test_area_ratios_of_uniform_maps() -> None:
@@ -210,13 +332,20 @@ def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -
     runner = CliRunner()
     base = ["erf", "-m", tiny_config("tiny_hb"), "-w", tiny_weights("tiny_hb"), "--size", "64", "--num-images", "1",
             "--device", "cpu", "-o", str(tmp_path)]
-    outcome = runner.invoke(app, base + ["--convention", "kim2023", "--layer", "3"])
+    without_size = [arg for arg in base if arg not in ("--size", "64")]
+    outcome = runner.invoke(app, without_size + ["--convention", "kim2023", "--layer", "3"])
     assert outcome.exit_code == 0, outcome.output
     meta = json.loads((tmp_path / "erf_tiny_hb.json").read_text())
     assert meta["convention"] == "kim2023" and meta["models"][0]["layer"] == "stages.2"
-    assert set(meta["models"][0]["gaussian"]) == {"x0", "y0", "sigma_x", "sigma_y", "r2"}
+    assert meta["options"]["input_size"] == [64, 64] and meta["options"]["size_override"] is None  # pretrained size
+    assert set(meta["models"][0]["gaussian"]) == {"amplitude", "x0", "y0", "sigma_x", "sigma_y", "sigma_x_rel",
+                                                  "sigma_y_rel", "r2"}
+    assert set(meta["models"][0]["radial_mass"]) == {"px", "relative"}
+    assert "Gaussian fit (OpenERF)" in outcome.output
     bad = runner.invoke(app, base + ["--convention", "gaussian"])
     assert isinstance(bad.exception, HpxError) and "convention" in str(bad.exception)
+    bad_size = runner.invoke(app, without_size + ["--size", "0"])
+    assert isinstance(bad_size.exception, HpxError) and "--size" in str(bad_size.exception)
 
 
 def test_bf16_autocast_approximates_float32(tiny_config, tiny_weights) -> None:

@@ -13,8 +13,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from hpx_analysis.analyzers.attribution import attribute, reference_image, to_rgb
-from hpx_analysis.analyzers.fgvis import (FgvisSettings, NoiseStreams, activation_bounds, activation_modules,
-                                         fgvis)
+from hpx_analysis.analyzers.fgvis import (ALL_ACTIVATIONS, FgvisSettings, NoiseStreams, activation_bounds,
+                                         activation_modules, fgvis)
 from hpx_analysis.analyzers.sanity import cascade_groups, sanity_check
 
 SIZE = 32
@@ -65,18 +65,15 @@ def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
 
 
-def test_activation_modules_cover_timm_nonlinearities(tiny_config, tiny_weights) -> None:
+def test_activation_modules_of_timm_models() -> None:
+    """The ReLU rule (default) finds ResNet's ReLUs and none of ConvNeXt's GELUs; "all" finds the GELUs."""
     import timm
-    from timm.models.metaformer import SquaredReLU, StarReLU
-    from hpx_analysis.models.zoo import load_model
 
-    tiny = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
-    found = dict(activation_modules(tiny))
-    assert {type(m) for m in found.values()} == {StarReLU, SquaredReLU}
-    assert len(found) == 5 and not any(path.endswith("act.relu") for path in found)  # nested ReLU covered by outer
     with torch.device("meta"):
         convnext, resnet = timm.create_model("convnext_atto"), timm.create_model("resnet18")
-    assert {type(m).__name__ for _, m in activation_modules(convnext)} == {"GELU"}
+    assert activation_modules(convnext) == []
+    gelus = activation_modules(convnext, ALL_ACTIVATIONS)
+    assert gelus and {type(m).__name__ for _, m in gelus} == {"GELU"}
     assert len(activation_modules(resnet)) == sum(isinstance(m, nn.ReLU) for m in resnet.modules())
 
 
@@ -88,7 +85,7 @@ def test_bound_rule_zeroes_exactly_outside_the_band() -> None:
     current = clean[rows] + 1.5 * torch.randn(3, 16)
     x = current.clone().requires_grad_()
     (plain,) = torch.autograd.grad(net(x).sum(), x)
-    with activation_bounds(net) as bounds:
+    with activation_bounds(net, ALL_ACTIVATIONS) as bounds:
         with bounds.record():
             net(clean)
         bounds.select(rows)
@@ -106,7 +103,9 @@ def test_fgvis_deletes_the_region_the_class_depends_on_and_saliency_agrees() -> 
     model = RegionModel().eval()
     images = region_images(2)
     assert (model(images).argmax(1) == 0).all()
-    result = fgvis(model, images, settings=FgvisSettings(iterations=60, lambda_tries=2), mean=MEAN, std=STD)
+    settings = FgvisSettings(iterations=60, lambda_tries=2, bound_activations="all")  # bound the GELU too
+    result = fgvis(model, images, settings=settings, mean=MEAN, std=STD)
+    assert result.meta["options"]["bounded_activations"] == 1
     for n, record in enumerate(result.records):
         assert record["success"] and record["final_class"] == 1 and record["original_class"] == 0
         deleted = result.maps[n] >= 0.5 * result.maps[n].max()
@@ -132,6 +131,60 @@ def test_batched_equals_one_at_a_time() -> None:
         np.testing.assert_allclose(single.masks[0], batched.masks[n], atol=1e-5)
         for key in ("lambda", "iterations", "tries", "final_class", "success"):
             assert single.records[0][key] == batched.records[n][key]
+
+
+class RunnerUpModel(nn.Module):
+    """Three classes: logit 0 = 10 (always the top-1), logits 1 and 2 = RegionModel's (class 1 second on
+    region images, overtaken by the constant class 2 once the region is deleted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.region = RegionModel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.region(x)
+        return torch.cat([torch.full_like(scores[:, :1], 10.0), scores], 1)
+
+
+def test_fgvis_for_a_class_below_the_top1_deletes_until_it_loses_its_rank() -> None:
+    """A given target that is not the top-1 (as the sanity check explains on randomised models) stops
+    when it falls one rank, which here needs the region deleted; the top-1 stays class 0 throughout."""
+    model = RunnerUpModel().eval()
+    images = region_images(2)
+    probs = model(images).softmax(-1)
+    assert (probs.argmax(1) == 0).all() and (probs[:, 1] > probs[:, 2]).all()
+    result = fgvis(model, images, target=1, settings=FgvisSettings(iterations=60, lambda_tries=2), mean=MEAN, std=STD)
+    for n, record in enumerate(result.records):
+        assert record["success"] and record["original_rank"] == 1 and record["iterations"] > 0
+        assert record["final_class"] == 0
+        assert iou(result.maps[n] >= 0.5 * result.maps[n].max(), region_mask()) >= 0.5
+
+
+class NoiseSensitiveModel(nn.Module):
+    """Two classes: logit 0 = 1e-3, logit 1 = 100 * variance of the input. A constant image is class 0;
+    noise of std 0.1 alone (variance 0.01, logit 1 near 1) makes it class 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.full_like(x[:, 0, 0, 0], 1e-3), 100 * x.var((1, 2, 3))], 1)
+
+
+def test_flip_by_noise_at_iteration_0_is_not_a_success() -> None:
+    settings = FgvisSettings(iterations=5, reference="mean")
+    result = fgvis(NoiseSensitiveModel(), torch.zeros(2, 3, 8, 8), settings=settings, mean=MEAN, std=STD)
+    for n, record in enumerate(result.records):
+        assert record["flipped_by_noise"] and not record["success"] and "noise" in record["note"]
+        assert record["iterations"] == 0 and record["tries"] == 1  # lambda plays no part at iteration 0
+        assert (result.masks[n] == 1).all()
+
+
+def test_lambda_search_reaches_the_reference_weight() -> None:
+    """spravil/FGVis weighs the mask by 1e-9: the default search 1e-4, 1e-5, ..., 1e-9 is 6 tries, in the CLI too."""
+    import inspect
+    from hpx_analysis_cli import explain_cmd
+
+    settings = FgvisSettings()
+    assert settings.lambda_tries == 6 and settings.lambda_of(settings.lambda_tries - 1) == pytest.approx(1e-9)
+    assert inspect.signature(explain_cmd.explain).parameters["lambda_tries"].default == settings.lambda_tries
 
 
 def test_fgvis_leaves_the_model_unchanged(tiny_config, tiny_weights, tmp_path) -> None:
@@ -181,6 +234,23 @@ def test_sanity_correlation_is_one_for_identical_weights_and_drops_for_random(ti
     assert randomised.correlations[-1].mean() < 0.95
 
 
+def test_sanity_explains_the_trained_class_at_every_step(tiny_config, tiny_weights) -> None:
+    """Without a target every step explains the trained model's top-1, also where the randomised
+    model predicts another class (Adebayo et al. fix the class)."""
+    from hpx_analysis.analyzers.attribution import predict
+    from hpx_analysis.models.zoo import load_model
+
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    fresh = load_model(tiny_config("tiny_hpx"), "random", seed=1)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    trained_classes = predict(model, x).argmax(-1).tolist()
+    assert predict(fresh, x).argmax(-1).tolist() != trained_classes  # the fully randomised model disagrees
+    check = sanity_check(model, x, "saliency", random_model=fresh)
+    assert check.meta["targets"] == [trained_classes] * len(check.steps)
+    fixed = sanity_check(model, x, "saliency", random_model=fresh, target=3)
+    assert fixed.meta["targets"] == [[3] * 4] * len(fixed.steps)
+
+
 def test_noise_stream_of_a_sample_ignores_its_batch() -> None:
     """A sample's noise is the same drawn alone or beside others that stop early, across chunk borders."""
     shape, std = (3, 4, 4), 0.1
@@ -226,6 +296,9 @@ def test_cli_end_to_end(tiny_config, tiny_weights, tmp_path) -> None:
     folder = tmp_path / "explain"
     meta = json.loads((folder / "tiny_hpx_fgvis.json").read_text())
     assert meta["kind"] == "fgvis" and meta["records"][0]["original_class"] == meta["targets"][0]
+    assert meta["options"]["bound_activations"] == "relu" and meta["options"]["bounded_activations"] == 5
+    assert meta["options"]["bound_activation_types"] == ["torch.nn.modules.activation.ReLU",
+                                                         "torch.nn.modules.activation.ReLU6"]
     assert np.load(folder / "tiny_hpx_fgvis.npz")["masks"].shape == (1, 3, 64, 64)
     for suffix in (".pdf", ".png", ".figure.json"):
         assert (folder / f"explain_tiny_hpx_fgvis+gradcam{suffix}").is_file()
@@ -238,3 +311,44 @@ def test_cli_bad_method_is_one_line_error(tmp_path) -> None:
     run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", "explain",
                           "--method", "lime", "-o", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 2 and "unknown method 'lime'" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", "explain",
+                          "--bound-activations", "gelu", "-o", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 2 and "unknown --bound-activations 'gelu'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_centre_crops_with_the_eval_transform(tiny_config, tiny_weights, tmp_path) -> None:
+    """A 64 x 128 image, red in its outer quarters and blue in the middle half: the model's evaluation
+    transform (64 px, crop_pct 1) keeps the middle 64 x 64, all blue; squashing would keep red columns."""
+    from PIL import Image
+    from hpx_analysis_cli.app import app
+
+    pixels = np.zeros((64, 128, 3), np.uint8)
+    pixels[:, :32, 0] = pixels[:, 96:, 0] = 255
+    pixels[:, 32:96, 2] = 255
+    (tmp_path / "images").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "images" / "wide.png")
+    run = CliRunner().invoke(app, ["explain", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"),
+                                   "--method", "saliency", "--images", str(tmp_path / "images"), "--device", "cpu",
+                                   "-o", str(tmp_path)])
+    assert run.exit_code == 0, run.output
+    inputs = np.load(tmp_path / "explain" / "tiny_hpx_saliency.npz")["inputs"]
+    assert inputs.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(inputs[0], np.broadcast_to(np.array([0, 0, 1.0])[:, None, None], (3, 64, 64)),
+                               atol=1e-3)
+
+
+def test_cli_does_not_reuse_results_of_a_retrained_checkpoint(tiny_config, tiny_weights, tmp_path) -> None:
+    """Results are keyed on the checkpoint's SHA-256: new weights written to the same path are explained again."""
+    from safetensors.torch import load_file, save_file
+    from hpx_analysis_cli.app import app
+
+    weights = tmp_path / "model.safetensors"
+    state = load_file(tiny_weights("tiny_hpx"))
+    save_file(state, str(weights))
+    args = ["explain", "-m", tiny_config("tiny_hpx"), "-w", str(weights), "--method", "saliency", "--size", "32",
+            "--num-images", "1", "--device", "cpu", "-o", str(tmp_path)]
+    assert "reusing" not in CliRunner().invoke(app, args).output
+    assert "reusing" in CliRunner().invoke(app, args).output
+    save_file({key: value + 0.01 if value.is_floating_point() else value for key, value in state.items()}, str(weights))
+    retrained = CliRunner().invoke(app, args)
+    assert retrained.exit_code == 0 and "reusing" not in retrained.output, retrained.output

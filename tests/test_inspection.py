@@ -12,8 +12,8 @@ from .conftest import TINY
 
 
 @pytest.fixture
-def tiny_hpx():
-    return load_model(str(TINY / "tiny_hpx.json"), str(TINY / "tiny_hpx.safetensors"))
+def tiny_hpx(tiny_weights):
+    return load_model(str(TINY / "tiny_hpx.json"), tiny_weights("tiny_hpx"))
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_unknown_layer_selection_is_an_error(tiny_hpx):
 
 
 @torch.no_grad()
-def test_kernel_fft_cache_reused_and_invalidated(tiny_hpx, image):
+def test_kernel_fft_cache_reused_and_invalidated(tiny_hpx, image, tiny_weights):
     filt = inspection.long_filter_layers(tiny_hpx)[0].long_filter
     first = tiny_hpx(image)
     assert len(filt.fft_cache) == 1
@@ -78,7 +78,7 @@ def test_kernel_fft_cache_reused_and_invalidated(tiny_hpx, image):
     filt.shift.add_(0.5)  # in-place weight edit: the next forward recomputes
     edited = tiny_hpx(image)
     assert calls == [1] and not torch.allclose(edited, first)
-    tiny_hpx.load_state_dict(load_model(str(TINY / "tiny_hpx.json"), str(TINY / "tiny_hpx.safetensors")).state_dict())
+    tiny_hpx.load_state_dict(load_model(str(TINY / "tiny_hpx.json"), tiny_weights("tiny_hpx")).state_dict())
     torch.testing.assert_close(tiny_hpx(image), first, atol=0, rtol=0)
     tiny_hpx(torch.randn(1, 3, 96, 96))  # another resolution: another FFT size
     assert len(filt.fft_cache) == 2

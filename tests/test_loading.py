@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
+import socket
 import subprocess
 import sys
+from unittest import mock
 
 import huggingface_hub
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors.torch import save_file
+from timm.models import _registry
 from typer.testing import CliRunner
 
 from hpx_analysis.errors import HpxError
@@ -26,13 +31,13 @@ def _outputs(model, size=64):
 
 
 @pytest.fixture(scope="module")
-def tiny_reference():
-    model = load_model(str(TINY / "tiny_hpx.json"), str(TINY / "tiny_hpx.safetensors"))
+def tiny_reference(tiny_weights):
+    model = load_model(str(TINY / "tiny_hpx.json"), tiny_weights("tiny_hpx"))
     return model, _outputs(model)
 
 
 @pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "state_dict_ema"])
-@pytest.mark.parametrize("prefix", ["", "module."])
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.module."])
 def test_pickle_checkpoints_in_every_wrapper(tmp_path, tiny_reference, wrapper, prefix):
     model, expected = tiny_reference
     state = {prefix + k: v for k, v in model.state_dict().items()}
@@ -49,6 +54,15 @@ def test_safetensors_and_bin(tmp_path, tiny_reference):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     for name in ("w.safetensors", "pytorch_model.bin"):
         torch.testing.assert_close(_outputs(load_model(str(TINY / "tiny_hpx.json"), str(tmp_path / name))), expected)
+
+
+def test_ema_weights_win_over_the_raw_ones(tmp_path, tiny_reference):
+    """A training checkpoint with both: timm's rule, the EMA weights are the ones analysed."""
+    model, expected = tiny_reference
+    other = load_model(str(TINY / "tiny_hpx.json"), "random", seed=5).state_dict()
+    torch.save({"state_dict": other, "state_dict_ema": model.state_dict()}, tmp_path / "train.pth")
+    torch.testing.assert_close(_outputs(load_model(str(TINY / "tiny_hpx.json"), str(tmp_path / "train.pth"))),
+                               expected, atol=0, rtol=0)
 
 
 class _Payload:
@@ -70,27 +84,94 @@ def test_random_weights_are_seeded():
     assert torch.equal(_outputs(a), _outputs(b)) and not torch.equal(_outputs(a), _outputs(c))
 
 
-def test_pretrained_from_local_hf_cache_while_offline(tmp_path, monkeypatch):
-    """A published model found in the Hugging Face cache loads without any network access."""
-    model = load_model("hpx_former_s4", "random", seed=1)
-    monkeypatch.setitem(__import__("hpx_analysis.models.hyenapixel", fromlist=["HUB_REPOS"]).HUB_REPOS,
-                        "hpx_former_s4", ["Spravil/hpx_former_s4.test"])
-    snapshot = tmp_path / "models--Spravil--hpx_former_s4.test" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
-    (tmp_path / "models--Spravil--hpx_former_s4.test" / "refs").mkdir()
-    (tmp_path / "models--Spravil--hpx_former_s4.test" / "refs" / "main").write_text("0" * 40)
+def _publish(monkeypatch, name: str, **cfg_fields) -> None:
+    """Give the registered model ``name`` a published weights location (fields of its pretrained cfg)."""
+    cfg = dataclasses.replace(_registry._model_pretrained_cfgs[name], **cfg_fields)
+    monkeypatch.setitem(_registry._model_pretrained_cfgs, name, cfg)
+    monkeypatch.setattr(_registry, "_model_has_pretrained", _registry._model_has_pretrained | {name})
+
+
+def _hub_calls(monkeypatch) -> list:
+    """Record every (repo, filename, local_files_only) the loader asks huggingface_hub for."""
+    calls = []
+    download = huggingface_hub.hf_hub_download
+
+    def recording(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs.get("local_files_only", False)))
+        return download(repo_id, filename, **kwargs)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    return calls
+
+
+@pytest.mark.parametrize("source", ["hub", "url"])
+def test_pretrained_cache_hit_loads_without_any_network(tmp_path, monkeypatch, source):
+    """Weights in the local cache load while online too, with no network use at all (no probe, no
+    download, not even a name look-up; conftest makes any connection an error)."""
+    model = load_model("proxy_hpx_former", "random", seed=1)
+    if source == "hub":
+        _publish(monkeypatch, "proxy_hpx_former", hf_hub_id="Spravil/proxy_hpx_former.test",
+                 hf_hub_filename="pytorch_model.bin")
+        repo = tmp_path / "models--Spravil--proxy_hpx_former.test"
+        snapshot = repo / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    else:
+        _publish(monkeypatch, "proxy_hpx_former", url="https://example.org/weights/proxy_hpx_former-0a1b2c.pth")
+        snapshot = tmp_path / "hub" / "checkpoints"
+        snapshot.mkdir(parents=True)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = snapshot / ("pytorch_model.bin" if source == "hub" else "proxy_hpx_former-0a1b2c.pth")
+    torch.save(model.state_dict(), weights)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", mock.Mock(side_effect=AssertionError("name look-up")))
+    calls = _hub_calls(monkeypatch)
+    loaded = load_model("proxy_hpx_former", "pretrained")
+    torch.testing.assert_close(_outputs(loaded), _outputs(model), atol=0, rtol=0)
+    assert calls == ([("Spravil/proxy_hpx_former.test", "pytorch_model.bin", True)] if source == "hub" else [])
+    assert loaded.hpx_provenance["weights_file"] == str(weights)
+    assert loaded.hpx_provenance["pretrained_tag"] == "proxy_hpx_former"
+
+
+S18_384_REPOS = ["Spravil/hpx_former_s18.westai_in1k_384", "Spravil/hpx_former_s18.westai_in1k_ema_384"]
+S18_384_URLS = " or ".join(f"https://huggingface.co/{repo}/resolve/main/pytorch_model.bin" for repo in S18_384_REPOS)
+
+
+def test_both_hub_ids_of_the_384_model_are_looked_up_in_the_cache_while_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    loaded = load_model("hpx_former_s4", "pretrained")
-    torch.testing.assert_close(_outputs(loaded), _outputs(model))
-    assert loaded.hpx_provenance["weights_file"].endswith("pytorch_model.bin")
+    calls = _hub_calls(monkeypatch)
+    with pytest.raises(HpxError) as info:
+        load_model("hpx_former_s18_384", "pretrained")
+    assert calls == [(repo, "pytorch_model.bin", True) for repo in S18_384_REPOS]
+    message = str(info.value)
+    assert "HF_HUB_OFFLINE is set" in message and f"download {S18_384_URLS} and pass it with --checkpoint PATH" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("first_repo", ["missing", "unreachable"])
+def test_384_downloads_in_order_after_the_cache(monkeypatch, first_repo):
+    """Online: both cache look-ups first, then downloads in tag order; a repository the hub lacks
+    passes to the next id, a hub that does not answer ends the search (each try would wait for retries)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def hub(repo_id, filename, **kwargs):
+        calls.append((repo_id, kwargs["local_files_only"]))
+        if kwargs["local_files_only"] or first_repo == "unreachable" or repo_id != S18_384_REPOS[0]:
+            raise LocalEntryNotFoundError("not in the cache and the hub did not answer")
+        raise RepositoryNotFoundError("404 Repository Not Found", response=mock.Mock())
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    with pytest.raises(HpxError, match=f"the download failed .*; download {S18_384_URLS} and pass it"):
+        load_model("hpx_former_s18_384", "pretrained")
+    downloads = S18_384_REPOS if first_repo == "missing" else S18_384_REPOS[:1]
+    assert calls == [(repo, True) for repo in S18_384_REPOS] + [(repo, False) for repo in downloads]
 
 
 @pytest.mark.parametrize("name,weights,message", [
     ("hpx_formr_s18", "random", "unknown model 'hpx_formr_s18'; did you mean hpx_former_s18"),
     (str(TINY / "tiny_hpx.json"), "/nonexistent/w.pth", "checkpoint file not found"),
-    (str(TINY / "tiny_hpx.json"), str(TINY / "tiny_hb.safetensors"), "does not fit this architecture: missing 64"),
+    ("hpx_former_s4", "pretrained", "no published weights for 'hpx_former_s4'; HyenaPixel models with published"),
     ("hpx_former_s18", "pretrained", "download https://huggingface.co/Spravil/hpx_former_s18.westai_in1k"),
     ("hpx_former_s18", "sometimes", "weights must be 'pretrained', 'random' or a checkpoint file"),
 ])
@@ -98,6 +179,14 @@ def test_load_errors_are_one_readable_line(name, weights, message):
     with pytest.raises(HpxError) as info:
         load_model(name, weights)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_other_architecture_names_missing_and_unexpected_keys(tiny_weights):
+    with pytest.raises(HpxError) as info:
+        load_model(str(TINY / "tiny_hpx.json"), tiny_weights("tiny_hb"))
+    message = str(info.value)
+    assert "does not fit this architecture: missing 64 (" in message and "; unexpected 72 (" in message
+    assert "\n" not in message
 
 
 def test_mis_shaped_keys_are_named(tmp_path):

@@ -12,20 +12,20 @@ from safetensors.torch import load_file
 
 import hpx_analysis  # noqa: F401  (registers the models with timm)
 from hpx_analysis import inspection
-from hpx_analysis.models import MODEL_NAMES, PUBLISHED, checkpoint_filter_fn, fft_conv_same
+from hpx_analysis.models import PUBLISHED, checkpoint_filter_fn, fft_conv_same, model_names
 from hpx_analysis.models.zoo import REFERENCE_BACKBONES, load_model
 
-from .conftest import GOLDEN, TINY_NAMES
+from .conftest import GOLDEN, TINY_NAMES, golden_state_dict
 
 MANIFESTS = sorted((GOLDEN / "manifests").glob("*.json"))
 
 
 @pytest.fixture(scope="module", params=TINY_NAMES)
-def golden(request):
+def golden(request, tiny_weights):
     """(name, model loaded through the checkpoint path, golden tensors)."""
     name = request.param
     path = GOLDEN / "tiny" / name
-    model = load_model(str(path.with_suffix(".json")), str(path.with_suffix(".safetensors")))
+    model = load_model(str(path.with_suffix(".json")), tiny_weights(name))
     return name, model, load_file(str(path.with_suffix(".safetensors")))
 
 
@@ -61,8 +61,7 @@ def test_golden_kernels_and_windows_match_inspection(golden):
 
 def test_every_golden_tensor_lands_in_the_model(golden):
     _, model, data = golden
-    reference = {k[len("state_dict."):]: v for k, v in data.items() if k.startswith("state_dict.")}
-    mapped = checkpoint_filter_fn(reference, model)
+    mapped = checkpoint_filter_fn(golden_state_dict(data), model)
     own = model.state_dict()
     assert set(mapped) == set(own)
     for key, value in mapped.items():
@@ -80,12 +79,18 @@ def test_manifest_loads_strictly_with_exact_parameter_count(manifest):
 
 
 def test_all_entrypoints_registered_with_timm():
-    for name in MODEL_NAMES:
-        assert timm.is_model(name), name
+    layouts = ("hpx_former", "hb_former", "c_hpx_former", "hpx_a_former", "hb_a_former")
+    sizes = {"hpx_former": ("s4", "s12", "s18", "s18_384", "b36"), "hb_former": ("s4", "s12", "s18", "b36")}
+    expected = {f"{layout}_{size}" for layout in layouts for size in sizes.get(layout, ("s18",))}
+    assert set(model_names()) == expected and all(timm.is_model(name) for name in expected)
     for name in PUBLISHED:
         cfg = timm.models.get_pretrained_cfg(name)
         assert cfg.hf_hub_id.startswith("Spravil/") and cfg.hf_hub_filename == "pytorch_model.bin"
-    assert timm.models.get_pretrained_cfg("hpx_former_s18_384").input_size == (3, 384, 384)
+    assert set(timm.list_models(module="hyenapixel", pretrained=True, include_tags=False)) == set(PUBLISHED)
+    tags = timm.models.get_arch_pretrained_cfgs("hpx_former_s18_384")
+    assert [cfg.hf_hub_id for cfg in tags.values()] == ["Spravil/hpx_former_s18.westai_in1k_384",
+                                                        "Spravil/hpx_former_s18.westai_in1k_ema_384"]
+    assert all(cfg.input_size == (3, 384, 384) for cfg in tags.values())
 
 
 def test_paper_hyperparameters_of_s18_variants():

@@ -19,8 +19,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from hpx_analysis.analyzers import truncation as trunc
-from hpx_analysis.analyzers.truncation import (TruncationResult, relative_tap_distance, truncate_kernels,
-                                               truncation_sweep)
+from hpx_analysis.analyzers.kernels import wrap_taps
+from hpx_analysis.analyzers.truncation import (TruncationResult, default_sizes, kept_taps, relative_tap_distance,
+                                               truncate_kernels, truncation_sweep)
 from hpx_analysis.datasets import labelled_images, stratified_subset
 from hpx_analysis.errors import HpxError
 from hpx_analysis.inspection import kernel, long_filter_layers
@@ -69,7 +70,46 @@ def test_relative_distance_analytic(tiny):
     assert torch.allclose(disc, expected)
     assert torch.equal(square, torch.tensor([[1.0, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=torch.float64))
     hyena = [i for i in long_filter_layers(tiny("tiny_hb"), SIZE) if i.stage == 3][0]  # L = 4, taps 7
-    assert torch.allclose(relative_tap_distance(hyena), torch.tensor([3, 2, 1, 0, 1, 2, 3], dtype=torch.float64) / 2)
+    offset = relative_tap_distance(hyena, hb_cut="offset")
+    assert torch.allclose(offset, torch.tensor([3, 2, 1, 0, 1, 2, 3], dtype=torch.float64) / 2)
+    # nearest wrap on rows of 2: offsets -3..3 -> (-1,-1) (-1,0) (0,-1) (0,0) (0,1) (1,0) (1,1), the 3x3 kernel
+    assert torch.allclose(relative_tap_distance(hyena), expected[[0, 0, 1, 1, 1, 2, 2], [0, 1, 0, 1, 2, 1, 2]])
+    assert torch.equal(relative_tap_distance(hyena, "square"), torch.tensor([1.0, 1, 1, 0, 1, 1, 1],
+                                                                            dtype=torch.float64))
+    with pytest.raises(HpxError, match="no square"):
+        relative_tap_distance(hyena, "square", hb_cut="offset")
+    with pytest.raises(HpxError, match="unknown Hyena 1D cut"):
+        relative_tap_distance(hyena, hb_cut="rows")
+
+
+def _kept_pixels(kept: np.ndarray, centre: int, feature_size, position) -> set:
+    """Image pixels (row, col) that the kept taps of a 1D filter weight at ``position`` (via wrap_taps)."""
+    wrapped = wrap_taps(kept.astype(np.float64), centre, feature_size, position)
+    rows, cols = np.nonzero((wrapped.values == 1) & ~wrapped.outside)
+    return set(zip((rows + wrapped.first_row).tolist(), cols.tolist()))
+
+
+@pytest.mark.parametrize("size", [0.25, 0.5, 0.9])
+def test_wrap_mask_is_the_2d_disc_away_from_the_side_edges(tiny, size):
+    """Stage 1 of tiny_hb (16 x 16 map, 511 taps): at pixels at least r F / 2 (in whole pixels) from the
+    left and right edges the wrap mask weights exactly the pixels of the 2D disc of relative size r
+    (same count, same pixels); one pixel nearer the left edge some of its taps wrap to the row above,
+    and the offset cut keeps more taps (full rows)."""
+    info = [i for i in long_filter_layers(tiny("tiny_hb"), SIZE) if i.stage == 0][0]
+    (height, width), centre = info.feature_size, info.long_filter.centre[0]
+    kept = kept_taps(relative_tap_distance(info), size).numpy()
+    half = int(size * width / 2)  # whole pixels
+
+    def disc(row: int, col: int) -> set:
+        return {(y, x) for y in range(height) for x in range(width)
+                if np.hypot((y - row) / (height / 2), (x - col) / (width / 2)) <= size + 1e-9}
+
+    for position in [(8, 8), (2, 7), (15, half), (0, width - 1 - half)]:
+        pixels = _kept_pixels(kept, centre, info.feature_size, position)
+        assert pixels == disc(*position), position
+    offset = kept_taps(relative_tap_distance(info, hb_cut="offset"), size).numpy()
+    assert len(_kept_pixels(offset, centre, info.feature_size, (8, 8))) > len(disc(8, 8))
+    assert _kept_pixels(kept, centre, info.feature_size, (8, half - 1)) != disc(8, half - 1)
 
 
 @pytest.mark.parametrize("name", ["tiny_hpx", "tiny_hb"])
@@ -107,7 +147,7 @@ def test_zero_size_is_centre_tap_plus_skip(tiny, monkeypatch, name, stage):
     assert not torch.allclose(expected, original, atol=1e-3)
 
 
-def _naive_counts(model, data: Path, sizes, stages, shape, batch_size):
+def _naive_counts(model, data: Path, sizes, stages, shape, batch_size, hb_cut="wrap"):
     """Correct top-1 counts with a full forward per (stage, size): column 0 untruncated, then stage-major."""
     from hpx_analysis.datasets import LabelledImageDataset, collate_skipping
     transform, _ = trunc.eval_transform(model, SIZE)
@@ -119,22 +159,28 @@ def _naive_counts(model, data: Path, sizes, stages, shape, batch_size):
             counts[0] += int((model(batch.images).argmax(1) == batch.labels).sum())
             for i, stage in enumerate(stages):
                 for j, size in enumerate(sizes):
-                    with truncate_kernels(model, [stage], size, shape, input_size=SIZE):
+                    with truncate_kernels(model, [stage], size, shape, input_size=SIZE, hb_cut=hb_cut):
                         hits = model(batch.images).argmax(1) == batch.labels
                     counts[1 + i * len(sizes) + j] += int(hits.sum())
     return counts
 
 
-@pytest.mark.parametrize("name,shape", [("tiny_hpx", "square"), ("tiny_hyena_causal", "disc")])
-def test_sweep_matches_naive_loop(tiny, image_folder, name, shape):
+@pytest.mark.parametrize("name,shape,hb_cut", [("tiny_hpx", "square", "wrap"), ("tiny_hyena_causal", "disc", "offset"),
+                                               ("tiny_hb", "square", "wrap")])
+def test_sweep_matches_naive_loop(tiny, image_folder, name, shape, hb_cut):
     model, sizes, x = tiny(name), [0.0, 0.2, 50.0], _batch(2)
     with torch.no_grad():
         before = model(x)
-    result = truncation_sweep(model, labelled_images(image_folder), [0, 3], sizes, shape, batch_size=4,
+    result = truncation_sweep(model, labelled_images(image_folder), [0, 3], sizes, shape, hb_cut=hb_cut, batch_size=4,
                               image_size=SIZE, n_resamples=200, progress=False)
     with torch.no_grad():
         assert torch.equal(model(x), before)  # the sweep leaves the model computing exactly what it did
-    assert np.array_equal(result.arrays["top1_correct"], _naive_counts(model, image_folder, sizes, [0, 3], shape, 4))
+    assert result.meta["hb_cut"] == hb_cut
+    # the coverage line is drawn where coverage is an r of the cut: 2D layers (bidirectional 1D ones cut by
+    # offset are checked in the CLI test), not 1D ones under the wrap cut nor causal ones under the offset cut
+    assert np.isfinite(result.arrays["coverage"]).tolist() == [name == "tiny_hpx"] * 2
+    naive = _naive_counts(model, image_folder, sizes, [0, 3], shape, 4, hb_cut)
+    assert np.array_equal(result.arrays["top1_correct"], naive)
     assert result.meta["images_evaluated"] == 6 and result.meta["skipped"] == ["b/corrupt.png"]
     assert result.arrays["top1"][:, -1].tolist() == [result.arrays["reference"][0]] * 2  # r = 50 keeps all
     assert np.all(np.diff(result.arrays["kept_fraction"], axis=1) >= 0)
@@ -143,6 +189,26 @@ def test_sweep_matches_naive_loop(tiny, image_folder, name, shape):
     assert result.meta["distinct_truncations"]["S4"] < len(sizes)
     ci = result.arrays["top1_ci"]
     assert np.all(ci[..., 0] <= result.arrays["top1"] + 1e-12) and np.all(result.arrays["top1"] <= ci[..., 1] + 1e-12)
+
+
+def test_default_sizes_end_where_every_tap_is_kept(tiny, image_folder):
+    """tiny_hpx at 64 px: kernels 31, 15, 7, 3 on maps of 16, 8, 4, 2, so the corner taps lie at
+    15 sqrt(2) / 8, 7 sqrt(2) / 4, 3 sqrt(2) / 2 and sqrt(2) half maps; tiny_hb's stage 4 (2 x 2 map,
+    offsets -3..3) reaches sqrt(2) with the wrap mask and 3 / 2 with the offset cut."""
+    grid = [round(0.1 * i, 1) for i in range(27)]
+    hpx, hb = tiny("tiny_hpx"), tiny("tiny_hb")
+    assert default_sizes(hpx, input_size=SIZE) == pytest.approx(grid + [15 * 2 ** 0.5 / 8])
+    assert default_sizes(hpx, [1, 2], input_size=SIZE) == pytest.approx(grid[:25] + [7 * 2 ** 0.5 / 4])
+    assert default_sizes(hpx, [3], input_size=SIZE) == pytest.approx(grid[:15] + [2 ** 0.5])
+    assert default_sizes(hb, [3], input_size=SIZE) == pytest.approx(grid[:15] + [2 ** 0.5])
+    assert default_sizes(hb, [3], hb_cut="offset", input_size=SIZE) == pytest.approx(grid[:16])
+    result = truncation_sweep(hpx, labelled_images(image_folder), [2, 3], image_size=SIZE, n_resamples=50,
+                              progress=False)
+    assert result.arrays["sizes"] == pytest.approx(grid[:22] + [3 * 2 ** 0.5 / 2])
+    assert result.meta["every_tap_size"] == pytest.approx({"S3": 3 * 2 ** 0.5 / 2, "S4": 2 ** 0.5})
+    assert result.arrays["kept_fraction"][:, -1].tolist() == [1.0, 1.0]
+    assert result.arrays["kept_fraction"][0, -2] < 1.0  # 2.1 drops stage 3's corners
+    assert result.arrays["top1"][:, -1].tolist() == [result.arrays["reference"][0]] * 2
 
 
 def test_bootstrap_interval_matches_normal_approximation():
@@ -292,6 +358,23 @@ def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
     assert [(r["stage"], r["relative_size"]) for r in rows] == expected
     loaded = TruncationResult.load(stem)
     assert loaded.arrays["top1"].shape == (2, 3) and (out / "truncate_tiny_hpx.figure.json").is_file()
+
+
+def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, tmp_path):
+    """No --sizes: 0 to every tap kept; --hb-cut is recorded, the coverage line is drawn only where it
+    is on the r axis (offset cut), and the offset cut has no square."""
+    from hpx_analysis_cli.app import app
+    args = ["truncate", "--model", tiny_config("tiny_hb"), "--weights", tiny_weights("tiny_hb"), "--data",
+            str(image_folder), "--stage", "4", "--image-size", str(SIZE), "--bootstrap", "50", "--no-resume"]
+    for cut, last in (("wrap", 2 ** 0.5), ("offset", 1.5)):
+        outcome = CliRunner().invoke(app, args + ["--hb-cut", cut, "--out", str(tmp_path / cut)])
+        assert outcome.exit_code == 0, outcome.output
+        result = TruncationResult.load(tmp_path / cut / "truncate_tiny_hb")
+        assert result.arrays["sizes"][-1] == pytest.approx(last) and result.arrays["sizes"][-2] == pytest.approx(1.4)
+        assert result.meta["hb_cut"] == cut and result.meta["layer_kinds"] == {"S4": ["hyena_1d"]}
+        assert np.isfinite(result.arrays["coverage"][0]) == (cut == "offset")
+    square = CliRunner().invoke(app, args + ["--hb-cut", "offset", "--shape", "square", "--out", str(tmp_path)])
+    assert isinstance(square.exception, HpxError) and "no square" in str(square.exception)
 
 
 def test_cli_strict_error(tiny_config, image_folder, tmp_path):

@@ -14,7 +14,7 @@ amount ``mean_c (1 - m)`` (see :mod:`hpx_analysis.analyzers.fgvis`).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -81,17 +81,20 @@ def to_rgb(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.nd
     return (images.detach() * std_t + mean_t).clamp(0, 1).float().cpu().numpy()
 
 
-def load_inputs(sources: Sequence[Any], size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]
-                ) -> Tuple[Tensor, List[str]]:
+def load_inputs(sources: Sequence[Any], transform: Callable[[Any], Tensor]) -> Tuple[Tensor, List[str]]:
     """Read ``images.ImageSource`` objects into a normalised batch (N, 3, H, W); unreadable files are
-    skipped (their names are left out of the returned list)."""
-    from ..images import read_rgb, to_model_input
+    skipped (their names are left out of the returned list).
+
+    transform: RGB PIL image -> normalised (3, H, W), e.g. the model's evaluation transform
+    (``truncation.eval_transform``: resize the shorter side, centre crop).
+    """
+    from ..images import read_rgb
 
     tensors, names = [], []
     for source in sources:
         image = read_rgb(source)
         if image is not None:
-            tensors.append(to_model_input(image, size, mean, std))
+            tensors.append(transform(image))
             names.append(source.name)
     if not tensors:
         raise HpxError("none of the input images could be read")

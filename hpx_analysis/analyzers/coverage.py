@@ -1,17 +1,26 @@
 """Learned filter size relative to the feature map (paper Fig. 5).
 
-Per token mixer, the relative coverage = diameter / F, with F the feature-map side at the model's
-training resolution, per channel where the layer has a learned window:
+Per token mixer, the relative coverage = extent / F, with F the feature-map side at the model's
+training resolution, per channel where the layer has a learned window. Extents count taps (pixels),
+as a k x k convolution spans k pixels, so a window kept on 7 taps across at F = 7 gives 1.0 like a
+7 x 7 convolution:
 
 - HyenaPixel 2D: window ``w(d) = exp(-|delta| d) + shift`` over the tap distances d (pixels) of the
-  S x S kernel. Diameter = 2 * (largest tap distance with ``w(d) >= threshold``), capped at the
+  S x S kernel. Extent = 2 * (largest tap distance with ``w(d) >= threshold``) + 1, capped at the
   kernel extent S; S when no tap of the kernel falls below the threshold; 0 when none reaches it.
-- Hyena 1D (the analogue): the window ``exp(-|delta| t)`` over the taps of the flattened sequence of
-  length L = H*W. Reach = largest tap offset |d| (in sequence positions) with ``w >= threshold``;
-  relative coverage = (2 * reach for bidirectional, reach for causal) / L, capped at T / L for T
-  taps (T / L when no tap falls below), i.e. the fraction of the sequence one position sees on
-  both sides. Like 2D, a full bidirectional filter gives about 2 (each position sees the whole
-  sequence from anywhere), a full causal one 1.
+  On a square map, truncating at relative size r = coverage (taps with distance <= r * F / 2, see
+  ``truncation``) keeps every tap the window keeps, unless the extent was capped at S: r * F / 2 =
+  d + 1/2 for the largest kept distance d. It also keeps the taps with d < distance <= d + 1/2 that
+  the window drops (off-axis ones when d is a whole number of taps); r = 2 d / F keeps exactly the
+  window's taps.
+- Hyena 1D (the analogue): the window ``exp(-|delta| t)`` over the T taps of the flattened sequence
+  of length L = H*W. Extent = taps from the first to the last one with ``w >= threshold`` (2 * reach
+  + 1 for a bidirectional filter, reach + 1 for a causal one, reach the largest kept offset |d|;
+  at most T); relative coverage = extent / L, the fraction of the sequence one position sees. Like
+  2D, a full bidirectional filter (T = 2L - 1) gives about 2, a full causal one (T = L) 1. For a
+  bidirectional filter, truncating the offsets at r = coverage (``hb_cut="offset"``: |d| <= r * L / 2
+  = reach + 1/2) keeps exactly the window's taps; a causal one's taps lie on one side, so that takes
+  r = (2 * reach + 1) / L, about twice its coverage.
 - Attention: 2 (global). Local and separable long convolutions: k / F (no window, fixed size).
 Other mixers (pooling, identity) are skipped.
 """
@@ -38,24 +47,22 @@ SUMMARY_COLUMNS = ("mean", "median", "p10", "p90")
 
 
 def window_diameter_2d(windows: Tensor, distance: Tensor, threshold: float) -> Tensor:
-    """Diameter (C,) in pixels of HyenaPixel windows (C, S, S) over tap distances (S, S)."""
-    size = distance.shape[-1]
+    """Extent (C,) in taps (pixels) of HyenaPixel windows (C, S, S) over tap distances (S, S):
+    2 * largest kept distance + 1, at most S; S when every tap is kept, 0 when none is."""
     above = windows >= threshold
     reach = torch.where(above, distance.expand_as(windows), torch.zeros_like(windows)).flatten(1).amax(1)
-    diameter = torch.clamp(2 * reach, max=size)
-    diameter = torch.where(above.flatten(1).any(1), diameter, torch.zeros_like(diameter))
-    return torch.where(above.flatten(1).all(1), torch.full_like(diameter, size), diameter)
+    extent = torch.clamp(2 * reach + 1, max=distance.shape[-1])  # every tap kept: the corners reach past S
+    return torch.where(above.flatten(1).any(1), extent, torch.zeros_like(extent))
 
 
-def window_coverage_1d(windows: Tensor, centre: int, sequence_length: int, threshold: float) -> Tensor:
-    """Relative coverage (C,) of Hyena windows (C, T) with offset 0 at tap ``centre``, over a sequence of L."""
-    taps = windows.shape[-1]
-    offsets = (torch.arange(taps, device=windows.device) - centre).abs().to(windows.dtype)
+def window_coverage_1d(windows: Tensor, sequence_length: int, threshold: float) -> Tensor:
+    """Relative coverage (C,) of Hyena windows (C, T) over a sequence of L: the taps from the first to
+    the last one kept (2 * reach + 1 bidirectional, reach + 1 causal, at most T) over L; 0 if none is kept."""
+    taps = torch.arange(windows.shape[-1], device=windows.device)
     above = windows >= threshold
-    reach = torch.where(above, offsets.expand_as(windows), torch.zeros_like(windows)).amax(1)
-    sides = 2 if centre > 0 else 1
-    coverage = torch.clamp(sides * reach, max=taps) / sequence_length
-    return torch.where(above.all(1), torch.full_like(coverage, taps / sequence_length), coverage)
+    first = torch.where(above, taps, windows.shape[-1]).amin(1)
+    last = torch.where(above, taps, -1).amax(1)
+    return (last - first + 1).clamp_min(0).to(windows.dtype) / sequence_length
 
 
 def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:
@@ -66,7 +73,7 @@ def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:
         diameters = window_diameter_2d(window(info).float(), window_parameters(info)["distance"].float(), threshold)
         return (diameters / side).cpu().numpy()
     if info.kind == HYENA_1D:
-        coverage = window_coverage_1d(window(info).float(), info.long_filter.centre[0], height * width, threshold)
+        coverage = window_coverage_1d(window(info).float(), height * width, threshold)
         return coverage.cpu().numpy()
     if info.kind == ATTENTION:
         return np.array([ATTENTION_COVERAGE])

@@ -2,13 +2,38 @@
 
 Two conventions:
 
-* ``replknet`` (the paper's Fig. 4/8, after RepLKNet): scalar = sum over channels of
-  ``relu(feature[:, :, H//2, W//2])``; per-image map = ``relu(d scalar / d input)`` summed over RGB;
-  mean over images. Display map ``log10(map + 1) / max``; high-contribution area ratios at
-  t = 0.2, 0.3, 0.5, 0.99 are the smallest centred squares holding more than t of the display map.
-* ``kim2023`` (Kim et al. 2023, dead pixel test): scalar = channel mean of the centre feature;
-  map = relu of the input gradient averaged over RGB, mean over images, normalised to sum 1;
-  metrics: a 2D Gaussian fit (sigma_x, sigma_y, R^2) and the radial cumulative mass.
+* ``replknet`` (the paper's Fig. 4/8, after RepLKNet): inputs resized bicubic to ``input_size``
+  squared (default 1024 px), no crop; scalar = sum over channels of ``relu(feature[:, :, H//2, W//2])``;
+  per-image map = ``relu(d scalar / d input)`` summed over RGB; mean over images. Display map
+  ``log10(map + 1) / max``; high-contribution area ratios at t = 0.2, 0.3, 0.5, 0.99 are the smallest
+  centred squares holding more than t of the display map.
+* ``kim2023`` (Kim et al. 2023 as implemented by OpenERF 0.6.1, ``openerf/erf.py:compute_erf``):
+
+  - inputs: the model's timm eval transform (``resolve_model_data_config`` + ``create_transform``:
+    resize the shorter side to size / crop_pct, centre crop, normalise) at its pretrained input size,
+    or at ``input_size`` when given (``data.py:build_timm_eval_transform``);
+  - scalar: channel mean of the centre feature, (H//2, W//2) of (B, C, H, W) maps; for (B, N, C)
+    tokens the leading class/register tokens are dropped and the centre of the square token grid is
+    ((g-1)//2, (g-1)//2), the upper left of the central 2x2 on even grids (``feature_ops.py``);
+  - map: ``relu`` of the input gradient averaged over RGB, summed over images, normalised to sum 1;
+  - Gaussian fit (``fit.py:fit_2d_gaussian``): ``amp * exp(-(x-xc)^2/(2 sx^2) - (y-yc)^2/(2 sy^2))
+    / (2 pi sx sy)``, no rotation, no offset, x = column, y = row (px); start amp = 2,
+    xc = 0.8 (W-1)/2, yc = 0.8 (H-1)/2, sx = max(W/10, 1e-3)/1.5, sy = max(H/6, 1e-3)/1.5; bounds
+    amp >= 0, 0 <= xc <= W-1, 0 <= yc <= H-1, sx, sy >= 1e-6; R^2 = 1 - var(residual) / var(map);
+  - radial mass (``metrics.py:compute_erf_metrics``): share of the map within Euclidean distance
+    r <= 5, 10, 20, 30, 40, 60, 80 px of the centre pixel (H//2, W//2).
+
+  Sigmas are reported in px and relative to the input side (sx / W, sy / H), radial masses at the
+  OpenERF radii in px and at radii given as fractions of the shorter input side (ours; OpenERF has
+  px only), so runs at different resolutions compare. Deliberate differences from OpenERF: the fit
+  runs scipy's bounded ``curve_fit`` (trust region reflective, tolerances 1e-12) instead of lmfit's
+  Levenberg-Marquardt with bound transforms; both find the same least-squares optimum, which lmfit's
+  default tolerance meets to within about 1e-4 (relative sigma, absolute R^2) on the maps checked.
+  Images are batched (independent in eval mode) and summed in float64; non-finite gradients are
+  skipped; the output is the model's last stage (``feature_info``), which is OpenERF's
+  ``forward_features`` for MetaFormers such as the HyenaPixel family, and (B, C, H, W) outputs are
+  read channels-first (OpenERF reads the 4D output of ``forward_features`` of models with a
+  ``patch_embed`` as tokens).
 
 Images whose gradient is not finite are skipped and counted. Parameters are frozen during the
 run (no weight gradients); with ``resume_dir`` the running sums are saved every few batches and
@@ -22,7 +47,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,9 +57,13 @@ from ..errors import HpxError
 from ..images import ImageSource, model_mean_std, read_rgb, to_model_input
 from ..inspection import feature_layer
 from ..results import Result, model_metadata
+from .truncation import eval_transform
 
 CONVENTIONS = ("replknet", "kim2023")
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
+REPLKNET_SIZE = 1024  # px, the replknet default input side
+OPENERF_RADII = (5, 10, 20, 30, 40, 60, 80)  # px, OpenERF's radial-mass radii
+RELATIVE_RADII = (0.05, 0.1, 0.25, 0.5)  # fractions of the shorter input side
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,44 +100,71 @@ def area_ratios(display: np.ndarray, thresholds: Sequence[float] = AREA_THRESHOL
     return ratios
 
 
-def radial_mass(erf_map: np.ndarray) -> np.ndarray:
-    """Share of the map's total within distance r of the centre pixel, r = 0, 1, ..., R: (R+1,)."""
+def mass_within(erf_map: np.ndarray, radii: Sequence[float]) -> np.ndarray:
+    """Share of the map's total within Euclidean distance r (px) of the centre pixel (H//2, W//2),
+    per radius: (len(radii),); zeros for an all-zero map."""
     height, width = erf_map.shape
     yy, xx = np.indices(erf_map.shape)
-    radius = np.ceil(np.hypot(yy - height // 2, xx - width // 2)).astype(int)
-    per_ring = np.bincount(radius.ravel(), weights=erf_map.ravel())
-    total = per_ring.sum()
-    return np.cumsum(per_ring) / total if total > 0 else np.zeros_like(per_ring)
+    distance = np.sqrt((yy - height // 2) ** 2 + (xx - width // 2) ** 2).ravel()
+    order = np.argsort(distance, kind="stable")
+    cumulative = np.concatenate([[0.0], np.cumsum(erf_map.ravel()[order])])
+    total = cumulative[-1]
+    inside = np.searchsorted(distance[order], np.asarray(radii, dtype=np.float64), side="right")
+    return cumulative[inside] / total if total > 0 else np.zeros(len(inside))
 
 
-def _gaussian_2d(coords: Tuple[np.ndarray, np.ndarray], amplitude: float, x0: float, y0: float,
-                 sigma_x: float, sigma_y: float) -> np.ndarray:
-    yy, xx = coords
-    return amplitude * np.exp(-0.5 * (((xx - x0) / sigma_x) ** 2 + ((yy - y0) / sigma_y) ** 2))
+def radial_mass(erf_map: np.ndarray) -> np.ndarray:
+    """:func:`mass_within` at r = 0, 1, ..., R px, R the largest distance rounded up: (R+1,)."""
+    height, width = erf_map.shape
+    largest = np.sqrt((height // 2) ** 2 + (width // 2) ** 2)  # the corner (0, 0) is the farthest pixel
+    return mass_within(erf_map, np.arange(int(np.ceil(largest)) + 1))
+
+
+def _openerf_gaussian(mesh: Tuple[np.ndarray, np.ndarray], amplitude: float, x0: float, y0: float,
+                      sigma_x: float, sigma_y: float) -> np.ndarray:
+    """``amplitude`` times the unit-volume axis-aligned Gaussian on mesh (x, y), each (H, W): (H*W,)."""
+    xx, yy = mesh
+    exponent = (xx - x0) ** 2 / (2 * sigma_x ** 2) + (yy - y0) ** 2 / (2 * sigma_y ** 2)
+    return (amplitude * np.exp(-exponent) / (2 * np.pi * sigma_x * sigma_y)).ravel()
 
 
 def gaussian_fit(erf_map: np.ndarray) -> Dict[str, Optional[float]]:
-    """Least-squares axis-aligned 2D Gaussian fit (scipy): centre, sigma_x, sigma_y (pixels), R^2."""
+    """OpenERF's 2D Gaussian fit (module docstring: model, start, bounds, R^2) of ``erf_map`` (H, W)
+    normalised to sum 1, by scipy's bounded least squares. Returns amplitude, centre x0 (column),
+    y0 (row), sigma_x, sigma_y in px, sigma_x_rel = sigma_x / W, sigma_y_rel = sigma_y / H and r2;
+    all None when the map is empty, smaller than 2x2 or the fit fails."""
     from scipy.optimize import curve_fit
 
+    keys = ("amplitude", "x0", "y0", "sigma_x", "sigma_y", "sigma_x_rel", "sigma_y_rel", "r2")
+    failed: Dict[str, Optional[float]] = dict.fromkeys(keys)
     total = erf_map.sum()
-    failed = {"x0": None, "y0": None, "sigma_x": None, "sigma_y": None, "r2": None}
-    if not np.isfinite(total) or total <= 0:
+    if not np.isfinite(total) or total <= 0 or min(erf_map.shape) < 2:
         return failed
-    yy, xx = np.indices(erf_map.shape, dtype=np.float64)
-    weights = erf_map / total
-    mean_x, mean_y = (weights * xx).sum(), (weights * yy).sum()
-    std_x = np.sqrt(max((weights * (xx - mean_x) ** 2).sum(), 0.25))
-    std_y = np.sqrt(max((weights * (yy - mean_y) ** 2).sum(), 0.25))
-    start = (erf_map.max(), mean_x, mean_y, std_x, std_y)
+    data = (erf_map / total).ravel()
+    height, width = erf_map.shape
+    mesh = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    start = (2.0, 0.8 * (width - 1) / 2, 0.8 * (height - 1) / 2,
+             max(width / 10, 1e-3) / 1.5, max(height / 6, 1e-3) / 1.5)
+    bounds = ((0.0, 0.0, 0.0, 1e-6, 1e-6), (np.inf, width - 1.0, height - 1.0, np.inf, np.inf))
     try:
-        params, _ = curve_fit(_gaussian_2d, (yy.ravel(), xx.ravel()), erf_map.ravel(), p0=start, maxfev=4000)
+        params, _ = curve_fit(_openerf_gaussian, mesh, data, p0=start, bounds=bounds,
+                              ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=10000)
     except (RuntimeError, ValueError):
         return failed
-    residual = erf_map.ravel() - _gaussian_2d((yy.ravel(), xx.ravel()), *params)
-    spread = ((erf_map - erf_map.mean()) ** 2).sum()
-    return {"x0": float(params[1]), "y0": float(params[2]), "sigma_x": float(abs(params[3])),
-            "sigma_y": float(abs(params[4])), "r2": float(1 - (residual ** 2).sum() / spread) if spread > 0 else None}
+    residual = data - _openerf_gaussian(mesh, *params)
+    amplitude, x0, y0, sigma_x, sigma_y = (float(p) for p in params)
+    return {"amplitude": amplitude, "x0": x0, "y0": y0, "sigma_x": sigma_x, "sigma_y": sigma_y,
+            "sigma_x_rel": sigma_x / width, "sigma_y_rel": sigma_y / height,
+            "r2": float(1 - residual.var() / data.var()) if data.var() > 0 else None}
+
+
+def radial_mass_summary(erf_map: np.ndarray) -> Dict[str, Dict[str, float]]:
+    """Radial mass of ``erf_map`` (H, W) at OpenERF's radii in px (``px``, keyed by the radius) and at
+    fractions of the shorter side (``relative``, keyed by the fraction)."""
+    side = min(erf_map.shape)
+    return {"px": {str(r): float(m) for r, m in zip(OPENERF_RADII, mass_within(erf_map, OPENERF_RADII))},
+            "relative": {f"{f:g}": float(m) for f, m in
+                         zip(RELATIVE_RADII, mass_within(erf_map, [f * side for f in RELATIVE_RADII]))}}
 
 
 # -- result --------------------------------------------------------------------------------------
@@ -116,10 +172,13 @@ def gaussian_fit(erf_map: np.ndarray) -> Dict[str, Optional[float]]:
 class ERFResult(Result):
     """ERFs of one or more models at one input size.
 
-    arrays: ``maps`` (M, H, W) float64 raw mean maps, ``display`` (M, H, W) display maps,
-    ``used`` / ``skipped`` (M,) image counts, ``radial_mass`` (M, R) (kim2023 only).
-    meta: ``convention``, ``models`` (per model: label, model metadata, layer, area_ratios,
-    gaussian), ``inputs`` (image names), ``options``.
+    arrays: ``maps`` (M, H, W) float64 raw mean maps (kim2023: normalised to sum 1), ``display``
+    (M, H, W) display maps, ``used`` / ``skipped`` (M,) image counts, ``radial_mass`` (M, R) at
+    r = 0, 1, ... px (kim2023 only).
+    meta: ``convention``, ``models`` (per model: label, model metadata, layer, area_ratios; kim2023:
+    ``gaussian`` (:func:`gaussian_fit`) and ``radial_mass`` (:func:`radial_mass_summary`)),
+    ``inputs`` (image names), ``options`` (``input_size`` [H, W] of the maps, ``size_override`` the
+    requested side or None, ``transform`` the preprocessing, layer, convention, batching).
     """
 
     kind = "erf"
@@ -214,6 +273,28 @@ def compiled_submodules(model: nn.Module, layer: str) -> Iterator[List[str]]:
             del filt.forward
 
 
+def _prefix_tokens(model: nn.Module) -> int:
+    """Leading non-spatial tokens of a token model: ``num_prefix_tokens``, else one per class and
+    distillation token plus the register tokens (OpenERF's rule)."""
+    explicit = getattr(model, "num_prefix_tokens", None)
+    if explicit is not None:
+        return int(explicit)
+    flagged = sum(getattr(model, name, None) is not None for name in ("cls_token", "dist_token"))
+    return flagged + int(getattr(model, "num_reg_tokens", None) or 0)
+
+
+def _centre_token(tokens: Tensor, prefix: int) -> Tensor:
+    """Features (B, C) of the centre token of (B, N, C) tokens (kim2023): the ``prefix`` leading tokens
+    dropped, the rest a square g x g grid, row = column = (g-1)//2 (upper left of the central 2x2 on
+    even grids)."""
+    spatial = tokens.shape[1] - prefix
+    side = int(round(spatial ** 0.5))
+    if prefix < 0 or spatial <= 0 or side * side != spatial:
+        raise HpxError(f"{tokens.shape[1]} tokens with {prefix} prefix tokens do not form a square grid")
+    middle = (side - 1) // 2
+    return tokens[:, prefix + middle * side + middle]
+
+
 def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: str = "replknet",
                       amp_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Per-image ERF maps (B, H, W) for normalised inputs (B, 3, H, W) on the model's device.
@@ -244,10 +325,13 @@ def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: 
     if "feature" not in captured:
         raise HpxError(f"layer '{layer}' is not used in the model's forward pass; choose another --layer")
     feature = captured["feature"].float()
-    if feature.dim() == 3:  # (B, N, C) tokens -> (B, C, h, w) on a square grid
-        side = int(round(feature.shape[1] ** 0.5))
-        feature = feature.transpose(1, 2).reshape(feature.shape[0], -1, side, feature.shape[1] // side)
-    centre = feature[:, :, feature.shape[-2] // 2, feature.shape[-1] // 2]
+    if feature.dim() == 3 and convention == "kim2023":
+        centre = _centre_token(feature, _prefix_tokens(model))
+    else:
+        if feature.dim() == 3:  # (B, N, C) tokens -> (B, C, h, w) on a square grid
+            side = int(round(feature.shape[1] ** 0.5))
+            feature = feature.transpose(1, 2).reshape(feature.shape[0], -1, side, feature.shape[1] // side)
+        centre = feature[:, :, feature.shape[-2] // 2, feature.shape[-1] // 2]
     scalar = torch.relu(centre).sum() if convention == "replknet" else centre.mean(dim=1).sum()
     scalar.backward(inputs=[x])  # only the input's gradient (works under FlopCounterMode too)
     grad = x.grad.float()
@@ -263,29 +347,41 @@ def _run_key(model: nn.Module, names: Sequence[str], options: Dict[str, Any]) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _image_tensors(images: Union[Sequence[ImageSource], Tensor], size: Tuple[int, int], model: nn.Module
-                   ) -> Tuple[List[str], List[Optional[Tensor]]]:
-    """Names and normalised (3, H, W) tensors (None for unreadable files)."""
-    if isinstance(images, Tensor):
-        return [f"tensor[{i}]" for i in range(len(images))], list(images)
+def _input_transform(model: nn.Module, convention: str, input_size: Optional[int]
+                     ) -> Tuple[Callable[[Any], Tensor], Tuple[int, int], str]:
+    """The per-image preprocessing of ``convention``: PIL RGB image -> normalised (3, H, W), the
+    (H, W) it gives, and a one-line description. replknet: bicubic resize to ``input_size`` (default
+    1024) squared, no crop; kim2023: timm's eval transform at the pretrained (or ``input_size``) size."""
+    if convention == "kim2023":
+        transform, size = eval_transform(model, input_size)
+        return transform, size, " ".join(repr(transform).split())
+    side = input_size or REPLKNET_SIZE
     mean, std = model_mean_std(model)
+    description = f"bicubic resize to {side}x{side}, no crop, normalise mean={mean} std={std}"
+    return (lambda image: to_model_input(image, (side, side), mean, std)), (side, side), description
+
+
+def _image_tensors(images: Sequence[ImageSource], transform: Callable[[Any], Tensor]) -> List[Optional[Tensor]]:
+    """Normalised (3, H, W) tensors of ``images`` (None for unreadable files)."""
     tensors = []
     for source in images:
         image = read_rgb(source)
-        tensors.append(None if image is None else to_model_input(image, size, mean, std))
-    return [s.name for s in images], tensors
+        tensors.append(None if image is None else transform(image))
+    return tensors
 
 
 def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSource], Tensor], *,
-                              input_size: int = 1024, layer: Union[str, int, None] = None,
+                              input_size: Optional[int] = None, layer: Union[str, int, None] = None,
                               convention: str = "replknet", batch_size: int = 1,
                               amp: Optional[str] = None, compile: bool = False, label: Optional[str] = None,
                               resume_dir: Optional[Path] = None, save_every: int = 8,
                               progress: bool = True) -> ERFResult:
     """Mean ERF of ``model`` (on its own device) over ``images``.
 
-    images: image sources (resized bicubic to ``input_size`` squared, normalised with the model's
-    mean/std) or a tensor (N, 3, H, W) already prepared. layer: see :func:`resolve_output_layer`.
+    images: image sources or a tensor (N, 3, H, W) already prepared. Sources are preprocessed per
+    convention (module docstring): replknet resizes to ``input_size`` squared (None: 1024 px) without
+    crop, kim2023 applies the model's timm eval transform at its pretrained input size, or at
+    ``input_size`` when given. layer: see :func:`resolve_output_layer`.
     amp: None, "bf16" or "fp16" (autocast on the model's device). compile: fuse the elementwise
     and norm work with ``torch.compile`` (:func:`compiled_submodules`). resume_dir: folder for partial
     sums, saved every ``save_every`` images; a rerun with equal arguments resumes from them.
@@ -299,15 +395,21 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
         raise HpxError(f"--batch-size must be at least 1, got {batch_size}")
     if amp is not None and amp not in AMP_DTYPES:
         raise HpxError(f"unknown autocast dtype '{amp}'; use {', '.join(AMP_DTYPES)}")
+    if input_size is not None and input_size < 1:
+        raise HpxError(f"--size must be a positive number of pixels, got {input_size}")
     layer_path = resolve_output_layer(model, layer)
-    size = (input_size, input_size)
-    names, tensors = _image_tensors(images, size, model)
+    if isinstance(images, Tensor):
+        names, tensors, description = [f"tensor[{i}]" for i in range(len(images))], list(images), "none (tensor given)"
+        height, width = images.shape[-2:]
+    else:
+        transform, (height, width), description = _input_transform(model, convention, input_size)
+        names, tensors = [s.name for s in images], _image_tensors(images, transform)
     if not names:
         raise HpxError("no images to compute the ERF over")
-    height, width = tensors[0].shape[-2:] if isinstance(images, Tensor) else size
     device = next(model.parameters()).device
-    options = {"input_size": [int(height), int(width)], "layer": layer_path, "convention": convention,
-               "batch_size": batch_size, "amp": amp, "compile": compile}
+    options = {"input_size": [int(height), int(width)], "size_override": input_size, "transform": description,
+               "layer": layer_path, "convention": convention, "batch_size": batch_size, "amp": amp,
+               "compile": compile}
     label = label or str(model_metadata(model).get("model"))
 
     partial = None
@@ -365,12 +467,14 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
     if convention == "kim2023":
         arrays["radial_mass"] = radial_mass(mean_map)[None]
         entry["gaussian"] = gaussian_fit(mean_map)
+        entry["radial_mass"] = radial_mass_summary(mean_map)
     if partial is not None:
         partial.unlink(missing_ok=True)
     return ERFResult(arrays=arrays, meta={"convention": convention, "models": [entry], "inputs": names,
                                           "options": options})
 
 
-__all__ = ["AREA_THRESHOLDS", "CONVENTIONS", "ERFResult", "area_ratios", "compiled_submodules", "display_map",
-           "effective_receptive_field", "erf_gradient_maps", "frozen_parameters", "gaussian_fit", "radial_mass",
+__all__ = ["AREA_THRESHOLDS", "CONVENTIONS", "OPENERF_RADII", "RELATIVE_RADII", "REPLKNET_SIZE", "ERFResult",
+           "area_ratios", "compiled_submodules", "display_map", "effective_receptive_field", "erf_gradient_maps",
+           "frozen_parameters", "gaussian_fit", "mass_within", "radial_mass", "radial_mass_summary",
            "resolve_output_layer"]

@@ -4,13 +4,30 @@ Deletion game: a mask m (N, 3, H, W), initialised to 1, builds the evidence
 ``e = x * m + r * (1 - m) + noise`` (r: reference image, noise ~ N(0, 0.1^2) redrawn every step) and
 SGD minimises ``softmax(model(e))[c] - lambda * ||m||_1``: delete as little as possible so that the
 class c loses. Each step the mask gradient is divided by its largest absolute value, after each step
-m is clamped to [0, 1], and a sample stops as soon as the evidence's top-1 class differs from c.
-lambda starts at 1e-4 and is divided by 10 until a run stops early.
+m is clamped to [0, 1], and a sample stops as soon as c ranks lower on the evidence than on the
+clean image: for the usual c = clean top-1 (the reference's case) as soon as the evidence's top-1
+class differs from c; for a given c that is not the top-1 (the sanity check explains the trained
+model's class on randomised models) as soon as one more class outranks it.
+lambda starts at 1e-4 and is divided by 10 until a run stops early (6 tries: down to 1e-9, the
+default weight of the spravil/FGVis reference). A run that stops at iteration 0, before any
+deletion (the noise alone did it), is recorded as ``flipped_by_noise``, not as a success, and ends
+the search (lambda plays no part at iteration 0).
 
-Adversarial defense (activation bounds): the output a0 of every nonlinearity on the clean image is
-recorded; while optimising, the gradient flowing back through that nonlinearity is zeroed wherever
-the current activation lies outside ``[min(a0, 0), max(a0, 0)]``. Nonlinearities are found by module
-type: torch's and timm's activation layers and MetaFormer's StarReLU / SquaredReLU.
+Adversarial defense (activation bounds): the output a0 of every bounded nonlinearity on the clean
+image is recorded; while optimising, the gradient flowing back through it is zeroed wherever the
+current activation lies outside ``[min(a0, 0), max(a0, 0)]``. Which modules are bounded is an
+explicit tuple of types, found by ``isinstance`` (``bound_activations``):
+
+* ``"relu"`` (default, the reference's rule): ReLU and ReLU6 modules only. In a MetaFormer these are
+  the ``relu`` modules inside timm's ``StarReLU`` (``s * relu(x)**2 + b``) and ``SquaredReLU``, so
+  the bound applies to the ReLU's own output ``[0, relu(x0)]``, whose zero marks the kink; the outer
+  output is not bounded (with ``b < 0`` its sign no longer tells where the ReLU is active). GELUs
+  (ConvNeXt) stay unbounded, as in the reference.
+* ``"all"``: also GELU, SiLU, sigmoid, tanh and the other elementwise activations of torch and timm.
+  StarReLU / SquaredReLU are still bounded at their inner ReLU: the square and the affine map after
+  it are monotone in the ReLU's output, so that is the tensor where the rule keeps its meaning.
+
+Activations inside implicit long filters compute the kernel from positions only and are never bounded.
 
 Samples (images x lambda tries) run in batches; each has its own noise generator seeded from
 (image seed, try), so a batched run equals the one-at-a-time run with the same seeds.
@@ -19,7 +36,6 @@ Samples (images x lambda tries) run in batches; each has its own noise generator
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -28,55 +44,54 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from timm.layers import activations as timm_act
+from timm.layers import activations_me as timm_act_me
 from torch import Tensor, nn
 
 from ..errors import HpxError
 from ..results import model_metadata, to_jsonable
 from .attribution import ExplanationResult, predict, reference_image, resolve_targets, to_rgb
 
-_TORCH_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-                      nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
-                      nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)
+RELU_ACTIVATIONS: Tuple[type, ...] = (nn.ReLU, nn.ReLU6)
+"""The reference's bounded nonlinearities (it bounds ``torch.nn.ReLU``); ReLU6 follows the same rule."""
+
+ALL_ACTIVATIONS: Tuple[type, ...] = RELU_ACTIVATIONS + (
+    nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+    timm_act.GELU, timm_act.GELUTanh, timm_act.QuickGELU, timm_act.Swish, timm_act.Mish, timm_act.Sigmoid,
+    timm_act.Tanh, timm_act.HardSigmoid, timm_act.HardSwish, timm_act.HardMish, timm_act.PReLU,
+    timm_act_me.SwishMe, timm_act_me.MishMe, timm_act_me.HardSigmoidMe, timm_act_me.HardSwishMe,
+    timm_act_me.HardMishMe)
+"""Every elementwise nonlinearity of torch and timm (StarReLU / SquaredReLU: through their inner ReLU)."""
+
+BOUND_ACTIVATIONS: Dict[str, Tuple[type, ...]] = {"relu": RELU_ACTIVATIONS, "all": ALL_ACTIVATIONS}
 
 
-@functools.lru_cache(maxsize=1)
-def activation_types() -> Tuple[type, ...]:
-    """Module classes treated as nonlinearities: torch's, every activation class in timm's activation
-    modules and its ``get_act_layer`` registry, and MetaFormer's StarReLU / SquaredReLU."""
-    import timm.layers.activations as timm_act
-    import timm.layers.activations_me as timm_act_me
-    import timm.layers.create_act as create_act
-    from timm.models.metaformer import SquaredReLU, StarReLU
-
-    found = set(_TORCH_ACTIVATIONS) | {StarReLU, SquaredReLU}
-    for module in (timm_act, timm_act_me):
-        found |= {obj for obj in vars(module).values()
-                  if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__}
-    for registry in (create_act._ACT_LAYER_DEFAULT, getattr(create_act, "_ACT_LAYER_ME", {})):
-        found |= {cls for cls in registry.values() if isinstance(cls, type)}
-    found.discard(nn.Identity)
-    return tuple(sorted(found, key=lambda cls: f"{cls.__module__}.{cls.__name__}"))
+def type_names(types: Sequence[type]) -> List[str]:
+    """Qualified class names, for metadata."""
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in types]
 
 
-def activation_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(path, module) of the outermost activation layers whose output depends on the image.
+def activation_modules(model: nn.Module, types: Sequence[type] = RELU_ACTIVATIONS) -> List[Tuple[str, nn.Module]]:
+    """(path, module) of the modules of ``types`` whose output depends on the image.
 
-    An activation nested in another (StarReLU's inner ReLU) is covered by the outer one; activations
-    inside implicit long filters compute the kernel from positions only and are left out.
+    A listed type nested inside another listed one is left to the outer; modules inside implicit long
+    filters compute the kernel from positions only and are left out.
     """
     from ..models.long_filters import LongFilterBase
 
-    types = activation_types()
+    types = tuple(types)
     skip_prefixes: List[str] = []
     found = []
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in skip_prefixes):
             continue
+        inside = f"{path}." if path else ""  # the prefix of every submodule's path
         if isinstance(module, LongFilterBase):
-            skip_prefixes.append(path + ".")
+            skip_prefixes.append(inside)
         elif isinstance(module, types):
             found.append((path, module))
-            skip_prefixes.append(path + ".")
+            skip_prefixes.append(inside)
     return found
 
 
@@ -87,8 +102,8 @@ class ActivationBounds:
     (image index per sample of the current batch) the next forward passes use.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = activation_modules(model)
+    def __init__(self, model: nn.Module, types: Sequence[type] = RELU_ACTIVATIONS) -> None:
+        self.modules = activation_modules(model, types)
         self.recording = False
         self.bounded = True
         self._calls: Dict[str, int] = {}
@@ -148,9 +163,10 @@ class ActivationBounds:
 
 
 @contextlib.contextmanager
-def activation_bounds(model: nn.Module) -> Iterator[ActivationBounds]:
-    """``with activation_bounds(model) as bounds:`` hooks installed inside, removed on exit."""
-    bounds = ActivationBounds(model)
+def activation_bounds(model: nn.Module, types: Sequence[type] = RELU_ACTIVATIONS) -> Iterator[ActivationBounds]:
+    """``with activation_bounds(model) as bounds:`` hooks on the modules of ``types`` installed inside,
+    removed on exit."""
+    bounds = ActivationBounds(model, types)
     try:
         yield bounds
     finally:
@@ -159,16 +175,17 @@ def activation_bounds(model: nn.Module) -> Iterator[ActivationBounds]:
 
 @dataclass(frozen=True)
 class FgvisSettings:
-    """Optimisation settings (defaults: the paper's)."""
+    """Optimisation settings (defaults: the paper's). bound_activations: a key of ``BOUND_ACTIVATIONS``."""
 
     iterations: int = 500
     lr: float = 0.1
     noise_std: float = 0.1
     lambda_start: float = 1e-4
     lambda_factor: float = 0.1
-    lambda_tries: int = 5
+    lambda_tries: int = 6
     reference: str = "black"
     bounded: bool = True
+    bound_activations: str = "relu"
 
     def lambda_of(self, attempt: int) -> float:
         return self.lambda_start * self.lambda_factor ** attempt
@@ -184,6 +201,11 @@ class _Outcome:
     final_class: int
     final_prob: float
     final_target_prob: float
+
+    @property
+    def flipped_by_noise(self) -> bool:
+        """The target lost its rank at iteration 0, before any deletion (mask all ones): the noise did it."""
+        return self.stopped and self.iterations == 0
 
 
 def sample_seed(image_seed: int, attempt: int) -> int:
@@ -214,15 +236,22 @@ class NoiseStreams:
         return torch.stack([self.blocks[i][offset] for i in samples])
 
 
+def class_ranks(probs: Tensor, targets: Tensor) -> Tensor:
+    """Rank (B,) of each target class in probabilities (B, classes): how many classes score higher (0 = top-1)."""
+    return (probs > probs.gather(1, targets[:, None])).sum(-1)
+
+
 def optimise_masks(model: nn.Module, bounds: ActivationBounds, images: Tensor, references: Tensor,
                    targets: Tensor, lambdas: Tensor, seeds: Sequence[int], rows: Tensor,
-                   settings: FgvisSettings) -> List[_Outcome]:
-    """Run the deletion game for a batch of B samples; each stops on its own.
+                   settings: FgvisSettings, target_ranks: Optional[Tensor] = None) -> List[_Outcome]:
+    """Run the deletion game for a batch of B samples; each stops on its own, when its target ranks
+    lower than ``target_ranks`` (B,), its rank on the clean image (default 0: the target is the top-1).
 
     images, references: (B, 3, H, W) normalised; targets (B,) classes; lambdas (B,); seeds: B noise
     seeds; rows (B,): clean-image index of each sample (selects its activation bounds).
     """
     count = len(images)
+    clean_ranks = target_ranks if target_ranks is not None else torch.zeros_like(targets)
     noise_streams = NoiseStreams(seeds, images.shape[1:], settings.noise_std, images.device)
     masks = torch.ones_like(images)
     active = torch.arange(count, device=images.device)
@@ -235,10 +264,11 @@ def optimise_masks(model: nn.Module, bounds: ActivationBounds, images: Tensor, r
         probs = model(evidence).softmax(-1)
         target_probs = probs.gather(1, targets[active, None])[:, 0]
         top_prob, top_class = probs.detach().max(-1)
-        finished = (top_class != targets[active]) | (step == settings.iterations)
+        outranked = class_ranks(probs.detach(), targets[active]) > clean_ranks[active]
+        finished = outranked | (step == settings.iterations)
         for i in finished.nonzero()[:, 0].tolist():
             outcomes[int(active[i])] = _Outcome(
-                mask.detach()[i].clone(), step, bool(top_class[i] != targets[active[i]]), int(top_class[i]),
+                mask.detach()[i].clone(), step, bool(outranked[i]), int(top_class[i]),
                 float(top_prob[i]), float(target_probs[i].detach()))
         if bool(finished.all()):
             break
@@ -255,7 +285,8 @@ def optimise_masks(model: nn.Module, bounds: ActivationBounds, images: Tensor, r
 
 class FgvisResult(ExplanationResult):
     """FGVis masks: ``masks`` (N, 3, H, W) in [0, 1] (0 = deleted), ``maps`` = mean_c(1 - m) (N, H, W),
-    ``inputs`` (N, 3, H, W) RGB. meta ``records``: per image lambda, iterations, success, classes, probabilities."""
+    ``inputs`` (N, 3, H, W) RGB. meta ``records``: per image lambda, iterations, success, flipped_by_noise, classes,
+    the target's clean rank (0 = top-1), probabilities, note."""
 
     kind = "fgvis"
 
@@ -269,10 +300,10 @@ class FgvisResult(ExplanationResult):
 
 
 def _signature(model: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],
-               settings: FgvisSettings) -> str:
+               settings: FgvisSettings, types: Sequence[type]) -> str:
     digest = hashlib.sha256(images.detach().float().cpu().numpy().tobytes())
-    digest.update(json.dumps(to_jsonable([model_metadata(model), targets.tolist(), list(seeds), asdict(settings)]),
-                             sort_keys=True).encode())
+    digest.update(json.dumps(to_jsonable([model_metadata(model), targets.tolist(), list(seeds), asdict(settings),
+                                          type_names(types)]), sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -302,20 +333,26 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
           seed: int | Sequence[int] = 0, settings: FgvisSettings = FgvisSettings(), batch_size: int = 8,
           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
           names: Optional[Sequence[str]] = None, partial: Optional[Path | str] = None,
-          progress: bool = False) -> FgvisResult:
+          activation_types: Optional[Sequence[type]] = None, progress: bool = False) -> FgvisResult:
     """FGVis masks for normalised ``images`` (N, 3, H, W) with the lambda search.
 
-    target: class to delete (default: top-1 of the clean image). seed: one seed (image n uses seed + n)
-    or one per image. batch_size: samples (images x lambda tries) optimised together; 1 runs the search
-    one at a time and stops at the first lambda that succeeds, larger batches try several lambdas at
-    once and keep the same (first successful) one. partial: a file for finished samples, so an
-    interrupted run resumes. The model is left unchanged (hooks removed, no gradients stored).
+    target: class to delete, one for all or one per image (default: top-1 of the clean image; a run
+    stops when the target ranks lower than on the clean image, see the module docstring). seed: one
+    seed (image n uses seed + n) or one per image. batch_size: samples (images x lambda tries)
+    optimised together; 1 runs the search one at a time and stops at the first lambda whose run
+    stops, larger batches try several lambdas at once and keep the same (first stopped) one. partial:
+    a file for finished samples, so an interrupted run resumes. activation_types: the bounded module
+    types, overriding ``BOUND_ACTIVATIONS[settings.bound_activations]``. The model is left unchanged
+    (hooks removed, no gradients stored).
     """
     from tqdm.auto import tqdm
     from ..images import model_mean_std
 
     if settings.iterations < 0 or settings.lambda_tries < 1 or batch_size < 1:
         raise HpxError("iterations must be >= 0, lambda tries >= 1 and batch size >= 1")
+    if settings.bound_activations not in BOUND_ACTIVATIONS:
+        raise HpxError(f"unknown bound activations '{settings.bound_activations}'; use {', '.join(BOUND_ACTIVATIONS)}")
+    types = tuple(activation_types) if activation_types is not None else BOUND_ACTIVATIONS[settings.bound_activations]
     if mean is None or std is None:
         mean, std = model_mean_std(model)
     count = len(images)
@@ -323,21 +360,22 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
     if len(seeds) != count:
         raise HpxError(f"got {len(seeds)} seeds for {count} images")
     references = reference_image(images, settings.reference, mean, std)
-    with activation_bounds(model) as bounds:
+    with activation_bounds(model, types) as bounds:
         bounds.bounded = settings.bounded
         with bounds.record():
             probs = predict(model, images, batch_size)
         targets = resolve_targets(probs, target)
-        signature = _signature(model, images, targets, seeds, settings)
+        clean_ranks = class_ranks(probs, targets)
+        signature = _signature(model, images, targets, seeds, settings, types)
         partial_path = Path(partial) if partial is not None else None
         outcomes = _load_partial(partial_path, signature, images.device) if partial_path else {}
         jobs = [(n, t) for n in range(count) for t in range(settings.lambda_tries)]
 
-        def first_success(n: int) -> Optional[int]:
+        def first_stop(n: int) -> Optional[int]:
             return min((t for (m, t), o in outcomes.items() if m == n and o.stopped), default=None)
 
         def pending() -> List[Tuple[int, int]]:
-            found = {n: first_success(n) for n in range(count)}
+            found = {n: first_stop(n) for n in range(count)}
             return [(n, t) for n, t in jobs if (n, t) not in outcomes and (found[n] is None or t < found[n])]
 
         bar = tqdm(total=len(jobs), desc="fgvis", unit="run", disable=not progress)
@@ -347,7 +385,7 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
             lambdas = torch.tensor([settings.lambda_of(t) for _, t in todo], device=images.device)
             results = optimise_masks(model, bounds, images[rows], references[rows],
                                      targets[rows], lambdas, [sample_seed(seeds[n], t) for n, t in todo], rows,
-                                     settings)
+                                     settings, clean_ranks[rows])
             outcomes.update(zip(todo, results))
             if partial_path is not None:
                 _save_partial(partial_path, signature, outcomes)
@@ -356,19 +394,24 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
     model.zero_grad(set_to_none=True)
 
     chosen, records = [], []
+    last_lambda = settings.lambda_of(settings.lambda_tries - 1)
     for n in range(count):
-        attempt = first_success(n)
-        outcome = outcomes[(n, attempt if attempt is not None else settings.lambda_tries - 1)]
+        stop = first_stop(n)
+        attempt = stop if stop is not None else settings.lambda_tries - 1
+        outcome = outcomes[(n, attempt)]
+        success = outcome.stopped and not outcome.flipped_by_noise
+        if outcome.flipped_by_noise:
+            note = (f"the noise alone (std {settings.noise_std:g}) changed the class at iteration 0, before any "
+                    "deletion: not a success, mask all ones")
+        else:
+            note = "" if success else f"no lambda down to {last_lambda:g} lowered the class's rank; kept the last mask"
         chosen.append(outcome.mask)
         records.append({
-            "lambda": settings.lambda_of(attempt if attempt is not None else settings.lambda_tries - 1),
-            "success": attempt is not None, "tries": (attempt + 1) if attempt is not None else settings.lambda_tries,
-            "iterations": outcome.iterations,
-            "original_class": int(targets[n]), "original_prob": float(probs[n, targets[n]]),
+            "lambda": settings.lambda_of(attempt), "success": success, "flipped_by_noise": outcome.flipped_by_noise,
+            "tries": attempt + 1, "iterations": outcome.iterations, "original_class": int(targets[n]),
+            "original_rank": int(clean_ranks[n]), "original_prob": float(probs[n, targets[n]]),
             "final_class": outcome.final_class, "final_prob": outcome.final_prob,
-            "final_target_prob": outcome.final_target_prob,
-            "note": "" if attempt is not None else f"no lambda down to {settings.lambda_of(settings.lambda_tries - 1):g} "
-                                                   "changed the class; kept the last mask"})
+            "final_target_prob": outcome.final_target_prob, "note": note})
     masks = torch.stack(chosen)
     return FgvisResult(
         arrays={"masks": masks.float().cpu().numpy(), "maps": (1 - masks).mean(1).float().cpu().numpy(),
@@ -376,10 +419,10 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
         meta={"method": "fgvis", "model": model_metadata(model),
               "images": list(names) if names is not None else [str(i) for i in range(count)],
               "targets": targets.tolist(), "seeds": seeds, "records": records,
-              "options": {**asdict(settings), "batch_size": batch_size,
-                          "bounded_activations": len(activation_modules(model)) if settings.bounded else 0}})
+              "options": {**asdict(settings), "batch_size": batch_size, "bound_activation_types": type_names(types),
+                          "bounded_activations": len(activation_modules(model, types)) if settings.bounded else 0}})
 
 
-__all__ = ["activation_types", "activation_modules", "ActivationBounds", "activation_bounds", "FgvisSettings",
-           "NoiseStreams",
-           "FgvisResult", "optimise_masks", "sample_seed", "fgvis"]
+__all__ = ["RELU_ACTIVATIONS", "ALL_ACTIVATIONS", "BOUND_ACTIVATIONS", "type_names", "activation_modules",
+           "ActivationBounds", "activation_bounds", "FgvisSettings", "NoiseStreams", "FgvisResult", "optimise_masks",
+           "sample_seed", "fgvis"]

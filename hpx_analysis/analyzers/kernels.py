@@ -2,13 +2,17 @@
 
 HyenaPixel (2D) layers give one (S, S) panel per layer: the kernel reduced over channels and
 normalised. Hyena (1D) layers run on the row-major flattened feature map, so their 2L-1 taps are
-laid out on rows of width F, each tap at the pixel it connects to as seen from one evaluation
-pixel; taps that land outside the image for that pixel are flagged (``outside``).
+laid out on rows of width F around one evaluation pixel p; taps whose input pixel lies outside the
+image for that p are flagged (``outside``): the layer does not use them at p.
 
-Orientation: the filters are true convolutions (``y[p] = sum_d h[c + d] x[p - d]``), so the tap of
-offset ``d`` from the centre tap weights input pixel ``p - d``; that is where it is placed, and the
-flagged taps are exactly the ones the layer does not use at ``p``. 2D panels show the kernel array
-itself (as in the paper's Fig. 11), which is the same picture point-reflected through the centre.
+Both filters are true convolutions, ``y[p] = sum_d K[c + d] x[p - d]`` (c the centre tap, d a 2D
+offset or a 1D offset along the flattened sequence), so the tap of offset d weights input pixel
+p - d. Every kind is drawn in one ``orientation``:
+
+- ``kernel`` (default, as the paper's Fig. 11 and 12): the kernel array itself, tap c + d at p + d
+  (2D: K as stored; 1D: the taps reshaped to rows of width F).
+- ``response``: the weight each input pixel q gets in the output at p, tap c + d at q = p - d
+  (2D: K point-reflected through its centre; 1D: the reshaped taps reversed).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..results import Result, model_metadata
 
 REDUCTIONS = ("mean", "abs-mean", "top-k")
 NORMALISATIONS = ("maxabs", "minmax", "none")
+ORIENTATIONS = ("kernel", "response")
 Reduction = Union[str, int]
 
 
@@ -51,24 +56,35 @@ def check_pixel(position: Tuple[int, int], feature_size: Tuple[int, int]) -> Tup
     return row, col
 
 
-def wrap_taps(taps: np.ndarray, centre: int, feature_size: Tuple[int, int], position: Tuple[int, int]) -> WrappedTaps:
+def check_orientation(orientation: str) -> str:
+    """``orientation`` if it is one of ORIENTATIONS, else HpxError."""
+    if orientation not in ORIENTATIONS:
+        raise HpxError(f"unknown orientation {orientation!r}; use {', '.join(ORIENTATIONS)}")
+    return orientation
+
+
+def wrap_taps(taps: np.ndarray, centre: int, feature_size: Tuple[int, int], position: Tuple[int, int],
+              orientation: str = "response") -> WrappedTaps:
     """Place taps (T,) of a 1D filter over an (H, W) map flattened row-major, seen from pixel ``position``.
 
-    The tap at index ``centre + d`` weights flattened pixel ``p - d`` (true convolution), p = r*W + c.
-    Pixels before 0 or from H*W on continue the row-major grid above/below the image.
+    p = r*W + c. ``response`` (default): the tap at index ``centre + d`` sits on the pixel it weights,
+    p - d (true convolution). ``kernel``: it sits at p + d (the kernel array laid out in rows).
+    ``outside`` flags taps whose input pixel p - d is off the image. Picture cells before 0 or from
+    H*W on continue the row-major grid above/below the image.
     """
     height, width = feature_size
     row, col = check_pixel(position, feature_size)
     evaluation = row * width + col
     offsets = np.arange(len(taps)) - centre
-    target = evaluation - offsets
-    first_row = int(np.floor(target.min() / width))
-    last_row = int(np.floor(target.max() / width))
+    source = evaluation - offsets
+    placed = source if check_orientation(orientation) == "response" else evaluation + offsets
+    first_row = int(np.floor(placed.min() / width))
+    last_row = int(np.floor(placed.max() / width))
     values = np.full((last_row - first_row + 1, width), np.nan, dtype=np.float64)
     outside = np.zeros(values.shape, dtype=bool)
-    local = target - first_row * width
+    local = placed - first_row * width
     values.flat[local] = taps
-    outside.flat[local] = (target < 0) | (target >= height * width)
+    outside.flat[local] = (source < 0) | (source >= height * width)
     return WrappedTaps(values, outside, first_row)
 
 
@@ -126,8 +142,9 @@ def normalise(panels: Tensor, method: str) -> Tensor:
 class KernelsResult(Result):
     """Plotted kernel panels per layer.
 
-    arrays ``panels_<i>``: (G, R, W) per chosen layer i (in ``meta['layers']`` order), NaN where no
-    tap lands; ``outside_<i>``: (R, W) bool, taps outside the image (1D; all False for 2D);
+    arrays ``panels_<i>``: (G, R, W) per chosen layer i (in ``meta['layers']`` order), in the
+    orientation ``meta['options']['orientation']``, NaN where no tap lands; ``outside_<i>``: (R, W)
+    bool, taps whose input pixel is off the image (1D; all False for 2D);
     ``channels_<i>``: (G,) shown channels, -1 for a reduction over channels.
     """
 
@@ -137,6 +154,14 @@ class KernelsResult(Result):
     def layers(self) -> List[Dict[str, Any]]:
         """Per chosen layer: index, stage, block, name, path, kind, feature_size, kernel_size, first_row, position."""
         return self.meta["layers"]
+
+    @property
+    def orientation(self) -> str:
+        """``kernel`` or ``response`` (module docstring): how every panel is laid out."""
+        if "orientation" not in self.meta["options"]:
+            raise HpxError("this kernels result predates panel orientations (its 2D and 1D panels were laid out "
+                           "differently); rerun `hpx-analyze kernels` to recompute it")
+        return self.meta["options"]["orientation"]
 
     def panels(self, i: int) -> np.ndarray:
         return self.arrays[f"panels_{i}"]
@@ -178,14 +203,18 @@ def select_layers(infos: List[MixerInfo], layers: Optional[Sequence[Tuple[int, i
 def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalisation: str = "maxabs",
                     layers: Optional[Sequence[Tuple[int, int]]] = None, top_k: int = 4,
                     position: Optional[Tuple[int, int]] = None,
-                    input_size: Optional[Union[int, Tuple[int, int]]] = None) -> KernelsResult:
+                    input_size: Optional[Union[int, Tuple[int, int]]] = None,
+                    orientation: str = "kernel") -> KernelsResult:
     """Reduced, normalised kernels of the model's long-filter layers, ready to plot.
 
     layers: 0-based (stage, block) pairs (default all). position: evaluation pixel (row, col) of the
     1D layers' wrap-around on the largest chosen 1D map, moved to the same relative location on
     smaller maps (default: each map's centre-most pixel).
     input_size: resolution giving the feature-map size F (default the model's training resolution).
+    orientation: ``kernel`` (the kernel array, tap c + d at p + d) or ``response`` (the weight of each
+    input pixel at p, tap c + d at p - d), the same for 2D and 1D layers (module docstring).
     """
+    check_orientation(orientation)
     size = input_size if input_size is not None else default_input_size(model)
     chosen = select_layers(long_filter_layers(model, size), layers)
     sizes_1d = [tuple(info.feature_size) for info in chosen if info.kind == HYENA_1D]
@@ -204,11 +233,13 @@ def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalis
             else:
                 pixel = scaled_pixel(check_pixel(position, reference), reference, info.feature_size)
             centre = info.long_filter.centre[0]
-            wrapped = [wrap_taps(p, centre, info.feature_size, pixel) for p in panels]
+            wrapped = [wrap_taps(p, centre, info.feature_size, pixel, orientation) for p in panels]
             panels = np.stack([w.values for w in wrapped])
             arrays[f"outside_{i}"] = wrapped[0].outside
             entry.update(first_row=wrapped[0].first_row, position=list(pixel))
         else:
+            if orientation == "response":
+                panels = np.flip(panels, axis=(-2, -1)).copy()   # weight of input p - d sits at p - d
             arrays[f"outside_{i}"] = np.zeros(panels.shape[1:], dtype=bool)
         arrays[f"panels_{i}"] = panels
         arrays[f"channels_{i}"] = np.asarray(shown, dtype=np.int64)
@@ -216,6 +247,7 @@ def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalis
     meta = {"model": model_metadata(model), "input_size": list(np.broadcast_to(size, (2,)).tolist()),
             "options": {"reduction": reduction, "normalisation": normalisation, "top_k": top_k,
                         "layers": [list(p) for p in layers] if layers is not None else None,
-                        "position": list(position) if position is not None else None},
+                        "position": list(position) if position is not None else None,
+                        "orientation": orientation},
             "layers": described}
     return KernelsResult(arrays=arrays, meta=meta)

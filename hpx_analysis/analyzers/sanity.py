@@ -3,14 +3,16 @@
 The trained weights are replaced by freshly initialised ones group by group, cascading from the head
 down to the stem; after each step the explanation is recomputed and compared with the trained
 model's by Spearman rank correlation of the per-pixel maps. An explanation that depends on what the
-model learned decorrelates as layers are randomised.
+model learned decorrelates as layers are randomised. Every step explains the same class per image
+(the given target, or the trained model's top-1), so the loss of correlation is not mixed with a
+change of the explained class.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, is_dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,12 +21,13 @@ from torch import Tensor, nn
 
 from ..errors import HpxError
 from ..results import Result, model_metadata
-from .attribution import explain
+from .attribution import explain, predict, resolve_targets
 
 
 class SanityResult(Result):
     """``correlations`` (S + 1, N): Spearman rho of each step's maps with the trained model's (row 0 = 1);
-    ``maps`` (S + 1, N, H, W); meta ``steps``: "trained" then the randomised groups, head first."""
+    ``maps`` (S + 1, N, H, W); meta ``steps``: "trained" then the randomised groups, head first;
+    ``targets`` (S + 1, N): the class each step explained."""
 
     kind = "sanity"
 
@@ -65,30 +68,35 @@ def _fresh_model(model: nn.Module, seed: int) -> nn.Module:
 
 
 def sanity_check(model: nn.Module, images: Tensor, method: str, *, random_model: Optional[nn.Module] = None,
-                 init_seed: int = 1, **options: Any) -> SanityResult:
+                 init_seed: int = 1, target: Optional[int | Sequence[int]] = None, **options: Any) -> SanityResult:
     """Cascading randomisation of ``model`` for normalised ``images`` (N, 3, H, W).
 
     random_model: an untrained model of the same architecture supplying the new weights (default:
-    ``load_model(<same name>, "random", seed=init_seed)``). options go to :func:`attribution.explain`
-    (``target`` included; without it every step explains its own top-1 class). ``model`` is not modified.
+    ``load_model(<same name>, "random", seed=init_seed)``). target: the class explained at every step
+    (one for all or one per image; default: the trained model's top-1 per image). options go to
+    :func:`attribution.explain`. ``model`` is not modified.
     """
     fresh = random_model if random_model is not None else _fresh_model(model, init_seed)
+    targets = resolve_targets(predict(model, images), target).tolist()
     randomised = copy.deepcopy(model)
     steps = ["trained"] + cascade_groups(model)
-    maps = []
+    maps, step_targets = [], []
     for step in steps:
         if step != "trained":
             try:
                 randomised.get_submodule(step).load_state_dict(fresh.get_submodule(step).state_dict())
             except (AttributeError, RuntimeError) as err:
                 raise HpxError(f"random model does not match at {step}: {str(err).splitlines()[0]}") from None
-        maps.append(explain(randomised, images, method, **options).maps)
+        explanation = explain(randomised, images, method, target=targets, **options)
+        maps.append(explanation.maps)
+        step_targets.append(explanation.meta["targets"])
     stacked = np.stack(maps)
     correlations = np.array([[spearmanr(step_map.ravel(), trained.ravel()).statistic
                               for step_map, trained in zip(step_maps, stacked[0])] for step_maps in stacked])
     return SanityResult(arrays={"correlations": correlations.astype(np.float64), "maps": stacked},
                         meta={"method": method, "model": model_metadata(model), "steps": steps, "init_seed": init_seed,
-                              "options": {k: asdict(v) if is_dataclass(v) else v for k, v in options.items() if k != "names"},
+                              "targets": step_targets, "options": {"target": target, **{
+                                  k: asdict(v) if is_dataclass(v) else v for k, v in options.items() if k != "names"}},
                               "images": list(options.get("names") or range(len(images)))})
 
 

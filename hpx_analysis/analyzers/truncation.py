@@ -2,8 +2,27 @@
 
 For a relative size r every long-kernel tap of the stage's HyenaPixel layers whose distance from the
 kernel centre exceeds r * F / 2 is zeroed (F: the stage's feature-map side at the evaluation
-resolution; a disc, or a centred square with ``shape="square"``); for Hyena 1D layers the cut is on
-the tap offset, |d| > r * L / 2 with L = H * W. r = 0 keeps only the centre tap (plus the skip term).
+resolution; a disc, or a centred square with ``shape="square"``). r = 0 keeps only the centre tap
+(plus the skip term). On the scale of the coverage analyzer (extent in taps / F), truncating at
+r = coverage keeps every tap the learned window keeps (square map, extent not capped at the kernel
+size: r * F / 2 = d + 1/2 for the window's largest kept distance d), plus the taps with
+d < distance <= d + 1/2 the window drops.
+
+Hyena 1D layers convolve the row-major flattened map (L = H * W), and their cut is chosen with
+``hb_cut``:
+
+- ``"wrap"`` (default): the nearest-wrap mask. Tap offset d is kept when its nearest 2D displacement
+  (a, b), a * W + b = d with |b| <= W / 2 (on a tie |b| = W / 2 the one with the smaller |a|, so the
+  mask is symmetric in d), lies in the disc (or square) of relative size r, as for HyenaPixel. It is
+  still a convolution, and at every evaluation pixel at least r * W / 2 from the left and right edges
+  (r * F / 2 on a square map) it weights exactly the pixels of the 2D disc; nearer those edges some
+  of its taps wrap to the neighbouring rows.
+- ``"offset"``: |d| <= r * L / 2 on the flattened offset, i.e. a band of +-rF/2 full-width rows seen
+  from the centre pixel (not on the r axis of the 2D layers; no ``square``). Truncating a
+  bidirectional layer at r = its coverage keeps exactly the taps its window keeps.
+
+The default sizes run from 0 in steps of 0.1 to the smallest r that keeps every tap of the swept
+stages, which is their last point (the untruncated model).
 
 Work that a truncation cannot change is done once: the activations entering a stage are computed
 once per batch and shared by every r (and by every stage of the sweep); sizes that keep the same
@@ -21,7 +40,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,8 +51,12 @@ from ..errors import HpxError
 from ..inspection import HYENA_1D, HYENAPIXEL_2D, MixerInfo, kernel, long_filter_layers, modify_kernels
 from ..results import Result, model_metadata
 
+if TYPE_CHECKING:
+    from .coverage import CoverageResult
+
 SHAPES = ("disc", "square")
-DEFAULT_SIZES: Tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))
+HB_CUTS = ("wrap", "offset")
+SIZE_STEP = 0.1
 TOLERANCE = 1e-9  # sizes given in decimals (0.3 = 0.30000000000000004) keep taps exactly on the border
 
 
@@ -43,8 +66,12 @@ class TruncationResult(Result):
     arrays: ``stages`` (S,) 0-based, ``sizes`` (R,), ``top1``/``top5`` (S, R), ``top1_ci``/``top5_ci``
     (S, R, 2), ``kept_fraction`` (S, R) share of the stage's long-kernel taps kept,
     ``reference`` (2,) untruncated top-1/top-5 and ``reference_ci`` (2, 2), ``coverage`` (S,) the
-    stage's mean learned coverage (coverage analyzer, same relative units), ``top1_correct`` /
-    ``top5_correct`` (1 + S * R,) correct counts, column 0 untruncated, then stage-major.
+    stage's mean learned coverage (coverage analyzer; NaN for a stage with Hyena 1D layers unless
+    they are bidirectional and cut by offset: otherwise their coverage is no r of the cut),
+    ``top1_correct`` / ``top5_correct`` (1 + S * R,) correct counts, column 0 untruncated, then
+    stage-major.
+    meta: ``shape``, ``hb_cut``, ``every_tap_size`` per stage (the smallest r keeping every tap),
+    ``layer_kinds`` per stage, and the evaluation details.
     """
 
     kind = "truncation"
@@ -76,22 +103,46 @@ class TruncationResult(Result):
         return path
 
 
-def relative_tap_distance(info: MixerInfo, shape: str = "disc") -> Tensor:
-    """Distance of each tap from the kernel centre relative to half the feature map: (S, S) or (T,).
+def nearest_displacement(offsets: Tensor, width: int) -> Tuple[Tensor, Tensor]:
+    """Nearest 2D displacement (rows a, columns b), each shaped like the integer 1D ``offsets`` d, on
+    rows of ``width`` W: a * W + b = d with |b| <= W / 2; on a tie |b| = W / 2 the smaller |a|."""
+    half = width // 2
+    cols = torch.remainder(offsets + half, width) - half  # in [-half, W - half - 1]
+    rows = torch.div(offsets - cols, width, rounding_mode="floor")
+    tie = (2 * cols.abs() == width) & (rows > 0)  # (a, -W/2) with a > 0: (a - 1, W/2) is nearer the centre row
+    return rows - tie.long(), torch.where(tie, -cols, cols)
 
-    HyenaPixel: Euclidean (``disc``) or Chebyshev (``square``) offset over (H/2, W/2); Hyena 1D:
-    |offset| / (L/2) with L = H * W. A tap is kept at relative size r when this is <= r.
-    """
+
+def check_cut(shape: str, hb_cut: str) -> None:
+    """HpxError unless ``shape`` is one of SHAPES and ``hb_cut`` one of HB_CUTS."""
     if shape not in SHAPES:
         raise HpxError(f"unknown truncation shape '{shape}'; use {' or '.join(SHAPES)}")
+    if hb_cut not in HB_CUTS:
+        raise HpxError(f"unknown Hyena 1D cut '{hb_cut}'; use {' or '.join(HB_CUTS)}")
+
+
+def relative_tap_distance(info: MixerInfo, shape: str = "disc", hb_cut: str = "wrap") -> Tensor:
+    """Distance of each tap from the kernel centre relative to half the feature map: (S, S) or (T,).
+
+    HyenaPixel: Euclidean (``disc``) or Chebyshev (``square``) offset over (H/2, W/2). Hyena 1D with
+    ``hb_cut="wrap"``: the same for each offset's :func:`nearest_displacement`; with ``"offset"``:
+    |offset| / (L/2) with L = H * W (``disc`` only). A tap is kept at relative size r when this is <= r.
+    """
+    check_cut(shape, hb_cut)
     if info.feature_size is None:
         raise ValueError("layer info lacks feature_size: list the layers with an input_size")
     filt = info.long_filter
     height, width = info.feature_size
-    offsets = [(torch.arange(n, dtype=torch.float64) - c).abs() for n, c in zip(filt.kernel_size, filt.centre)]
-    if info.kind != HYENAPIXEL_2D:
-        return offsets[0] / (height * width / 2)
-    dy, dx = offsets[0][:, None] / (height / 2), offsets[1][None, :] / (width / 2)
+    offsets = [torch.arange(n) - c for n, c in zip(filt.kernel_size, filt.centre)]
+    if info.kind == HYENAPIXEL_2D:
+        rows, cols = offsets[0][:, None], offsets[1][None, :]
+    elif hb_cut == "wrap":
+        rows, cols = nearest_displacement(offsets[0], width)
+    elif shape == "square":
+        raise HpxError("the offset cut of Hyena 1D layers has no square shape; use the wrap cut or a disc")
+    else:
+        return offsets[0].abs().double() / (height * width / 2)
+    dy, dx = rows.abs().double() / (height / 2), cols.abs().double() / (width / 2)
     return torch.sqrt(dy ** 2 + dx ** 2) if shape == "disc" else torch.maximum(dy, dx)
 
 
@@ -100,15 +151,35 @@ def kept_taps(distance: Tensor, size: float) -> Tensor:
     return distance <= size + TOLERANCE
 
 
+def sizes_up_to(every_tap: float, step: float = SIZE_STEP) -> List[float]:
+    """0, step, 2 step, ... below ``every_tap``, then ``every_tap`` itself (every tap kept)."""
+    grid = [round(step * i, 10) for i in range(int(every_tap / step) + 1)]
+    return [size for size in grid if size < every_tap - TOLERANCE] + [every_tap]
+
+
+def default_sizes(model: nn.Module, stages: Optional[Sequence[int]] = None, shape: str = "disc",
+                  hb_cut: str = "wrap", input_size: Union[int, Sequence[int], None] = None) -> List[float]:
+    """The sweep's default sizes: 0 to the smallest r that keeps every tap of the 0-based ``stages``
+    (None: every stage with long filters) in steps of 0.1, that r being the last point. input_size:
+    evaluation resolution (the model's default when None)."""
+    from ..models.zoo import default_input_size
+    size = input_size if input_size is not None else default_input_size(model)
+    swept = _swept_layers(model, stages, size)
+    return sizes_up_to(max(float(relative_tap_distance(info, shape, hb_cut).max())
+                           for _, layers in swept for info in layers))
+
+
 @contextlib.contextmanager
 def truncate_kernels(model: nn.Module, stages: Sequence[int], size: float, shape: str = "disc",
-                     input_size: Union[int, Sequence[int], None] = None) -> Iterator[List[MixerInfo]]:
+                     input_size: Union[int, Sequence[int], None] = None, hb_cut: str = "wrap"
+                     ) -> Iterator[List[MixerInfo]]:
     """Inside the block the long kernels of the 0-based ``stages`` keep only the taps within relative
-    size ``size`` at resolution ``input_size`` (the model's default when None); restored on exit."""
+    size ``size`` at resolution ``input_size`` (the model's default when None); restored on exit.
+    hb_cut: ``"wrap"`` or ``"offset"`` for Hyena 1D layers (module docstring)."""
     from ..models.zoo import default_input_size
 
     def cut(k: Tensor, info: MixerInfo) -> Tensor:
-        return k * kept_taps(relative_tap_distance(info, shape), size).to(k.device, k.dtype)
+        return k * kept_taps(relative_tap_distance(info, shape, hb_cut), size).to(k.device, k.dtype)
 
     wanted = set(stages)
     with modify_kernels(model, cut, layers=lambda info: info.stage in wanted,
@@ -197,10 +268,10 @@ def _bootstrap_ci(flags: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
 
 
 def _run_key(model: nn.Module, samples: Sequence[LabelledImage], stages: Sequence[int], sizes: Sequence[float],
-             shape: str, batch_size: int, input_hw: Tuple[int, int]) -> str:
+             shape: str, hb_cut: str, batch_size: int, input_hw: Tuple[int, int]) -> str:
     """Hash of everything that determines the per-batch flags (names the cache folder)."""
     description = {"model": model_metadata(model), "stages": list(stages), "sizes": list(sizes), "shape": shape,
-                   "batch_size": batch_size, "input": list(input_hw),
+                   "hb_cut": hb_cut, "batch_size": batch_size, "input": list(input_hw),
                    "samples": [[s.name, s.label] for s in samples]}
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -208,9 +279,10 @@ def _run_key(model: nn.Module, samples: Sequence[LabelledImage], stages: Sequenc
 class _StagePlan:
     """The long-filter layers of one stage, their masks per distinct truncation and their base kernels."""
 
-    def __init__(self, stage: int, layers: List[MixerInfo], sizes: Sequence[float], shape: str):
+    def __init__(self, stage: int, layers: List[MixerInfo], sizes: Sequence[float], shape: str, hb_cut: str):
         self.stage, self.layers = stage, layers
-        distances = [relative_tap_distance(info, shape) for info in layers]
+        distances = [relative_tap_distance(info, shape, hb_cut) for info in layers]
+        self.every_tap = max(float(d.max()) for d in distances)  # the smallest size keeping every tap
         self.column, keys = _distinct_truncations(distances, sizes)
         self.full = keys.index(None) if None in keys else None
         self.masks: List[Optional[Dict[int, Tensor]]] = [
@@ -279,11 +351,12 @@ def _evaluate_batch(model: nn.Module, images: Tensor, labels: Tensor, plans: Seq
     return torch.stack(top1, 1).cpu().numpy(), torch.stack(top5, 1).cpu().numpy()
 
 
-def _stage_plans(model: nn.Module, stages: Optional[Sequence[int]], sizes: Sequence[float], shape: str,
-                 input_hw: Tuple[int, int]) -> List[_StagePlan]:
+def _swept_layers(model: nn.Module, stages: Optional[Sequence[int]], input_size: Union[int, Sequence[int]]
+                  ) -> List[Tuple[int, List[MixerInfo]]]:
+    """(stage, its long-filter layers) per 0-based stage to sweep (None: every stage with long filters)."""
     if not hasattr(model, "stages") or not hasattr(model, "forward_head"):
         raise HpxError(f"{type(model).__name__} is not a MetaFormer-style model with stages; truncation needs one")
-    layers = long_filter_layers(model, input_hw)
+    layers = long_filter_layers(model, input_size)
     with_filters = sorted({info.stage for info in layers})
     if not with_filters:
         raise HpxError("the model has no implicit long filters (HyenaPixel or Hyena layers) to truncate")
@@ -294,37 +367,46 @@ def _stage_plans(model: nn.Module, stages: Optional[Sequence[int]], sizes: Seque
         if stage not in with_filters:
             raise HpxError(f"stage {stage + 1} has no long-filter layers; stages with them: "
                            f"{', '.join(str(s + 1) for s in with_filters)}")
-    return [_StagePlan(stage, [i for i in layers if i.stage == stage], sizes, shape) for stage in chosen]
+    return [(stage, [i for i in layers if i.stage == stage]) for stage in chosen]
+
+
+def _stage_plans(model: nn.Module, stages: Optional[Sequence[int]], sizes: Sequence[float], shape: str,
+                 input_hw: Tuple[int, int], hb_cut: str = "wrap") -> List[_StagePlan]:
+    """One plan per swept stage (see :func:`_swept_layers`)."""
+    return [_StagePlan(stage, layers, sizes, shape, hb_cut) for stage, layers in _swept_layers(model, stages, input_hw)]
 
 
 def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages: Optional[Sequence[int]] = None,
-                     sizes: Sequence[float] = DEFAULT_SIZES, shape: str = "disc", *, batch_size: int = 32,
-                     image_size: Optional[int] = None, cache_dir: Optional[Path | str] = None, strict: bool = False,
-                     workers: int = 0, n_resamples: int = 1000, seed: int = 0, progress: bool = True
-                     ) -> TruncationResult:
+                     sizes: Optional[Sequence[float]] = None, shape: str = "disc", *, hb_cut: str = "wrap",
+                     batch_size: int = 32, image_size: Optional[int] = None, cache_dir: Optional[Path | str] = None,
+                     strict: bool = False, workers: int = 0, n_resamples: int = 1000, seed: int = 0,
+                     progress: bool = True) -> TruncationResult:
     """Top-1/top-5 accuracy on ``samples`` for every relative size in ``sizes`` and stage in ``stages``.
 
-    stages: 0-based stage indices (None: every stage with long filters). The model runs on the
-    device of its parameters. cache_dir: per-batch results go to ``cache_dir/<run hash>/`` and a
-    rerun with the same arguments skips finished batches. strict: an unreadable image raises
-    instead of being skipped. Under ``torch.distributed`` each rank evaluates every world-th
-    batch; every rank returns the full result.
+    stages: 0-based stage indices (None: every stage with long filters). sizes: relative sizes
+    (None: :func:`default_sizes`, 0 to every tap kept). hb_cut: ``"wrap"`` (nearest-wrap disc) or
+    ``"offset"`` for Hyena 1D layers (module docstring). The model runs on the device of its
+    parameters. cache_dir: per-batch results go to ``cache_dir/<run hash>/`` and a rerun with the
+    same arguments skips finished batches. strict: an unreadable image raises instead of being
+    skipped. Under ``torch.distributed`` each rank evaluates every world-th batch; every rank
+    returns the full result.
     """
     from tqdm import tqdm
 
-    if shape not in SHAPES:
-        raise HpxError(f"unknown truncation shape '{shape}'; use {' or '.join(SHAPES)}")
-    if not sizes or any(not np.isfinite(s) or s < 0 for s in sizes):
+    check_cut(shape, hb_cut)
+    if sizes is not None and (not sizes or any(not np.isfinite(s) or s < 0 for s in sizes)):
         raise HpxError("relative sizes must be finite and non-negative")
     if batch_size < 1:
         raise HpxError(f"batch size must be positive, got {batch_size}")
-    sizes = [float(s) for s in sizes]
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and samples and max(s.label for s in samples) >= num_classes:
         raise HpxError(f"labels reach {max(s.label for s in samples)} but the model has {num_classes} classes")
     transform, input_hw = eval_transform(model, image_size)
     device = next(model.parameters()).device
-    plans = _stage_plans(model, stages, sizes, shape, input_hw)
+    if sizes is None:
+        sizes = default_sizes(model, stages, shape, hb_cut, input_hw)
+    sizes = [float(s) for s in sizes]
+    plans = _stage_plans(model, stages, sizes, shape, input_hw, hb_cut)
     import torch.distributed as dist
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -332,8 +414,8 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
     batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
     folder = None
     if cache_dir is not None:
-        folder = Path(cache_dir) / _run_key(model, samples, [p.stage for p in plans], sizes, shape, batch_size,
-                                            input_hw)
+        folder = Path(cache_dir) / _run_key(model, samples, [p.stage for p in plans], sizes, shape, hb_cut,
+                                            batch_size, input_hw)
         folder.mkdir(parents=True, exist_ok=True)
     top1 = torch.zeros(count, settings, dtype=torch.int32)
     top5 = torch.zeros(count, settings, dtype=torch.int32)
@@ -374,14 +456,23 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
         failure = err
     _raise_if_any_rank_failed(failure, device)
     top1, top5, status = _all_reduce([top1, top5, status], device)
-    return _summarise(model, samples, plans, sizes, shape, top1.numpy(), top5.numpy(), status.numpy(),
+    return _summarise(model, samples, plans, sizes, shape, hb_cut, top1.numpy(), top5.numpy(), status.numpy(),
                       dict(batch_size=batch_size, input_size=list(input_hw), n_resamples=n_resamples, seed=seed,
                            world_size=world, batches_total=len(batches), batches_resumed=len(resumed),
                            batches_computed=len(todo), cache=str(folder) if folder else None))
 
 
+def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str) -> float:
+    """The stage's mean learned coverage where it is a relative size of the cut (HyenaPixel layers;
+    bidirectional Hyena 1D layers under the offset cut), else NaN."""
+    if any(info.kind == HYENA_1D and (hb_cut == "wrap" or info.long_filter.causal) for info in plan.layers):
+        return float("nan")
+    return coverage.stage_coverage(plan.stage, kinds=(HYENAPIXEL_2D, HYENA_1D))
+
+
 def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequence[_StagePlan], sizes: Sequence[float],
-               shape: str, top1: np.ndarray, top5: np.ndarray, status: np.ndarray, options: Dict) -> TruncationResult:
+               shape: str, hb_cut: str, top1: np.ndarray, top5: np.ndarray, status: np.ndarray, options: Dict
+               ) -> TruncationResult:
     """Accuracies, bootstrap intervals and metadata from per-image flags (N, 1 + S * R)."""
     from .coverage import compute_coverage
     evaluated = status == 1
@@ -398,13 +489,16 @@ def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequen
         "top1": accuracy[1:settings].reshape(shape_sr), "top5": accuracy[settings + 1:].reshape(shape_sr),
         "top1_ci": ci[1:settings].reshape(*shape_sr, 2), "top5_ci": ci[settings + 1:].reshape(*shape_sr, 2),
         "kept_fraction": np.array([p.kept_fraction for p in plans]),
-        "coverage": np.array([coverage.stage_coverage(p.stage, kinds=(HYENAPIXEL_2D, HYENA_1D)) for p in plans]),
+        "coverage": np.array([_coverage_on_r_axis(coverage, p, hb_cut) for p in plans]),
         "reference": accuracy[[0, settings]], "reference_ci": ci[[0, settings]],
         "top1_correct": top1[evaluated].sum(axis=0), "top5_correct": top5[evaluated].sum(axis=0),
     }
     skipped = [samples[i].name for i in np.flatnonzero(status == 2)]
-    meta = {"model": model_metadata(model), "shape": shape, "stages_paper": [p.stage + 1 for p in plans],
+    meta = {"model": model_metadata(model), "shape": shape, "hb_cut": hb_cut,
+            "stages_paper": [p.stage + 1 for p in plans],
             "layers": {f"S{p.stage + 1}": [i.name for i in p.layers] for p in plans},
+            "layer_kinds": {f"S{p.stage + 1}": sorted({i.kind for i in p.layers}) for p in plans},
+            "every_tap_size": {f"S{p.stage + 1}": p.every_tap for p in plans},
             "distinct_truncations": {f"S{p.stage + 1}": len(p.masks) for p in plans},
             "images_total": len(samples), "images_evaluated": int(evaluated.sum()),
             "images_skipped": len(skipped), "skipped": skipped, "classes": len({s.label for s in samples}),

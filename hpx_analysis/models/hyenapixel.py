@@ -1,8 +1,10 @@
 """HyenaPixel / Hyena MetaFormers built on timm's MetaFormer, registered as timm models.
 
 After ``import hpx_analysis``, ``timm.create_model("hpx_former_s18")`` works, including
-``pretrained=True`` (Hugging Face hub id ``Spravil/<name>.westai_in1k``) through
-:func:`checkpoint_filter_fn`, which maps the reference key layout onto timm's.
+``pretrained=True`` through :func:`checkpoint_filter_fn`, which maps the reference key layout onto timm's.
+``default_cfgs`` is the one place that says where published weights live (Hugging Face hub id
+``Spravil/<name>.westai_in1k`` and file ``pytorch_model.bin``); :func:`model_names` asks timm's registry
+which names this module registered.
 
 A model is described by depths, dims and one token-mixer spec per stage, for example
 ``{"type": "hpx", "long_kernel_size": 111, "filter_emb_dim": 32, "use_layernorm": True}``
@@ -18,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, list_models, register_model
 from timm.models.metaformer import (Attention, Downsampling, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer,
                                     MlpHead, SepConv)
 from torch import nn
@@ -34,7 +36,12 @@ _MIXER_CLASSES = {"hpx": HyenaPixelMixer, "hb": HyenaMixer, "sepconv": SepConv, 
 
 
 def _configured_mixer(spec: Mapping[str, Any]) -> type:
-    """A subclass of the spec's mixer class with the spec's options bound (timm passes only dim)."""
+    """A subclass of the spec's mixer class with the spec's options bound (timm passes only dim).
+
+    timm needs a class here (it tests ``issubclass(mixer, Attention)``), so a ``functools.partial`` does not
+    do; :class:`HyenaPixelFormer` turns the built mixers back into instances of the plain class, which
+    pickle by reference.
+    """
     options = {k: v for k, v in spec.items() if k != "type"}
     try:
         base = _MIXER_CLASSES[spec["type"]]
@@ -42,7 +49,7 @@ def _configured_mixer(spec: Mapping[str, Any]) -> type:
         raise ValueError(f"unknown token mixer type {spec.get('type')!r}; known: {sorted(_MIXER_CLASSES)}") from None
     if spec["type"] == "attention":
         options.setdefault("head_dim", 32)
-    return type(base.__name__, (base,), {"__init__": partialmethod(base.__init__, **options)})
+    return type(base.__name__, (base,), {"__init__": partialmethod(base.__init__, **options), "configured_base": base})
 
 
 class HyenaPixelFormer(MetaFormer):
@@ -70,9 +77,11 @@ class HyenaPixelFormer(MetaFormer):
                 self.stages[i].downsample.apply(self._init_weights)
         if isinstance(self.head.fc, MlpHead):
             self.head.fc.norm.eps = HEAD_NORM_EPS
-        for module in self.modules():  # after timm's weight init, which re-draws every conv
-            if isinstance(module, HyenaPixelFilter):
+        for module in self.modules():
+            if isinstance(module, HyenaPixelFilter):  # after timm's weight init, which re-draws every conv
                 module.apply_output_gain()
+            if "configured_base" in vars(type(module)):  # the subclass only bound constructor options
+                module.__class__ = type(module).configured_base
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         super().reset_classifier(num_classes, *args, **kwargs)
@@ -203,18 +212,15 @@ def _cfg(hub_name: str = "", **kwargs: Any) -> Dict[str, Any]:
 PUBLISHED = ("hpx_former_s18", "hpx_former_s18_384", "hb_former_s18", "c_hpx_former_s18", "hpx_a_former_s18",
              "hb_a_former_s18", "hpx_former_b36", "hb_former_b36")
 
+AT_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12))
+
+# Tags in the order a loader tries them: the authors list one hub id for the 384 model, their loader another.
 default_cfgs = generate_default_cfgs({
     **{f"{name}.westai_in1k": _cfg(f"{name}.westai_in1k") for name in PUBLISHED if name != "hpx_former_s18_384"},
-    "hpx_former_s18_384.westai_in1k_384": _cfg("hpx_former_s18.westai_in1k_384", input_size=(3, 384, 384),
-                                               pool_size=(12, 12)),
+    "hpx_former_s18_384.westai_in1k_384": _cfg("hpx_former_s18.westai_in1k_384", **AT_384),
+    "hpx_former_s18_384.westai_in1k_ema_384": _cfg("hpx_former_s18.westai_in1k_ema_384", **AT_384),
     **{f"{layout}_{size}": _cfg() for layout in ("hpx_former", "hb_former") for size in ("s4", "s12")},
 })
-
-# Hub repositories to try in order: the authors list one id for the 384 model, their loader another.
-HUB_REPOS = {name: [f"Spravil/{name}.westai_in1k"] for name in PUBLISHED}
-HUB_REPOS["hpx_former_s18_384"] = ["Spravil/hpx_former_s18.westai_in1k_384",
-                                   "Spravil/hpx_former_s18.westai_in1k_ema_384"]
-HUB_FILENAME = "pytorch_model.bin"
 
 
 @register_model
@@ -277,9 +283,9 @@ def hb_a_former_s18(pretrained: bool = False, **kwargs: Any) -> HyenaPixelFormer
     return _create("hb_a_former_s18", pretrained, "hb_a_former", "s18", **kwargs)
 
 
-MODEL_NAMES = ("hpx_former_s4", "hpx_former_s12", "hpx_former_s18", "hpx_former_s18_384", "hpx_former_b36",
-               "hb_former_s4", "hb_former_s12", "hb_former_s18", "hb_former_b36", "c_hpx_former_s18",
-               "hpx_a_former_s18", "hb_a_former_s18")
+def model_names() -> List[str]:
+    """The model names this module registered with timm (timm files them under the module's last name part)."""
+    return list_models(module=__name__.rsplit(".", 1)[-1])
 
 
 def model_from_config(config: Mapping[str, Any], **kwargs: Any) -> HyenaPixelFormer:

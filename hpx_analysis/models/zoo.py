@@ -2,42 +2,52 @@
 
 ``load_model(name, weights)`` returns an eval-mode ``nn.Module`` whose ``hpx_provenance`` dict
 records the model name, where the weights came from and their SHA-256 (saved next to every result).
+
+Where published weights live is known only to timm's pretrained configs (``default_cfgs``: hub id and
+file name, or URL). ``pretrained`` looks for that file in the local Hugging Face cache first (no network),
+then downloads it unless ``HF_HUB_OFFLINE`` is set, and lets timm load it. Files are read by timm's
+``load_state_dict`` (``weights_only=True``) and loaded strictly, with a one-line error naming the keys
+that do not fit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import huggingface_hub
 import timm
 import torch
+from huggingface_hub.constants import PYTORCH_WEIGHTS_NAME, SAFETENSORS_SINGLE_FILE
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from timm.models import (PretrainedCfg, get_arch_pretrained_cfgs, get_pretrained_cfg, is_model_pretrained,
+                         split_model_name_tag)
+from timm.models._hub import check_cached_file, download_cached_file, hf_split
 from torch import nn
 
 from ..errors import HpxError
-from .hyenapixel import HUB_FILENAME, HUB_REPOS, MODEL_NAMES, model_from_config
+from .hyenapixel import model_from_config, model_names
 from .proxies import PROXY_NAMES
 
 REFERENCE_BACKBONES = ("convformer_s18", "caformer_s18", "convnext_tiny", "resnet50", "vgg16")
 WEIGHT_MODES = ("pretrained", "random")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")
 
 
 def available_models() -> List[str]:
     """Our HyenaPixel variants, the reference backbones and the demo's proxy models."""
-    return list(MODEL_NAMES) + list(REFERENCE_BACKBONES) + list(PROXY_NAMES)
+    return model_names() + list(REFERENCE_BACKBONES) + list(PROXY_NAMES)
 
 
 def _check_name(name: str) -> None:
-    if name in MODEL_NAMES or timm.is_model(name):
+    if timm.is_model(name):
         return
-    candidates = sorted(set(MODEL_NAMES) | set(timm.list_models()))
+    candidates = timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `hpx-analyze models` lists the supported ones"
     raise HpxError(f"unknown model '{name}'{hint}")
@@ -58,34 +68,29 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def _one_line(err: BaseException, limit: int = 240) -> str:
+    """An exception as one short line: its type and its message with every run of whitespace collapsed."""
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message[:limit]}{'...' if len(message) > limit else ''}"
+
+
 def read_checkpoint(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file without executing pickled code.
+    """Tensors of a checkpoint file without executing pickled code, read by timm's ``load_state_dict``.
 
     Accepts ``.safetensors`` or pickle (``weights_only=True``) files holding a bare state dict or one
-    wrapped under ``state_dict``/``model``/``state_dict_ema``; strips ``module.`` prefixes. A flat file
-    whose weights sit under a ``state_dict.`` prefix (the golden files) is unwrapped too.
+    wrapped under ``state_dict``/``model``/``state_dict_ema`` (timm prefers the EMA weights when a file
+    holds both); ``module.`` and ``_orig_mod.`` prefixes are stripped.
     """
     path = Path(path)
     if not path.is_file():
         raise HpxError(f"checkpoint file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            data: Any = load_file(str(path))
-        else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+        data: Any = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as err:  # any decoding failure means: not a checkpoint we can read safely
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HpxError(f"{path} is not a readable checkpoint ({type(err).__name__}: {first_line[:160]})") from None
-    for key in WRAPPER_KEYS:
-        if isinstance(data, Mapping) and isinstance(data.get(key), Mapping):
-            data = data[key]
-            break
-    if not isinstance(data, Mapping) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise HpxError(f"{path} is not a readable checkpoint ({_one_line(err, 160)})") from None
+    if not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise HpxError(f"{path} holds no state dict of tensors")
-    if any(k.startswith("state_dict.") for k in data):
-        data = {k[len("state_dict."):]: v for k, v in data.items() if k.startswith("state_dict.")}
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in data.items()}
+    return data
 
 
 def _filter_for(model: nn.Module):
@@ -126,81 +131,105 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_pretrained(name: str) -> Path:
-    """Local path of the published checkpoint of ``name`` (hub download, or the local HF cache offline)."""
-    from huggingface_hub import hf_hub_download
-    repos = HUB_REPOS.get(name)
-    if not repos:
-        raise HpxError(f"no published weights for '{name}'; published: {', '.join(HUB_REPOS)}")
-    with _hub_offline_if_unreachable():
-        for repo in repos:
-            try:
-                return Path(hf_hub_download(repo, HUB_FILENAME))
-            except Exception:  # not cached while offline, repository missing, network error: try the next
-                continue
-    urls = " or ".join(f"https://huggingface.co/{repo}/resolve/main/{HUB_FILENAME}" for repo in repos)
-    raise HpxError(f"pretrained weights for '{name}' are neither in the local Hugging Face cache nor reachable; "
+def _pretrained_tags(name: str) -> List[str]:
+    """Pretrained tags (``arch.tag`` names) whose weights ``name`` loads, in the order to try them.
+
+    A HyenaPixel model without a tag tries each of its published tags (hpx_former_s18_384 has two
+    hub ids); any other name stands for exactly one set of weights, timm's default for an untagged name.
+    """
+    arch, tag = split_model_name_tag(name)
+    if tag or arch not in model_names():
+        return [name] if is_model_pretrained(name) else []
+    return [tagged for tagged, cfg in get_arch_pretrained_cfgs(arch).items() if cfg.has_weights]
+
+
+def _hub_filenames(cfg: PretrainedCfg) -> List[str]:
+    """The hub file of a pretrained config; without one, the two timm tries (safetensors first)."""
+    return [cfg.hf_hub_filename] if cfg.hf_hub_filename else [SAFETENSORS_SINGLE_FILE, PYTORCH_WEIGHTS_NAME]
+
+
+def _weights_url(cfg: PretrainedCfg) -> str:
+    """Where to download the weights of a pretrained config by hand."""
+    if not cfg.hf_hub_id:
+        return cfg.url
+    repo_id, revision = hf_split(cfg.hf_hub_id)
+    return huggingface_hub.hf_hub_url(repo_id, _hub_filenames(cfg)[0], revision=revision)
+
+
+class _NoConnection(Exception):
+    """A download failed for want of a connection (not a missing file): no other download will work either."""
+
+
+def _weights_file(cfg: PretrainedCfg, cached_only: bool) -> Optional[Path]:
+    """The weights file of a pretrained config from the local cache (``cached_only``: no network at all)
+    or downloaded; None when the cache lacks it or the hub has no such repository or file."""
+    if not cfg.hf_hub_id:
+        if cached_only and not check_cached_file(cfg.url):
+            return None
+        try:
+            return Path(download_cached_file(cfg.url))
+        except OSError as err:
+            raise _NoConnection from err
+    repo_id, revision = hf_split(cfg.hf_hub_id)
+    for filename in _hub_filenames(cfg):
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
+                                                        local_files_only=cached_only))
+        except LocalEntryNotFoundError as err:  # downloading, this means that the hub did not answer
+            if not cached_only:
+                raise _NoConnection from err
+        except HfHubHTTPError:  # repository, revision or file missing on the hub
+            continue
+    return None
+
+
+def _find_pretrained(name: str) -> Tuple[str, Path]:
+    """(pretrained tag, local weights file) of ``name``: every tag from the local cache, then every tag
+    downloaded (unless ``HF_HUB_OFFLINE``); a one-line HpxError naming the URLs when none is found."""
+    tags = _pretrained_tags(name)
+    if not tags:
+        published = ", ".join(n for n in model_names() if _pretrained_tags(n))
+        raise HpxError(f"no published weights for '{name}'; HyenaPixel models with published weights: {published}")
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    try:
+        for cached_only in (True,) if offline else (True, False):
+            for tag in tags:
+                path = _weights_file(get_pretrained_cfg(tag), cached_only)
+                if path is not None:
+                    return tag, path
+        reason = "HF_HUB_OFFLINE is set" if offline else "the hub has none of them"
+    except _NoConnection as err:
+        reason = f"the download failed ({_one_line(err.__cause__, 120)})"
+    urls = " or ".join(_weights_url(get_pretrained_cfg(tag)) for tag in tags)
+    raise HpxError(f"pretrained weights for '{name}' are not in the local cache and {reason}; "
                    f"download {urls} and pass it with --checkpoint PATH (Python: weights=PATH)")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all (avoids minutes of client retries when offline)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+def _load_pretrained(name: str, **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model with its published weights, loaded by timm from the file :func:`_find_pretrained` found;
+    and their provenance."""
+    tag, path = _find_pretrained(name)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _hub_offline_if_unreachable() -> Iterator[None]:
-    """Put the Hugging Face client in offline mode (cache only) while the hub cannot be reached."""
-    from huggingface_hub import constants
-    previous = constants.HF_HUB_OFFLINE
-    if not previous and not _hub_reachable():
-        constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
-
-
-def _timm_pretrained(name: str, **kwargs: Any) -> nn.Module:
-    try:
-        with _hub_offline_if_unreachable():
-            return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as err:
-        cfg = timm.models.get_pretrained_cfg(name)
-        where = f"hub repository {cfg.hf_hub_id}" if cfg is not None and cfg.hf_hub_id else "its timm source"
-        raise HpxError(f"pretrained weights for '{name}' could not be loaded from {where} "
-                       f"({type(err).__name__}); download them and pass --checkpoint PATH") from None
+        model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    except Exception as err:  # a file timm cannot read or a state dict that does not fit: one line
+        raise HpxError(f"published weights {path} of '{tag}' do not load ({_one_line(err)})") from None
+    return model, {"pretrained_tag": tag, "weights_file": str(path), "weights_sha256": _sha256(path)}
 
 
 def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str | torch.device = "cpu",
                **kwargs: Any) -> nn.Module:
-    """A model in eval mode with weights from ``pretrained`` (hub/cache), ``random`` (seeded) or a file.
+    """A model in eval mode with weights from ``pretrained`` (cache/hub), ``random`` (seeded) or a file.
 
-    name: a registered model (``hpx_analysis.models.MODEL_NAMES``, any timm model) or a config ``.json``.
+    name: a registered model (``hpx_analysis.models.model_names()``, any timm model, optionally with a
+    pretrained tag ``name.tag``) or a config ``.json``.
     kwargs go to the model constructor (e.g. ``num_classes``, ``long_kernel_sizes``).
     The returned model has ``hpx_provenance``: model, weights source, SHA-256 of the weights file.
     """
     provenance: Dict[str, Any] = {"model": name, "weights": weights, "seed": seed}
     if weights == "pretrained":
-        if name in HUB_REPOS:
-            path = _download_pretrained(name)
-            model = create_model(name, **kwargs)
-            load_state_dict_checked(model, read_checkpoint(path), str(path))
-            provenance.update(weights_file=str(path), weights_sha256=_sha256(path))
-        else:
-            _check_name(name)
-            model = _timm_pretrained(name, **kwargs)
-            cfg = getattr(model, "pretrained_cfg", {}) or {}
-            provenance.update(weights_file=cfg.get("hf_hub_id") or cfg.get("url"), weights_sha256=None)
+        _check_name(name)
+        model, source = _load_pretrained(name, **kwargs)
+        provenance.update(source)
     elif weights == "random":
         torch.manual_seed(seed)
         model = create_model(name, **kwargs)

@@ -16,6 +16,16 @@ def _ratio_text(ratios: dict) -> str:
     return "area ratio " + ", ".join(parts[:2]) + "\n" + ", ".join(parts[2:])
 
 
+def _fit_text(fit: dict) -> str:
+    """Title lines with the Gaussian fit: sigmas in px and, when recorded, relative to the input side."""
+    parts = []
+    for axis, side in (("x", "W"), ("y", "H")):
+        relative = fit.get(f"sigma_{axis}_rel")
+        suffix = f" ({relative:.3f} {side})" if relative is not None else ""
+        parts.append(f"σ{axis}={fit[f'sigma_{axis}']:.1f} px{suffix}")
+    return f"\n{parts[0]}, R²={fit['r2']:.2f}\n{parts[1]}"
+
+
 def plot_erf(result: ERFResult, shared_scale: bool = False) -> "plt.Figure":
     """Figure with the display map of every model in ``result``, area ratios under each panel;
     for the kim2023 convention a second row with the radial cumulative mass."""
@@ -31,9 +41,9 @@ def plot_erf(result: ERFResult, shared_scale: bool = False) -> "plt.Figure":
         for ax, shown, entry in zip(axes[0], result.arrays["display"], result.meta["models"]):
             image = ax.imshow(shown, cmap=SEQUENTIAL_CMAP, vmin=0.0 if shared_scale else None, vmax=vmax)
             title = entry["label"]
-            if kim and entry.get("gaussian", {}).get("sigma_x") is not None:
-                fit = entry["gaussian"]
-                title += f"\nσx={fit['sigma_x']:.1f}, σy={fit['sigma_y']:.1f}, R²={fit['r2']:.2f}"
+            fit = entry.get("gaussian", {}) if kim else {}
+            if fit.get("sigma_x") is not None and fit.get("r2") is not None:
+                title += _fit_text(fit)
             ax.set_title(title)
             ax.set_xlabel(f"x (px)\n{_ratio_text(entry['area_ratios'])}", fontsize=7)
             ax.set_ylabel("y (px)")
@@ -42,9 +52,12 @@ def plot_erf(result: ERFResult, shared_scale: bool = False) -> "plt.Figure":
         if shared_scale:
             fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02, label=colour_label)
         if kim:
+            side = min(result.arrays["maps"].shape[1:])
             for ax, mass in zip(axes[1], result.arrays["radial_mass"]):
                 ax.plot(range(len(mass)), mass)
                 ax.set_xlabel("radius from centre (px)")
+                top = ax.secondary_xaxis("top", functions=(lambda r: r / side, lambda f: f * side))
+                top.set_xlabel("radius / input side", fontsize=7)
                 ax.set_ylabel("cumulative ERF mass")
                 ax.set_ylim(0, 1.02)
                 ax.grid(alpha=0.3)

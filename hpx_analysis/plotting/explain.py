@@ -51,8 +51,9 @@ def plot_explanations(results: Sequence[Any], stem: Path | str, exponent: float 
                     image = axes[row, column + 1].imshow(mean_mask[row], cmap="gray", vmin=0, vmax=1)
                     fig.colorbar(image, ax=axes[row, column + 1], fraction=0.046, pad=0.03)
                     record = result.records[row]
+                    failure = " (noise flip)" if record.get("flipped_by_noise") else " (no flip)"
                     axes[row, column].set_xlabel(f"lambda {record['lambda']:.0e}, {record['iterations']} it"
-                                                 + ("" if record["success"] else " (no flip)"), fontsize=7)
+                                                 + ("" if record["success"] else failure), fontsize=7)
                 axes[0, column].set_title(f"{label}\nexplanation")
                 axes[0, column + 1].set_title(f"mean mask$^{{{exponent:g}}}$")
                 column += 2

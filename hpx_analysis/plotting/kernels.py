@@ -7,13 +7,17 @@ from typing import List, Tuple
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Polygon
 
 from ..analyzers.kernels import KernelsResult
 from .style import DIVERGING_CMAP, SEQUENTIAL_CMAP, paper_style
 
 OUTSIDE_COLOUR = "0.8"   # taps that land outside the image for the evaluation pixel
 PANEL_INCHES = 1.6
+ORIENTATION_LABELS = {   # figure titles; c: centre tap, p: evaluation pixel, d: offset
+    "kernel": "kernel orientation\n(kernel array: tap c+d at p+d)",
+    "response": "response orientation\n(weight of input p-d at p: tap c+d at p-d)",
+}
 
 
 def panel_layout(result: KernelsResult) -> List[Tuple[int, int, int, int]]:
@@ -37,8 +41,9 @@ def _title(result: KernelsResult, i: int, g: int) -> str:
 
 
 def plot_kernels(result: KernelsResult) -> plt.Figure:
-    """One panel per layer (and shown channel) with a shared colorbar; 1D panels mark the image area,
-    the evaluation pixel and (grey) the taps that fall outside the image."""
+    """One panel per layer (and shown channel) with a shared colorbar, titled with the orientation;
+    1D panels outline the taps that read image pixels, mark the evaluation pixel p and grey the taps
+    whose input pixel falls outside the image."""
     normalisation = result.meta["options"]["normalisation"]
     diverging = normalisation != "minmax"
     cmap = plt.get_cmap(DIVERGING_CMAP if diverging else SEQUENTIAL_CMAP).with_extremes(bad=(0, 0, 0, 0))
@@ -63,7 +68,7 @@ def plot_kernels(result: KernelsResult) -> plt.Figure:
             image = ax.imshow(np.where(outside, np.nan, panel), cmap=cmap, vmin=limits[0], vmax=limits[1])
             layer = result.layers[i]
             if layer["position"] is not None:
-                _mark_wrap(ax, layer, outside)
+                _mark_wrap(ax, layer, panel, outside)
                 if col == 0:
                     ax.set_ylabel(f"rows of width {layer['feature_size'][1]}")
             ax.set_title(_title(result, i, g))
@@ -71,14 +76,32 @@ def plot_kernels(result: KernelsResult) -> plt.Figure:
             ax.set_yticks([])
         label = {"maxabs": "weight / max |weight|", "minmax": "min-max normalised weight"}.get(normalisation, "weight")
         fig.colorbar(image, ax=axes, shrink=0.8, label=label)
+        fig.suptitle(ORIENTATION_LABELS[result.orientation])
     return fig
 
 
-def _mark_wrap(ax: plt.Axes, layer: dict, outside: np.ndarray) -> None:
-    """Grey out-of-image taps, outline the image area and dot the evaluation pixel of a wrapped 1D panel."""
-    height, width = layer["feature_size"]
+def _mark_wrap(ax: plt.Axes, layer: dict, panel: np.ndarray, outside: np.ndarray) -> None:
+    """On a wrapped 1D panel (R, W): grey the out-of-image taps, outline the taps that read image pixels
+    (the image itself in response orientation, the image reflected through p along the flattened
+    sequence in kernel orientation) and mark the evaluation pixel p."""
+    width = layer["feature_size"][1]
     top = -layer["first_row"]
     ax.imshow(np.where(outside, 1.0, np.nan), cmap=ListedColormap([OUTSIDE_COLOUR]), vmin=0, vmax=1)
-    ax.add_patch(Rectangle((-0.5, top - 0.5), width, height, fill=False, edgecolor="black", linewidth=0.8))
+    reading = np.flatnonzero(~outside & ~np.isnan(panel))   # one contiguous run of cells
+    ax.add_patch(Polygon(_span_outline(reading[0], reading[-1], width), closed=True, fill=False,
+                         edgecolor="black", linewidth=0.8))
     row, col = layer["position"]
     ax.plot(col, top + row, marker="+", color="black", markersize=5)
+
+
+def _span_outline(first: int, last: int, width: int) -> List[Tuple[float, float]]:
+    """(x, y) corners of the outline of picture cells first..last (row-major, rows of ``width``)."""
+    first_row, first_col = divmod(first, width)
+    last_row, last_col = divmod(last, width)
+    if first_row == last_row:
+        corners = [(first_col, first_row), (last_col + 1, first_row), (last_col + 1, first_row + 1),
+                   (first_col, first_row + 1)]
+    else:
+        corners = [(first_col, first_row), (width, first_row), (width, last_row), (last_col + 1, last_row),
+                   (last_col + 1, last_row + 1), (0, last_row + 1), (0, first_row + 1), (first_col, first_row + 1)]
+    return [(x - 0.5, y - 0.5) for x, y in corners]

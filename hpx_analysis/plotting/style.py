@@ -7,10 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import matplotlib
-
-matplotlib.use("Agg")  # figures are files; never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PAPER_RC: Dict[str, Any] = {
     "font.size": 9,
