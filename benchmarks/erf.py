@@ -2,13 +2,13 @@
 
 Plain loop: batch 1, parameters requiring grad, full forward, backward of the centre scalar.
 Analyzer: :func:`hpx_analysis.analyzers.erf.effective_receptive_field` (frozen parameters, forward
-stopped at the output layer, batches; with ``--compile`` also the ``torch.compile`` variant).
+stopped at the output layer, batches).
 
 Timing: one process, two copies of the same seeded model, the variants alternate image by image
-(so load from other processes hits all of them alike); one untimed warm-up round first (twice for
-the compiled variant, which absorbs its recompiles). Memory: each variant once more in its own
-subprocess for one image after a warm-up, peak RSS (sampled every 5 ms) minus RSS before the
-pass (CUDA: peak allocated).
+(so load from other processes hits all of them alike); one untimed warm-up round first. Memory: each
+variant once more in its own subprocess for one image after a warm-up, peak RSS (sampled every 5 ms)
+minus RSS before the pass (CUDA: peak allocated). A ``torch.compile`` variant was dropped: it lost to
+eager on CPU (see README, ERF).
 Prints seconds per image, speed-up, pass GFLOP (torch.utils.flop_counter, FFTs excluded), achieved
 GFLOP/s as a fraction of a 2048x2048 float32 matmul rate measured in the same run, peak memory per
 image, and the maximum map difference relative to the map's maximum (must be <= 1e-4).
@@ -20,7 +20,6 @@ image, and the maximum map difference relative to the map's maximum (must be <= 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden" / "tiny" / "tiny_hpx.json"
-VARIANTS = ("plain loop", "analyzer", "analyzer+compile")
+VARIANTS = ("plain loop", "analyzer")
 
 
 def _rss_gb() -> float:
@@ -45,9 +44,9 @@ def _rss_gb() -> float:
 
 def _inputs(model: torch.nn.Module, size: int, count: int) -> torch.Tensor:
     """The first ``count`` bundled sample photographs, prepared: (count, 3, size, size)."""
-    from hpx_analysis.images import model_mean_std, read_rgb, sample_images, to_model_input
-    mean, std = model_mean_std(model)
-    return torch.stack([to_model_input(read_rgb(s), (size, size), mean, std) for s in sample_images(count)])
+    from hpx_analysis.images import eval_transform, read_rgb, sample_images
+    transform, _ = eval_transform(model, size, crop=False, interpolation="bicubic")  # the replknet inputs
+    return torch.stack([transform(read_rgb(s)) for s in sample_images(count)])
 
 
 def _plain_map(model: torch.nn.Module, image: torch.Tensor, layer: str) -> torch.Tensor:
@@ -81,7 +80,6 @@ def _sync(device: str) -> None:
 
 def measure_memory(args: argparse.Namespace) -> None:
     """Subprocess body: one warm-up and one measured image of ``args.variant``; prints peak GB per image."""
-    from hpx_analysis.analyzers.erf import compiled_submodules
     from hpx_analysis.inspection import feature_layer
     from hpx_analysis.models.zoo import load_model
 
@@ -89,24 +87,22 @@ def measure_memory(args: argparse.Namespace) -> None:
     layer = feature_layer(model)
     images = _inputs(model, args.size, args.batch_size).to(args.device)
     run = _runner(args.variant, model, layer, args.batch_size)
-    compiled = compiled_submodules(model, layer) if args.variant.endswith("compile") else contextlib.nullcontext()
-    with compiled:
-        run(images)  # warm-up (and compilation) outside the measured peak
-        rss_before, rss_peak, done = _rss_gb(), [0.0], threading.Event()
+    run(images)  # warm-up outside the measured peak
+    rss_before, rss_peak, done = _rss_gb(), [0.0], threading.Event()
 
-        def sample() -> None:  # RSS every 5 ms: the peak of this pass alone (ru_maxrss spans the process)
-            while not done.is_set():
-                rss_peak[0] = max(rss_peak[0], _rss_gb())
-                time.sleep(0.005)
+    def sample() -> None:  # RSS every 5 ms: the peak of this pass alone (ru_maxrss spans the process)
+        while not done.is_set():
+            rss_peak[0] = max(rss_peak[0], _rss_gb())
+            time.sleep(0.005)
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        run(images)
-        _sync(args.device)
-        done.set()
-        sampler.join()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run(images)
+    _sync(args.device)
+    done.set()
+    sampler.join()
     peak = torch.cuda.max_memory_allocated() / 1e9 if args.device.startswith("cuda") else rss_peak[0] - rss_before
     print(json.dumps({"peak_gb_per_image": peak / args.batch_size}))
 
@@ -128,12 +124,11 @@ def benchmark(args: argparse.Namespace) -> float:
     """Interleaved timing of the variants; prints the table; returns the worst map difference."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hpx_analysis.analyzers.erf import compiled_submodules, erf_gradient_maps, frozen_parameters
+    from hpx_analysis.analyzers.erf import erf_gradient_maps, frozen_parameters
     from hpx_analysis.inspection import feature_layer
     from hpx_analysis.models.zoo import load_model
 
-    variants = VARIANTS if args.compile else VARIANTS[:2]
-    models = {v: load_model(args.model, "random", seed=0, device=args.device) for v in variants}
+    models = {v: load_model(args.model, "random", seed=0, device=args.device) for v in VARIANTS}
     layer = feature_layer(models["analyzer"])
     batches = _inputs(models["analyzer"], args.size, args.batch_size * (args.images + 1)).to(args.device)
     batches = list(batches.split(args.batch_size))
@@ -142,28 +137,25 @@ def benchmark(args: argparse.Namespace) -> float:
     gflop = counter.get_total_flops() / 1e9
     rate = matmul_rate(args.device)
 
-    runners = {v: _runner(v, models[v], layer, args.batch_size) for v in variants}
-    seconds: Dict[str, float] = {v: 0.0 for v in variants}
+    runners = {v: _runner(v, models[v], layer, args.batch_size) for v in VARIANTS}
+    seconds: Dict[str, float] = {v: 0.0 for v in VARIANTS}
     maps: Dict[str, np.ndarray] = {}
-    with compiled_submodules(models[VARIANTS[2]], layer) if args.compile else contextlib.nullcontext():
-        if args.compile:
-            runners[VARIANTS[2]](batches[0])
-        for variant in variants:
-            runners[variant](batches[0])  # warm-up
-        for batch in batches[1:]:
-            for variant in variants:
-                start = time.perf_counter()
-                summed = runners[variant](batch)
-                _sync(args.device)
-                seconds[variant] += time.perf_counter() - start
-                maps[variant] = maps.get(variant, 0) + summed
+    for variant in VARIANTS:
+        runners[variant](batches[0])  # warm-up
+    for batch in batches[1:]:
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            summed = runners[variant](batch)
+            _sync(args.device)
+            seconds[variant] += time.perf_counter() - start
+            maps[variant] = maps.get(variant, 0) + summed
 
     count = args.images * args.batch_size
     print(f"model {Path(args.model).stem} at {args.size} px, {count} timed images per variant (interleaved), "
           f"device {args.device}, {torch.get_num_threads()} threads, analyzer batch {args.batch_size}")
     print(f"matmul 2048x2048: {rate:.1f} GFLOP/s; ERF pass (forward to the layer + input backward): {gflop:.1f} GFLOP")
     plain_time, worst = seconds["plain loop"] / count, 0.0
-    for variant in variants:
+    for variant in VARIANTS:
         command = [sys.executable, __file__, "--memory-of", variant, "--model", args.model, "--size", str(args.size),
                    "--batch-size", str(args.batch_size), "--device", args.device]
         memory = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -184,7 +176,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--images", type=int, default=2, help="timed batches per variant (plus one warm-up)")
     parser.add_argument("--batch-size", type=int, default=1, help="analyzer batch size")
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile variant")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny model at 64 px (a smoke run)")
     parser.add_argument("--memory-of", dest="variant", choices=VARIANTS, help=argparse.SUPPRESS)

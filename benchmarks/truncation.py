@@ -3,7 +3,7 @@
 Naive loop: for every (stage, relative size) the stage's kernels are masked with ``modify_kernels``
 and the whole model runs (implicit filters re-evaluated per setting). Analyzer: the batch function of
 :func:`hpx_analysis.analyzers.truncation.truncation_sweep` (stage inputs computed once, identical tap
-sets evaluated once, masked kernels placed in the FFT caches). Both see the same batch, weights and
+sets evaluated once, masked kernels applied with ``override_kernel``). Both see the same batch, weights and
 random labels; their top-1/top-5 correctness must be identical.
 
 Two sweeps are measured: every stage with its long filters (4 stages x 11 sizes for hpx_former_s18)
@@ -44,7 +44,7 @@ def naive_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, st
         for size in sizes:
             def cut(k: torch.Tensor, info, _size: float = size) -> torch.Tensor:
                 return k * trunc.kept_taps(distance[info.index], _size).to(k.dtype)
-            with modify_kernels(model, cut, layers=[i.index for i in infos if i.stage == stage]):
+            with modify_kernels(model, cut, layers=[stage]):
                 flags.append(trunc._correct(model(images), labels))
     return torch.stack([f[0] for f in flags], 1).numpy(), torch.stack([f[1] for f in flags], 1).numpy()
 

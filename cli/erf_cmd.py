@@ -32,13 +32,12 @@ def erf(
                     "resized bicubic to size x size, no crop (default 1024). kim2023: the model's timm eval "
                     "transform (shorter side resized by crop_pct, centre crop) at its pretrained input size, "
                     "or at --size when given.")] = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Output: stage number 1-4 or a module path "
-                     "(default: last stage, before the final norm and head).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Output: a stage's output or a block, numbered "
+                     "from 1 as in the paper (S2, 2, S2B1, 2.1), or a module path (stages.1, stages.1.blocks.0: "
+                     "from 0, as the modules). Default: last stage, before the final norm and head.")] = None,
     convention: Annotated[str, typer.Option("--convention", help="replknet (paper) or kim2023.")] = "replknet",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backward pass.")] = 1,
     amp: Annotated[Optional[str], typer.Option("--amp", help="Autocast dtype bf16 or fp16 (GPU).")] = None,
-    compile_model: Annotated[bool, typer.Option("--compile", help="Fuse elementwise and norm work with "
-                             "torch.compile (experimental; slower than eager on CPU in benchmarks/erf.py).")] = False,
     shared_scale: Annotated[bool, typer.Option("--shared-scale/--per-panel", help="One colour scale for all "
                             "panels or a colorbar per panel.")] = False,
     replot: Annotated[Optional[Path], typer.Option("--replot", help="Redraw a saved erf_*.npz without "
@@ -53,6 +52,7 @@ def erf(
     Partial sums are kept in --out, so an interrupted run resumes when rerun with the same options."""
     from hpx_analysis.analyzers.erf import ERFResult, effective_receptive_field
     from hpx_analysis.errors import HpxError
+    from hpx_analysis.inspection import LayerRef, is_layer_syntax
     from hpx_analysis.plotting.erf import save_erf_figure
 
     if replot is not None:
@@ -70,12 +70,13 @@ def erf(
 
     target = resolve_device(device)
     sources = image_sources(images, num_images, seed)
+    output = LayerRef.parse(layer) if layer is not None and is_layer_syntax(layer) else layer
     results = []
     for name in model:
         net = load_model(name, weights, seed=seed, device=target)
-        results.append(effective_receptive_field(net, sources, input_size=size, layer=layer, convention=convention,
-                                                 batch_size=batch_size, amp=amp, compile=compile_model,
-                                                 label=model_label(name), resume_dir=out))
+        results.append(effective_receptive_field(net, sources, input_size=size, layer=output, convention=convention,
+                                                 batch_size=batch_size, amp=amp, label=model_label(name),
+                                                 resume_dir=out))
     result = ERFResult.combine(results)
     result.meta["options"].update(images=str(images) if images else "skimage samples", num_images=num_images,
                                   seed=seed, weights=weights, device=str(target))

@@ -67,9 +67,8 @@ def explain(
     from hpx_analysis.analyzers.attribution import explain as run_explain
     from hpx_analysis.analyzers.fgvis import FgvisResult, FgvisSettings
     from hpx_analysis.analyzers.sanity import SanityResult, sanity_check
-    from hpx_analysis.analyzers.truncation import eval_transform
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.images import image_sources, model_mean_std
+    from hpx_analysis.images import eval_transform, image_sources, model_mean_std
     from hpx_analysis.models.zoo import load_model, model_label
     from hpx_analysis.results import model_metadata
     from hpx_analysis.plotting.explain import plot_explanations, plot_sanity

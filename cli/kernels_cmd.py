@@ -42,8 +42,10 @@ def kernels(
     top_k: Annotated[int, typer.Option("--top-k", help="Channels shown per layer with --reduction top-k.")] = 4,
     normalise: Annotated[str, typer.Option("--normalise", help="maxabs ([-1, 1], diverging map centred at 0), "
                                                                "minmax ([0, 1]) or none.")] = "maxabs",
-    layers: Annotated[Optional[str], typer.Option(help="Hand-picked layers as 0-based STAGE.BLOCK list, e.g. "
-                                                       "0.0,1.2 (0.0 is the paper's S1 B1). Default: all.")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Hand-picked stages or blocks, numbered from 1 as in the "
+                                                       "paper: S1B1,S2B3 or 1.1,2.3 (STAGE.BLOCK), S3 (all of stage "
+                                                       "3), or module paths stages.0.blocks.0 (from 0). "
+                                                       "Default: all.")] = None,
     position: Annotated[Optional[str], typer.Option(help="Evaluation pixel ROW,COL of the 1D (Hyena) wrap-around; "
                                                          "default the centre-most pixel.")] = None,
     orientation: Annotated[Orientation, typer.Option(help="kernel: the kernel array, tap c+d drawn at p+d (as the "
@@ -56,8 +58,9 @@ def kernels(
     seed: Seed = DEFAULT_SEED,
 ) -> None:
     """Plot each long-filter layer's kernel: 2D HyenaPixel kernels and reshaped, wrapped 1D Hyena kernels."""
-    from hpx_analysis.analyzers.kernels import compute_kernels, parse_layers
+    from hpx_analysis.analyzers.kernels import compute_kernels
     from hpx_analysis.devices import resolve_device
+    from hpx_analysis.inspection import parse_layers
     from hpx_analysis.models.zoo import load_model, model_label
     from hpx_analysis.plotting import save_figure
     from hpx_analysis.plotting.kernels import plot_kernels

@@ -33,14 +33,17 @@ def parse_sizes(text: Optional[str]) -> Optional[List[float]]:
 
 
 def parse_stages(values: List[str]) -> Optional[List[int]]:
-    """0-based stages from the paper's 1-based numbers; None for ``all``."""
+    """0-based stages from the paper's 1-based ``3`` or ``S3`` (or the module path ``stages.2``,
+    :meth:`~hpx_analysis.inspection.LayerRef.parse`); None for ``all``."""
     from hpx_analysis.errors import HpxError
+    from hpx_analysis.inspection import LayerRef
     if not values or "all" in values:
         return None
-    try:
-        return [int(v) - 1 for v in values]
-    except ValueError:
-        raise HpxError(f"--stage takes 1-4 or 'all', got {', '.join(values)}") from None
+    refs = [LayerRef.parse(v) for v in values]
+    blocks = [str(ref) for ref in refs if ref.block is not None]
+    if blocks:
+        raise HpxError(f"--stage takes whole stages (S3 or 3) or 'all', got the block(s) {', '.join(blocks)}")
+    return [ref.stage for ref in refs]
 
 
 def truncate(
@@ -49,8 +52,8 @@ def truncate(
                                        "0, 1, ...), or a flat folder with --labels.")],
     model: Model = "hpx_former_s18",
     weights: Weights = DEFAULT_WEIGHTS,
-    stage: Annotated[List[str], typer.Option("--stage", help="Stage to truncate, numbered 1-4 as in the paper; "
-                                             "repeat for several; 'all' (default): every stage with long "
+    stage: Annotated[List[str], typer.Option("--stage", help="Stage to truncate, numbered from 1 as in the paper "
+                                             "(3 or S3); repeat for several; 'all' (default): every stage with long "
                                              "filters, one curve each.")] = ["all"],
     sizes: Annotated[Optional[str], typer.Option("--sizes", help="Relative filter sizes r: 'start:stop:step' or "
                                                  "'0,0.5,1'. Taps farther than r*F/2 from the centre are zeroed. "
@@ -90,23 +93,22 @@ def truncate(
 
     Runs unchanged under `torchrun --nproc-per-node N` (each rank a shard of the batches; rank 0 writes).
     """
-    from hpx_analysis.analyzers.truncation import distributed_setup, truncation_sweep
+    from hpx_analysis import distributed
+    from hpx_analysis.analyzers.truncation import truncation_sweep
     from hpx_analysis.datasets import labelled_images, stratified_subset
     from hpx_analysis.devices import resolve_device
     from hpx_analysis.models.zoo import load_model, model_label
     from hpx_analysis.plotting.truncation import plot_truncation
 
-    target, rank, world = distributed_setup(resolve_device(device))
+    target, rank, _ = distributed.setup(resolve_device(device))
+    stages = parse_stages(stage)
     samples = stratified_subset(labelled_images(data, labels), limit, seed)
     net = load_model(model, weights, seed=seed, device=target)
-    result = truncation_sweep(net, samples, parse_stages(stage), parse_sizes(sizes), shape, hb_cut=hb_cut,
+    result = truncation_sweep(net, samples, stages, parse_sizes(sizes), shape, hb_cut=hb_cut,
                               batch_size=batch_size, image_size=image_size,
                               cache_dir=Path(out) / "truncate_cache" if resume else None, strict=strict,
                               workers=workers, n_resamples=bootstrap, seed=seed)
-    if world > 1:
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
+    distributed.teardown()
     if rank != 0:
         return
     result.meta["inputs"] = {"data": str(Path(data).resolve()), "labels": str(labels) if labels else None,

@@ -16,6 +16,7 @@ from . import models  # noqa: E402,F401  (registers the HyenaPixel entrypoints w
 _ENTRY_POINTS = {
     "load_model": "models.zoo", "available_models": "models.zoo", "read_checkpoint": "models.zoo",
     "list_mixers": "inspection", "long_filter_layers": "inspection", "modify_kernels": "inspection",
+    "LayerRef": "inspection",
     "sample_images": "images", "image_sources": "images", "labelled_images": "datasets",
     "effective_receptive_field": "analyzers.erf", "compute_kernels": "analyzers.kernels",
     "compute_coverage": "analyzers.coverage", "truncation_sweep": "analyzers.truncation",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -118,10 +118,25 @@ def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (images - mean_t) / std_t
 
 
-def to_model_input(image: Image.Image, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Resize to ``size`` (H, W) with bicubic interpolation, no crop, and normalise: (3, H, W) float32."""
-    resized = image.resize((size[1], size[0]), Image.BICUBIC)
-    return normalise(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1), mean, std)
+def eval_transform(model: torch.nn.Module, image_size: Optional[int] = None, *, crop: bool = True,
+                   interpolation: Optional[str] = None) -> Tuple[Callable[[Image.Image], Tensor], Tuple[int, int]]:
+    """The model's evaluation preprocessing, RGB PIL image -> normalised (3, H, W) float32, and that (H, W).
+
+    Built by timm from the model's data config (``resolve_data_config`` + ``create_transform``):
+    the config's input size (``image_size`` overrides it with a square side), interpolation
+    (``interpolation``, e.g. ``"bicubic"``, overrides it), mean and std. crop=True: timm's eval
+    transform, resize the shorter side to size / crop_pct and centre crop. crop=False: resize to
+    exactly (H, W), aspect ratio not kept, nothing cropped (timm's ``squash`` mode at crop_pct 1).
+    """
+    from timm.data import create_transform, resolve_data_config
+
+    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    config = resolve_data_config(args, model=model)
+    if interpolation is not None:
+        config["interpolation"] = interpolation
+    if not crop:
+        config.update(crop_mode="squash", crop_pct=1.0)
+    return create_transform(**config), (int(config["input_size"][1]), int(config["input_size"][2]))
 
 
 def model_mean_std(model: torch.nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -4,19 +4,27 @@
 (0-based, as in module paths; the paper numbers stages 1-4), block, module path, kind and the
 feature-map size at a given input resolution. For long filters ``kernel(info)`` returns the kernel
 actually applied, (C, S, S) or (C, T), and ``window(info)`` HyenaPixel's window.
-``modify_kernels`` applies a function to chosen layers' kernels and restores them afterwards.
+``modify_kernels`` applies a function to chosen layers' kernels and restores them afterwards;
+``cut_short_convs`` keeps only the centre tap of chosen stages' short (5x5) depthwise kernels, likewise.
+
+``LayerRef`` is the one way to name a stage or block: numbered from 0 in the Python API, parsed from
+the paper's 1-based ``S3`` / ``S3B2`` / ``3.2`` on the command line, or from module paths
+(``stages.2.blocks.1``, from 0); ``select_mixers`` and ``layer_module`` resolve it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .errors import HpxError
 from .models.long_filters import HyenaFilter1D, HyenaPixelFilter, LongFilterBase
 from .models.mixers import HyenaMixer, HyenaPixelMixer
 
@@ -26,6 +34,78 @@ SEPARABLE_LONG_CONV = "separable_long_conv"
 ATTENTION = "attention"
 LOCAL_CONV = "local_conv"
 OTHER = "other"
+MIXER_ATTRIBUTES = ("token_mixer", "conv_dw", "conv2")  # a block's token mixer, first found wins
+
+LAYER_SYNTAX = "S3, S3B2, 3, 3.2, stages.2 or stages.2.blocks.1"
+_PAPER_LABEL = re.compile(r"s(\d+)(?:\s*b(\d+))?", re.IGNORECASE)   # numbered from 1, as in the paper
+_NUMBERS = re.compile(r"(\d+)(?:\.(\d+))?")                        # numbered from 1 or 0 (``one_based``)
+_MODULE_PATH = re.compile(r"stages\.(\d+)(?:\.blocks\.(\d+))?")    # numbered from 0, as the modules
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A stage, or one block of it, numbered from 0: ``LayerRef(2, 1)`` is the paper's S3 B2, the block
+    ``stages.2.blocks.1``; ``LayerRef(2)`` is all of stage 3. ``str()`` gives the paper's label."""
+
+    stage: int
+    block: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.stage < 0 or (self.block is not None and self.block < 0):
+            raise HpxError(f"stage and block indices start at 0, got stage {self.stage}, block {self.block}")
+
+    @classmethod
+    def parse(cls, text: str, one_based: bool = True) -> "LayerRef":
+        """``S3``, ``s3``, ``S3B2``, ``S3 B2`` (the paper's labels, numbered from 1), ``3``, ``3.2`` (STAGE.BLOCK,
+        numbered from 1 when ``one_based``, as on the command line, else from 0, as in the Python API) or
+        the module paths ``stages.2``, ``stages.2.blocks.1`` (numbered from 0). HpxError for other text."""
+        stripped = text.strip()
+        for pattern, from_one in ((_PAPER_LABEL, True), (_NUMBERS, one_based), (_MODULE_PATH, False)):
+            match = pattern.fullmatch(stripped)
+            if match is None:
+                continue
+            stage, block = (None if g is None else int(g) - from_one for g in match.groups())
+            if stage < 0 or (block is not None and block < 0):
+                raise HpxError(f"layer '{stripped}': stages and blocks are numbered from 1 here, as in the paper")
+            return cls(stage, block)
+        raise HpxError(f"layer '{stripped}' names no stage or block; write {LAYER_SYNTAX}")
+
+    @classmethod
+    def of(cls, layer: "LayerLike") -> "LayerRef":
+        """A LayerRef from the Python API's forms, all numbered from 0: a LayerRef, a stage index, a
+        (stage, block) pair, or text for :meth:`parse` with ``one_based=False``."""
+        if isinstance(layer, LayerRef):
+            return layer
+        if isinstance(layer, str):
+            return cls.parse(layer, one_based=False)
+        if isinstance(layer, numbers.Integral):
+            return cls(int(layer))
+        stage, block = layer
+        return cls(int(stage), int(block))
+
+    def matches(self, info: "MixerInfo") -> bool:
+        """Whether the mixer lies in this stage (and block)."""
+        return info.stage == self.stage and (self.block is None or info.block == self.block)
+
+    def __str__(self) -> str:
+        return f"S{self.stage + 1}" + ("" if self.block is None else f" B{self.block + 1}")
+
+
+LayerLike = Union[LayerRef, int, Tuple[int, int], str]
+
+
+def parse_layers(text: Optional[str], one_based: bool = True) -> Optional[List[LayerRef]]:
+    """``"S1B1,2.1,S3"`` -> [LayerRef(0, 0), LayerRef(1, 0), LayerRef(2)]: comma-separated
+    :meth:`LayerRef.parse` forms, numbered from 1 as on the command line unless ``one_based`` is False;
+    None for no text."""
+    if not text:
+        return None
+    return [LayerRef.parse(item, one_based) for item in text.split(",")]
+
+
+def is_layer_syntax(text: str) -> bool:
+    """Whether ``text`` has one of :meth:`LayerRef.parse`'s forms (other text may be a module path)."""
+    return any(p.fullmatch(text.strip()) for p in (_PAPER_LABEL, _NUMBERS, _MODULE_PATH))
 
 
 @dataclass
@@ -57,9 +137,21 @@ class MixerInfo:
         return f"{self.path}.{suffix}" if suffix else None
 
     @property
+    def ref(self) -> LayerRef:
+        """Stage and block of this layer (numbered from 0)."""
+        return LayerRef(self.stage, self.block)
+
+    @property
     def name(self) -> str:
         """Short label in the paper's numbering: ``S3 B2`` (stage and block from 1)."""
-        return f"S{self.stage + 1} B{self.block + 1}"
+        return str(self.ref)
+
+    @property
+    def block_path(self) -> str:
+        """Module path of the block holding the mixer (``stages.2.blocks.1``); the mixer itself when it is
+        the whole block (VGG's convolutions)."""
+        parent, _, last = self.path.rpartition(".")
+        return parent if last in MIXER_ATTRIBUTES else self.path
 
 
 def _classify(module: nn.Module) -> Tuple[str, Optional[Tuple[int, ...]]]:
@@ -84,7 +176,7 @@ def _block_mixers(model: nn.Module) -> Iterator[Tuple[int, int, str, nn.Module]]
             blocks = getattr(stage, "blocks", stage)
             prefix = f"stages.{s}.blocks" if hasattr(stage, "blocks") else f"stages.{s}"
             for b, block in enumerate(blocks):
-                for attr in ("token_mixer", "conv_dw", "conv2"):
+                for attr in MIXER_ATTRIBUTES:
                     if hasattr(block, attr):
                         yield s, b, f"{prefix}.{b}.{attr}", getattr(block, attr)
                         break
@@ -192,20 +284,57 @@ def window_parameters(layer: Union[MixerInfo, LongFilterBase]) -> Dict[str, Tens
             "t": filt.pos_emb.t.flatten().clone()}
 
 
-LayerSelector = Union[None, Iterable[Union[int, str]], Callable[[MixerInfo], bool]]
+def _paper_numbers(indices: Iterable[int]) -> str:
+    """0-based indices numbered from 1, as in the paper: ``1-4`` when contiguous, else ``1, 3``."""
+    numbers = sorted({i + 1 for i in indices})
+    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ", ".join(map(str, numbers))
 
 
-def _selected(infos: List[MixerInfo], layers: LayerSelector) -> List[MixerInfo]:
+def _missing(infos: Sequence[MixerInfo], ref: LayerRef) -> str:
+    """Why no mixer in ``infos`` matches ``ref``, with what the model has instead."""
+    stages = {info.stage for info in infos}
+    if not stages:
+        return f"cannot find {ref}: the model has no stages of blocks (MetaFormer stages, ResNet layerN, VGG features)"
+    if ref.stage not in stages:
+        return f"stage {ref.stage + 1} does not exist; the model has stages {_paper_numbers(stages)}"
+    blocks = {info.block for info in infos if info.stage == ref.stage}
+    return (f"block {ref.block + 1} of stage {ref.stage + 1} does not exist; stage {ref.stage + 1} has blocks "
+            f"{_paper_numbers(blocks)}")
+
+
+def select_mixers(infos: Sequence[MixerInfo], layers: Optional[Iterable[LayerLike]],
+                  long_filters_only: bool = False) -> List[MixerInfo]:
+    """The mixers among ``infos`` (all of a model's, :func:`list_mixers`) that ``layers`` (one or a list) name,
+    numbered from 0 (:meth:`LayerRef.of`; a stage names all its blocks), in that order without repeats; all
+    when None.
+
+    long_filters_only: only layers with an implicit long filter. HpxError for a stage or block that the
+    model lacks, or that has no long filter, saying what exists.
+    """
+    candidates = [info for info in infos if info.long_filter is not None or not long_filters_only]
     if layers is None:
-        return infos
-    if callable(layers):
-        return [info for info in infos if layers(info)]
-    wanted = set(layers)
-    chosen = [info for info in infos if info.index in wanted or info.path in wanted or info.name in wanted]
-    unknown = wanted - {info.index for info in chosen} - {info.path for info in chosen} - {info.name for info in chosen}
-    if unknown:
-        raise ValueError(f"no long-filter layer matches {sorted(map(str, unknown))}")
-    return chosen
+        return candidates
+    if isinstance(layers, (str, LayerRef, numbers.Integral)):
+        layers = [layers]
+    allowed = {info.index for info in candidates}
+    chosen: Dict[int, MixerInfo] = {}
+    for ref in map(LayerRef.of, layers):
+        found = [info for info in infos if ref.matches(info)]
+        if not found:
+            raise HpxError(_missing(infos, ref))
+        kept = [info for info in found if info.index in allowed]
+        if not kept:
+            where = (f"layers with one are in stages {_paper_numbers(i.stage for i in candidates)}" if candidates
+                     else "the model has no HyenaPixel or Hyena long-filter layers")
+            raise HpxError(f"{ref} has no long filter (its mixer is {found[0].kind}); {where}")
+        for info in kept:
+            chosen.setdefault(info.index, info)
+    return list(chosen.values())
+
+
+LayerSelector = Union[None, Iterable[LayerLike], Callable[[MixerInfo], bool]]
 
 
 @contextlib.contextmanager
@@ -214,12 +343,16 @@ def modify_kernels(model: nn.Module, modifier: Callable[[Tensor, MixerInfo], Ten
                    ) -> Iterator[List[MixerInfo]]:
     """Apply ``modifier(kernel, info) -> kernel`` to the long filters of the chosen layers inside the block.
 
-    layers: None (all long-filter layers), mixer indices / paths / names (``S3 B1``), or a predicate.
+    layers: None (all long-filter layers), stages and blocks numbered from 0 (``[LayerRef(2, 0)]``, ``[2]``
+    for all of stage 3, ``[(2, 0)]``, ``["S3 B1"]``; :func:`select_mixers`), or a predicate on MixerInfo.
     input_size: resolution for ``info.feature_size`` (needed by size-dependent modifiers).
     Yields the modified layers. On exit every filter gets its previous modifier back, so the
     model computes exactly what it computed before; cached kernel FFTs are refreshed.
     """
-    chosen = _selected(long_filter_layers(model, input_size), layers)
+    if callable(layers):
+        chosen = [info for info in long_filter_layers(model, input_size) if layers(info)]
+    else:
+        chosen = select_mixers(list_mixers(model, input_size), layers, long_filters_only=True)
     previous = [(info.long_filter, info.long_filter.kernel_modifier) for info in chosen]
     try:
         for info in chosen:
@@ -235,10 +368,59 @@ def modify_kernels(model: nn.Module, modifier: Callable[[Tensor, MixerInfo], Ten
             filt.kernel_modifier = old
 
 
+def _feature_modules(model: nn.Module) -> List[str]:
+    """Module paths in timm's ``feature_info`` (the stage outputs), [] when the model has none."""
+    info = getattr(model, "feature_info", None)
+    if not info:
+        return []
+    return [entry["module"] for entry in (info if isinstance(info, list) else info.get_dicts())]
+
+
 def feature_layer(model: nn.Module) -> str:
     """Module path of the last stage's output, before the final norm and head (the ERF output)."""
-    info = getattr(model, "feature_info", None)
-    if info:
-        last = info[-1] if isinstance(info, list) else info.get_dicts()[-1]
-        return last["module"]
+    modules = _feature_modules(model)
+    if modules:
+        return modules[-1]
     raise ValueError(f"{type(model).__name__} has no feature_info; name the layer explicitly")
+
+
+def layer_module(model: nn.Module, layer: LayerLike) -> str:
+    """Module path of a stage's output or of one block, ``layer`` numbered from 0 (:meth:`LayerRef.of`).
+
+    A stage is the ``feature_info`` module holding all its blocks (``stages.2`` in MetaFormers,
+    ``layer3`` in ResNets), a block the module holding its mixer (``stages.2.blocks.1``).
+    """
+    ref = LayerRef.of(layer)
+    blocks = select_mixers(list_mixers(model), [ref])
+    if ref.block is not None:
+        return blocks[0].block_path
+    for module in _feature_modules(model):
+        if all(info.path.startswith(module + ".") for info in blocks):
+            return module
+    raise HpxError(f"{type(model).__name__} has no module holding all of {ref}; name a module path instead")
+
+
+@contextlib.contextmanager
+def cut_short_convs(model: nn.Module, stages: Iterable[int]) -> Iterator[List[MixerInfo]]:
+    """Inside the block the depthwise (short, 5x5) kernels (C, 1, k, k) of the HyenaPixel mixers in the
+    0-based ``stages`` keep only their centre tap, so the gated short path only scales each channel;
+    the long filters are untouched. Yields the cut layers; on exit the saved weights are copied back,
+    bit for bit, also when the block raises."""
+    wanted = set(stages)
+    chosen = [info for info in list_mixers(model) if info.stage in wanted and isinstance(info.module, HyenaPixelMixer)]
+    missing = wanted - {info.stage for info in chosen}
+    if missing:
+        raise HpxError(f"no HyenaPixel mixer in stage(s) {', '.join(str(stage + 1) for stage in sorted(missing))}")
+    convs = [info.module.depthwise_conv for info in chosen]
+    saved = [conv.weight.detach().clone() for conv in convs]
+    try:
+        with torch.no_grad():
+            for conv in convs:
+                off_centre = torch.ones_like(conv.weight, dtype=torch.bool)
+                off_centre[..., conv.weight.shape[-2] // 2, conv.weight.shape[-1] // 2] = False
+                conv.weight.masked_fill_(off_centre, 0.0)
+        yield chosen
+    finally:
+        with torch.no_grad():
+            for conv, weight in zip(convs, saved):
+                conv.weight.copy_(weight)

@@ -18,7 +18,7 @@ from hpx_analysis.analyzers.erf import (OPENERF_RADII, ERFResult, area_ratios, d
                                         radial_mass_summary, resolve_output_layer)
 from hpx_analysis.errors import HpxError
 from hpx_analysis.images import read_rgb, sample_images
-from hpx_analysis.inspection import kernel
+from hpx_analysis.inspection import LayerRef, kernel
 from hpx_analysis.models.long_filters import HyenaPixelFilter
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
@@ -270,10 +270,17 @@ def test_batches_and_tiny_hyenapixel_match_single_images(tiny_config, tiny_weigh
 def test_output_layer_resolution(tiny_config, tiny_weights) -> None:
     model = load_model(tiny_config("tiny_hb"), tiny_weights("tiny_hb"))
     assert resolve_output_layer(model, None) == "stages.3"
-    assert resolve_output_layer(model, "2") == "stages.1"
-    assert resolve_output_layer(model, "stages.2.blocks.0") == "stages.2.blocks.0"
-    for bad in ("7", "stages.9"):
-        with pytest.raises(HpxError):
+    # the Python API numbers stages and blocks from 0, like the modules (1 = the paper's stage 2)
+    for stage_two in (1, "1", LayerRef(1), "S2", "stages.1"):
+        assert resolve_output_layer(model, stage_two) == "stages.1", stage_two
+    for block in ((2, 0), "2.0", "S3 B1", "stages.2.blocks.0"):
+        assert resolve_output_layer(model, block) == "stages.2.blocks.0", block
+    assert resolve_output_layer(model, "stages.2.blocks.0.token_mixer") == "stages.2.blocks.0.token_mixer"
+    assert resolve_output_layer(model, "") == ""
+    for bad, message in (("7", "stage 8 does not exist; the model has stages 1-4"), ("stages.9", "stage 10 does"),
+                         ("2.1", "block 2 of stage 3 does not exist"), ("S0", "numbered from 1"),
+                         ("head.nothing", "no layer 'head.nothing'")):
+        with pytest.raises(HpxError, match=message):
             resolve_output_layer(model, bad)
 
 
@@ -346,6 +353,23 @@ def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -
     assert isinstance(bad.exception, HpxError) and "convention" in str(bad.exception)
     bad_size = runner.invoke(app, without_size + ["--size", "0"])
     assert isinstance(bad_size.exception, HpxError) and "--size" in str(bad_size.exception)
+
+
+@pytest.mark.parametrize("option, hooked", [("S2", "stages.1"), ("2", "stages.1"), ("S2B1", "stages.1.blocks.0"),
+                                            ("2.1", "stages.1.blocks.0"), ("stages.1", "stages.1"),
+                                            ("stages.1.blocks.0.token_mixer", "stages.1.blocks.0.token_mixer")])
+def test_cli_layer_is_numbered_from_one_as_in_the_paper(tmp_path, tiny_config, tiny_weights, option, hooked) -> None:
+    """``--layer S2`` and ``--layer 2`` hook the output of the paper's stage 2, ``stages.1``; module paths
+    are taken as the modules number them."""
+    outcome = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--size",
+                                       "32", "--num-images", "1", "--device", "cpu", "-o", str(tmp_path),
+                                       "--layer", option])
+    assert outcome.exit_code == 0, outcome.output
+    meta = json.loads((tmp_path / "erf_tiny_hpx.json").read_text())
+    assert meta["models"][0]["layer"] == meta["options"]["layer"] == hooked
+    bad = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", "random", "--layer", "0",
+                                   "-o", str(tmp_path)])
+    assert isinstance(bad.exception, HpxError) and "numbered from 1" in str(bad.exception)
 
 
 def test_bf16_autocast_approximates_float32(tiny_config, tiny_weights) -> None:

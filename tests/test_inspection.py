@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hpx_analysis import inspection
+from hpx_analysis.errors import HpxError
+from hpx_analysis.inspection import LayerRef
 from hpx_analysis.models.zoo import load_model
 
 from .conftest import TINY
@@ -60,8 +64,86 @@ def test_zero_kernel_leaves_only_the_skip_term(tiny_hpx):
 
 
 def test_unknown_layer_selection_is_an_error(tiny_hpx):
-    with pytest.raises(ValueError, match="no long-filter layer matches"):
+    with pytest.raises(HpxError, match="stage 9 does not exist; the model has stages 1-4"):
         with inspection.modify_kernels(tiny_hpx, lambda k, info: k, layers=["S9 B9"]):
+            pass
+
+
+@pytest.mark.parametrize("text, one_based, expected", [
+    ("S3", True, LayerRef(2)), ("s3", True, LayerRef(2)), ("S3B2", True, LayerRef(2, 1)),
+    ("S3 B2", True, LayerRef(2, 1)), (" s3b2 ", True, LayerRef(2, 1)), ("3", True, LayerRef(2)),
+    ("3.2", True, LayerRef(2, 1)), ("stages.2", True, LayerRef(2)), ("stages.2.blocks.1", True, LayerRef(2, 1)),
+    # the Python API numbers from 0; the paper's labels and module paths mean the same in both
+    ("3", False, LayerRef(3)), ("3.2", False, LayerRef(3, 2)), ("0.0", False, LayerRef(0, 0)),
+    ("S3 B2", False, LayerRef(2, 1)), ("stages.2.blocks.1", False, LayerRef(2, 1)),
+])
+def test_layer_ref_parse_table(text, one_based, expected):
+    assert LayerRef.parse(text, one_based) == expected
+
+
+@pytest.mark.parametrize("text", ["", "S", "S0", "S3B0", "0", "1.0", "3.", "3.2.1", "B2", "S3 B2 C1", "-1",
+                                  "stages.2.blocks", "stages.2.blocks.1.token_mixer", "layer3", "S3,S4"])
+def test_malformed_layer_text_is_an_error(text):
+    with pytest.raises(HpxError, match="layer '"):
+        LayerRef.parse(text)
+
+
+def test_layer_ref_labels_and_api_forms():
+    assert str(LayerRef(2, 1)) == "S3 B2" and str(LayerRef(0)) == "S1"
+    assert LayerRef.parse(str(LayerRef(2, 1))) == LayerRef.parse(str(LayerRef(2, 1)), one_based=False)
+    assert [LayerRef.of(x) for x in (LayerRef(1), 1, (1, 0), "1.0", "S2")] == [
+        LayerRef(1), LayerRef(1), LayerRef(1, 0), LayerRef(1, 0), LayerRef(1)]
+    with pytest.raises(HpxError, match="start at 0"):
+        LayerRef(-1)
+
+
+def test_layer_selection_and_module_paths(tiny_hpx, tiny_weights):
+    infos = inspection.list_mixers(tiny_hpx)
+    assert [info.name for info in inspection.select_mixers(infos, [3, (0, 0), "S2", LayerRef(0)])] == [
+        "S4 B1", "S1 B1", "S2 B1"]                                   # in the given order, without repeats
+    assert [info.name for info in inspection.select_mixers(infos, "S2")] == ["S2 B1"]
+    assert [info.name for info in inspection.select_mixers(infos, [np.int64(2)])] == ["S3 B1"]
+    assert inspection.layer_module(tiny_hpx, LayerRef(1)) == "stages.1"
+    assert inspection.layer_module(tiny_hpx, (1, 0)) == "stages.1.blocks.0"
+    with pytest.raises(HpxError, match="block 2 of stage 2 does not exist; stage 2 has blocks 1$"):
+        inspection.layer_module(tiny_hpx, LayerRef(1, 1))
+    c_hpx = load_model(str(TINY / "tiny_c_hpx.json"), tiny_weights("tiny_c_hpx"))
+    with pytest.raises(HpxError, match="S1 has no long filter .*in stages 3-4"):
+        with inspection.modify_kernels(c_hpx, lambda k, info: k, layers=[0]):
+            pass
+
+
+@torch.no_grad()
+def test_cut_short_convs_keeps_the_centre_tap_and_restores_exactly(tiny_hpx, image):
+    """Inside: the chosen stages' 5x5 depthwise kernels are zero but for the centre tap, so the conv is a
+    per-channel scaling plus bias; the other stages are untouched. After exit (also after an exception)
+    the state dict and the logits are bit-identical."""
+    before = {key: value.clone() for key, value in tiny_hpx.state_dict().items()}
+    logits = tiny_hpx(image)
+    mixers = inspection.list_mixers(tiny_hpx)
+    with inspection.cut_short_convs(tiny_hpx, [1, 3]) as cut:
+        assert [info.stage for info in cut] == [1, 3]
+        for info in mixers:
+            conv = info.module.depthwise_conv
+            original = before[f"{info.path}.depthwise_conv.weight"]  # (C, 1, 5, 5)
+            if info.stage in (1, 3):
+                expected = torch.zeros_like(original)
+                expected[..., 2, 2] = original[..., 2, 2]
+                assert torch.equal(conv.weight, expected)
+                u = torch.randn(1, conv.in_channels, 6, 6)
+                scaled = u * original[:, 0, 2, 2, None, None] + conv.bias[:, None, None]
+                torch.testing.assert_close(conv(u), scaled)
+            else:
+                assert torch.equal(conv.weight, original)
+        assert not torch.allclose(tiny_hpx(image), logits, atol=1e-4)
+    assert all(torch.equal(value, tiny_hpx.state_dict()[key]) for key, value in before.items())
+    assert torch.equal(tiny_hpx(image), logits)
+    with pytest.raises(RuntimeError, match="inside"):
+        with inspection.cut_short_convs(tiny_hpx, [0]):
+            raise RuntimeError("inside")
+    assert all(torch.equal(value, tiny_hpx.state_dict()[key]) for key, value in before.items())
+    with pytest.raises(HpxError, match=r"stage\(s\) 5"):
+        with inspection.cut_short_convs(tiny_hpx, [0, 4]):
             pass
 
 
@@ -107,3 +189,66 @@ def test_frozen_parameters_cache_and_keep_input_gradients(tiny_hpx, image):
     uncached_input = image.clone().requires_grad_(True)
     tiny_hpx(uncached_input).sum().backward()
     torch.testing.assert_close(cached_input.grad, uncached_input.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_cli_inspect_lists_the_named_layers():
+    from typer.testing import CliRunner
+
+    from hpx_analysis_cli.app import app
+    table = CliRunner().invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx.json"), "--layers", "S2B1,3"])
+    assert table.exit_code == 0, table.output
+    rows = table.output.splitlines()[1:]
+    assert [row.split()[:3] for row in rows] == [["S2", "B1", "hyenapixel_2d"], ["S3", "B1", "hyenapixel_2d"]]
+    bad = CliRunner().invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx.json"), "--layers", "S5"])
+    assert isinstance(bad.exception, HpxError) and "stage 5 does not exist" in str(bad.exception)
+
+
+@torch.no_grad()
+def test_override_kernel_applies_its_kernel_then_restores_the_cache(tiny_hpx, image):
+    """Inside: the filter is a direct (flipped-kernel) depthwise convolution with the given kernel plus the
+    skip term; nested blocks and in-place edits of the kernel are honoured. After exit, also after an
+    exception: the learned kernel's cached FFT serves again unchanged, and a weight edit still invalidates it."""
+    filt = inspection.long_filter_layers(tiny_hpx)[0].long_filter  # kernel (32, 31, 31), centre (15, 15)
+    u = torch.randn(2, filt.channels, 16, 16, generator=torch.Generator().manual_seed(1))
+    logits, untouched = tiny_hpx(image), filt(u)
+
+    def direct(k: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(u, k.flip(-2, -1)[:, None], padding=filt.centre, groups=filt.channels) + u * filt.bias
+
+    calls = []
+    original = type(filt).base_kernel
+    filt.base_kernel = lambda: calls.append(1) or original(filt)
+    override = torch.randn(filt.channels, *filt.kernel_size, generator=torch.Generator().manual_seed(2))
+    with filt.override_kernel(override):
+        torch.testing.assert_close(filt(u), direct(override), atol=1e-4, rtol=1e-4)
+        assert torch.equal(inspection.kernel(filt), override)
+        with filt.override_kernel(torch.zeros_like(override)):
+            torch.testing.assert_close(filt(u), u * filt.bias, atol=1e-5, rtol=0)
+        torch.testing.assert_close(filt(u), direct(override), atol=1e-4, rtol=1e-4)
+        override.mul_(-2)  # in-place edit of the override: its FFT is recomputed
+        torch.testing.assert_close(filt(u), direct(override), atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="inside"):
+        with filt.override_kernel(override):
+            raise RuntimeError("inside")
+    assert calls == []  # the learned kernel was never re-evaluated: its cache entry survived
+    assert torch.equal(filt(u), untouched) and torch.equal(tiny_hpx(image), logits) and calls == []
+    filt.shift.add_(0.5)  # a weight edit after the blocks invalidates as before
+    torch.testing.assert_close(filt(u), direct(original(filt)), atol=1e-4, rtol=1e-4)
+    assert calls == [1] and not torch.allclose(filt(u), untouched, atol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        with filt.override_kernel(override[:, :3]):
+            pass
+
+
+def test_override_kernel_keeps_gradients_to_the_kernel(tiny_hpx):
+    """An override that requires grad is not cached: the output is differentiable w.r.t. it (linear in it)."""
+    filt = inspection.long_filter_layers(tiny_hpx)[3].long_filter
+    u = torch.randn(1, filt.channels, 2, 2)
+    override = torch.zeros(filt.channels, *filt.kernel_size, requires_grad=True)
+    with filt.override_kernel(override):
+        filt(u)[0, :, 0, 0].sum().backward()
+    # d out[c, 0, 0] / d k[c, a, b] = u[c, -(a - 1), -(b - 1)] inside the map: taps (1, 1), (0, 1), (1, 0), (0, 0)
+    expected = torch.zeros_like(override)
+    expected[:, 1, 1], expected[:, 0, 1], expected[:, 1, 0], expected[:, 0, 0] = (u[0, :, 0, 0], u[0, :, 1, 0],
+                                                                                  u[0, :, 0, 1], u[0, :, 1, 1])
+    torch.testing.assert_close(override.grad, expected, atol=1e-5, rtol=1e-5)

@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 from typer.testing import CliRunner
 
-from hpx_analysis.analyzers.kernels import (KernelsResult, compute_kernels, normalise, parse_layers,
-                                            reduce_channels, wrap_taps)
+from hpx_analysis.analyzers.kernels import KernelsResult, compute_kernels, normalise, reduce_channels, wrap_taps
 from hpx_analysis.errors import HpxError
-from hpx_analysis.inspection import kernel, long_filter_layers, modify_kernels
+from hpx_analysis.inspection import LayerRef, kernel, long_filter_layers, modify_kernels, parse_layers
 from hpx_analysis.models import fft_conv_same
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
@@ -198,13 +197,20 @@ def test_response_panels_are_the_weights_a_forward_pass_gives(tiny_config, tiny_
 
 
 def test_layer_selection_keeps_order_and_rejects_unknown(tiny_hb):
-    assert parse_layers("1.0, 0.0") == [(1, 0), (0, 0)]
-    result = compute_kernels(tiny_hb, layers=parse_layers("1.0,0.0"), input_size=64)
+    """Command-line text is numbered from 1 (``2.1`` = S2 B1), the Python API from 0 (``(1, 0)`` = S2 B1)."""
+    assert parse_layers("2.1, S1B1") == [LayerRef(1, 0), LayerRef(0, 0)]
+    assert parse_layers("1.0", one_based=False) == [LayerRef(1, 0)]
+    result = compute_kernels(tiny_hb, layers=parse_layers("2.1,S1 B1"), input_size=64)
     assert [layer["name"] for layer in result.layers] == ["S2 B1", "S1 B1"]
-    with pytest.raises(HpxError, match="no long-filter layer at 0.5"):
+    assert result.meta["options"]["layers"] == ["S2 B1", "S1 B1"]
+    api = compute_kernels(tiny_hb, layers=[(1, 0), LayerRef(0, 0), "S4", 2], input_size=64)
+    assert [layer["name"] for layer in api.layers] == ["S2 B1", "S1 B1", "S4 B1", "S3 B1"]
+    with pytest.raises(HpxError, match="block 6 of stage 1 does not exist; stage 1 has blocks 1$"):
         compute_kernels(tiny_hb, layers=[(0, 5)], input_size=64)
-    with pytest.raises(HpxError, match="STAGE.BLOCK"):
-        parse_layers("S1B1")
+    with pytest.raises(HpxError, match="stage 5 does not exist; the model has stages 1-4"):
+        compute_kernels(tiny_hb, layers=parse_layers("S5"), input_size=64)
+    with pytest.raises(HpxError, match="numbered from 1"):
+        parse_layers("0.0")
     with pytest.raises(HpxError, match="outside the 16x16"):
         compute_kernels(tiny_hb, position=(16, 0), input_size=64)
     with pytest.raises(HpxError, match="unknown orientation"):
@@ -236,3 +242,27 @@ def test_cli_writes_figure_and_arrays(tmp_path, tiny_config, tiny_weights):
     bad = runner.invoke(app, ["kernels", "--model", tiny_config("tiny_hpx"), "--weights", "random",
                               "--orientation", "flipped", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "kernel" in bad.output and "response" in bad.output
+
+
+@pytest.mark.parametrize("text", ["S1B1", "1.1", "s1 b1", "stages.0.blocks.0"])
+def test_cli_layers_are_numbered_from_one_as_in_the_paper(tmp_path, tiny_config, tiny_weights, text):
+    """``--layers S1B1`` and ``--layers 1.1`` pick the first block of the first stage (before, the 0-based
+    ``0.0`` did and ``1.1`` meant S2 B2); module paths stay numbered from 0, like the modules."""
+    args = ["kernels", "--model", tiny_config("tiny_hb"), "--weights", tiny_weights("tiny_hb"), "--input-size", "64",
+            "--out", str(tmp_path)]
+    outcome = CliRunner().invoke(app, args + ["--layers", text])
+    assert outcome.exit_code == 0, outcome.output
+    saved = KernelsResult.load(tmp_path / "kernels_tiny_hb.npz")
+    assert [(layer["name"], layer["path"]) for layer in saved.layers] == [("S1 B1", "stages.0.blocks.0.token_mixer")]
+    assert saved.meta["options"]["layers"] == ["S1 B1"]
+
+
+def test_cli_bad_layers_say_what_exists(tmp_path, tiny_config, tiny_weights):
+    args = ["kernels", "--model", tiny_config("tiny_c_hpx"), "--weights", tiny_weights("tiny_c_hpx"),
+            "--input-size", "64", "--out", str(tmp_path), "--layers"]
+    for text, message in (("0.0", "numbered from 1"), ("S5", "stage 5 does not exist; the model has stages 1-4"),
+                          ("S1B1", "S1 B1 has no long filter (its mixer is local_conv); layers with one are in "
+                                   "stages 3-4"), ("S3B2", "block 2 of stage 3 does not exist"),
+                          ("S3x", "write S3, S3B2")):
+        outcome = CliRunner().invoke(app, args + [text])
+        assert isinstance(outcome.exception, HpxError) and message in str(outcome.exception), (text, outcome.output)

@@ -24,6 +24,7 @@ from hpx_analysis.analyzers.truncation import (TruncationResult, default_sizes, 
                                                truncate_kernels, truncation_sweep)
 from hpx_analysis.datasets import labelled_images, stratified_subset
 from hpx_analysis.errors import HpxError
+from hpx_analysis.images import eval_transform
 from hpx_analysis.inspection import kernel, long_filter_layers
 from hpx_analysis.models.zoo import load_model
 
@@ -150,7 +151,7 @@ def test_zero_size_is_centre_tap_plus_skip(tiny, monkeypatch, name, stage):
 def _naive_counts(model, data: Path, sizes, stages, shape, batch_size, hb_cut="wrap"):
     """Correct top-1 counts with a full forward per (stage, size): column 0 untruncated, then stage-major."""
     from hpx_analysis.datasets import LabelledImageDataset, collate_skipping
-    transform, _ = trunc.eval_transform(model, SIZE)
+    transform, _ = eval_transform(model, SIZE)
     loader = torch.utils.data.DataLoader(LabelledImageDataset(labelled_images(data), transform),
                                          batch_size=batch_size, collate_fn=collate_skipping)
     counts = np.zeros(1 + len(stages) * len(sizes), dtype=int)
@@ -344,7 +345,7 @@ def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
     from hpx_analysis_cli.app import app
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["truncate", "--model", tiny_config("tiny_hpx"), "--weights",
-                                      tiny_weights("tiny_hpx"), "--data", str(image_folder), "--stage", "2",
+                                      tiny_weights("tiny_hpx"), "--data", str(image_folder), "--stage", "S2",
                                       "--stage", "4", "--sizes", "0:1:0.5", "--image-size", str(SIZE),
                                       "--limit", "6", "--batch-size", "3", "--bootstrap", "100", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -358,6 +359,16 @@ def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
     assert [(r["stage"], r["relative_size"]) for r in rows] == expected
     loaded = TruncationResult.load(stem)
     assert loaded.arrays["top1"].shape == (2, 3) and (out / "truncate_tiny_hpx.figure.json").is_file()
+
+
+def test_cli_stage_is_numbered_from_one_in_any_layer_form():
+    """``--stage S2`` equals ``--stage 2`` (and ``stages.1``, numbered like the module); blocks are refused."""
+    from hpx_analysis_cli.truncate_cmd import parse_stages
+    assert parse_stages(["S2"]) == parse_stages(["2"]) == parse_stages(["s2"]) == parse_stages(["stages.1"]) == [1]
+    assert parse_stages(["S2", "4"]) == [1, 3] and parse_stages(["all"]) is None
+    for bad, message in (("S2B1", "whole stages"), ("0", "numbered from 1"), ("two", "names no stage")):
+        with pytest.raises(HpxError, match=message):
+            parse_stages([bad])
 
 
 def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, tmp_path):
@@ -405,6 +416,19 @@ def _dist_args(tiny_config, tiny_weights, image_folder):
     return ["truncate", "--model", tiny_config("tiny_hpx"), "--weights", tiny_weights("tiny_hpx"), "--data",
             str(image_folder), "--stage", "2", "--stage", "4", "--sizes", "0,0.5,1", "--image-size", str(SIZE),
             "--batch-size", "2", "--bootstrap", "50", "--device", "cpu", "--no-resume"]
+
+
+def test_torchrun_plumbing_is_a_no_op_in_one_process(monkeypatch):
+    from hpx_analysis import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cpu, flags = torch.device("cpu"), torch.arange(3)
+    assert distributed.setup(cpu) == (cpu, 0, 1) and distributed.rank_and_world() == (0, 1)
+    assert distributed.all_reduce_sum([flags], cpu)[0] is flags
+    distributed.raise_if_any_rank_failed(None, cpu)
+    distributed.teardown()
+    with pytest.raises(HpxError, match="unreadable"):
+        distributed.raise_if_any_rank_failed(HpxError("unreadable image"), cpu)
 
 
 def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_folder, tmp_path):

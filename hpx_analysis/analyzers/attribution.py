@@ -10,44 +10,27 @@ Per-pixel maps: saliency ``max_c |dy/dx|``; integrated gradients ``|sum_c attr|`
 ``max(mean_c attr, 0)`` (the class-score drop when a patch is replaced by the reference); Grad-CAM on
 the last stage (``inspection.feature_layer``), ReLU'd and bilinearly upsampled; FGVis the deleted
 amount ``mean_c (1 - m)`` (see :mod:`hpx_analysis.analyzers.fgvis`).
+
+Each method registers itself by name in :mod:`hpx_analysis.analyzers.methods`, which also holds the
+pieces they share; this module registers the captum methods, imports :mod:`~hpx_analysis.analyzers.fgvis`
+so that it registers too, and :func:`explain` dispatches by name.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..errors import HpxError
-from ..results import Result, model_metadata
+from ..results import model_metadata
+from . import fgvis as _fgvis  # noqa: F401  (registers the "fgvis" method)
+from .methods import (REFERENCES, ExplanationResult, explanation_method, predict, reference_image,
+                      register_method, registered_methods, resolve_targets, to_rgb)
 
-METHODS = ("fgvis", "saliency", "integrated-gradients", "occlusion", "gradcam")
-CAPTUM_METHODS = METHODS[1:]
-REFERENCES = ("black", "blur", "mean")
-BLUR_SIGMA = 10.0
-
-
-class ExplanationResult(Result):
-    """Relevance maps of one method and model: ``maps`` (N, H, W), ``inputs`` (N, 3, H, W) RGB in [0, 1].
-
-    meta: ``method``, ``model``, ``images`` (names), ``targets`` (explained class per image), ``options``.
-    """
-
-    kind = "explanation"
-
-    @property
-    def maps(self) -> np.ndarray:
-        return self.arrays["maps"]
-
-    @property
-    def inputs(self) -> np.ndarray:
-        return self.arrays["inputs"]
-
-    @property
-    def method(self) -> str:
-        return self.meta["method"]
+CAPTUM_METHODS = ("saliency", "integrated-gradients", "occlusion", "gradcam")
 
 
 class AttributionResult(ExplanationResult):
@@ -56,37 +39,12 @@ class AttributionResult(ExplanationResult):
     kind = "attribution"
 
 
-def reference_image(images: Tensor, kind: str, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """The "deleted" image r for normalised ``images`` (N, 3, H, W), same shape.
-
-    black: a black image through the same normalisation; blur: each image Gaussian-blurred (sigma
-    ``BLUR_SIGMA`` pixels); mean: the dataset mean, i.e. zero after normalisation.
-    """
-    if kind == "black":
-        from ..images import normalise
-        return normalise(torch.zeros_like(images), mean, std)
-    if kind == "blur":
-        from torchvision.transforms.functional import gaussian_blur
-        radius = int(min(3 * BLUR_SIGMA, (min(images.shape[-2:]) - 1) // 2))
-        return gaussian_blur(images, kernel_size=[2 * radius + 1] * 2, sigma=[BLUR_SIGMA] * 2)
-    if kind == "mean":
-        return torch.zeros_like(images)
-    raise HpxError(f"unknown reference '{kind}'; use one of {', '.join(REFERENCES)}")
-
-
-def to_rgb(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Undo the normalisation: (N, 3, H, W) -> RGB float32 in [0, 1]."""
-    mean_t = torch.tensor(mean, device=images.device)[:, None, None]
-    std_t = torch.tensor(std, device=images.device)[:, None, None]
-    return (images.detach() * std_t + mean_t).clamp(0, 1).float().cpu().numpy()
-
-
 def load_inputs(sources: Sequence[Any], transform: Callable[[Any], Tensor]) -> Tuple[Tensor, List[str]]:
     """Read ``images.ImageSource`` objects into a normalised batch (N, 3, H, W); unreadable files are
     skipped (their names are left out of the returned list).
 
     transform: RGB PIL image -> normalised (3, H, W), e.g. the model's evaluation transform
-    (``truncation.eval_transform``: resize the shorter side, centre crop).
+    (``images.eval_transform``: resize the shorter side, centre crop).
     """
     from ..images import read_rgb
 
@@ -99,24 +57,6 @@ def load_inputs(sources: Sequence[Any], transform: Callable[[Any], Tensor]) -> T
     if not tensors:
         raise HpxError("none of the input images could be read")
     return torch.stack(tensors), names
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int = 16) -> Tensor:
-    """Softmax probabilities (N, classes) of the clean images."""
-    return torch.cat([model(chunk).softmax(-1) for chunk in images.split(batch_size)])
-
-
-def resolve_targets(probs: Tensor, target: Optional[int | Sequence[int]]) -> Tensor:
-    """Class per image (N,) from clean probabilities (N, classes): ``target`` (one for all, or one each)
-    or the top-1 prediction."""
-    if target is None:
-        return probs.argmax(-1)
-    targets = torch.as_tensor([target] * len(probs) if isinstance(target, int) else list(target),
-                              device=probs.device)
-    if len(targets) != len(probs) or targets.min() < 0 or targets.max() >= probs.shape[-1]:
-        raise HpxError(f"target must be one class index in [0, {probs.shape[-1]}) or one per image")
-    return targets
 
 
 def _grad_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:
@@ -184,13 +124,18 @@ def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional
               "targets": targets.tolist(), "options": options})
 
 
+for _name in CAPTUM_METHODS:
+    register_method(_name)(partial(attribute, method=_name))
+
+METHODS = registered_methods()
+"""Every explanation method by name: "fgvis" and the captum methods."""
+
+
 def explain(model: nn.Module, images: Tensor, method: str, **options: Any) -> ExplanationResult:
-    """Dispatch to :func:`hpx_analysis.analyzers.fgvis.fgvis` or :func:`attribute` (same keyword options)."""
-    if method == "fgvis":
-        from .fgvis import fgvis
-        return fgvis(model, images, **options)
-    return attribute(model, images, method, **options)
+    """Run the registered ``method`` (see ``METHODS``) on normalised ``images`` (N, 3, H, W): FGVis
+    (:func:`hpx_analysis.analyzers.fgvis.fgvis`) or :func:`attribute` (same keyword options)."""
+    return explanation_method(method)(model, images, **options)
 
 
-__all__ = ["METHODS", "REFERENCES", "ExplanationResult", "AttributionResult", "reference_image", "to_rgb",
-           "load_inputs", "predict", "resolve_targets", "attribute", "explain"]
+__all__ = ["METHODS", "CAPTUM_METHODS", "REFERENCES", "ExplanationResult", "AttributionResult",
+           "reference_image", "to_rgb", "load_inputs", "predict", "resolve_targets", "attribute", "explain"]

@@ -54,10 +54,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HpxError
-from ..images import ImageSource, model_mean_std, read_rgb, to_model_input
-from ..inspection import feature_layer
+from ..images import ImageSource, eval_transform, model_mean_std, read_rgb
+from ..inspection import LAYER_SYNTAX, LayerRef, feature_layer, is_layer_syntax, layer_module
 from ..results import Result, model_metadata
-from .truncation import eval_transform
 
 CONVENTIONS = ("replknet", "kim2023")
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -204,26 +203,24 @@ class ERFResult(Result):
 
 # -- computation ---------------------------------------------------------------------------------
 
-def resolve_output_layer(model: nn.Module, layer: Union[str, int, None]) -> str:
-    """Module path of the ERF output: None -> last stage (before norm and head); an int or digit
-    string -> that stage (1-based, as in the paper); a module path as is ("" = the whole model)."""
+def resolve_output_layer(model: nn.Module, layer: Union[LayerRef, int, str, None]) -> str:
+    """Module path of the ERF output. None: the last stage (before norm and head). A LayerRef, a stage
+    index or stage / block text (``1``, ``"1"``, ``"1.0"``, ``"S2"``, ``"stages.1"``: numbers from 0, as in
+    the Python API; ``S2`` is the paper's label): that stage's output (``stages.1``) or block
+    (``stages.1.blocks.0``), :func:`~hpx_analysis.inspection.layer_module`. Any other text: that module
+    path ("" = the whole model). Changed: stage numbers were 1-based here before."""
     if layer is None:
         try:
             return feature_layer(model)
         except ValueError as err:
             raise HpxError(str(err)) from None
-    if isinstance(layer, int) or str(layer).isdigit():
-        stage = int(layer)
-        info = getattr(model, "feature_info", None) or []
-        modules = [entry["module"] for entry in (info if isinstance(info, list) else info.get_dicts())]
-        if not 1 <= stage <= len(modules):
-            raise HpxError(f"stage {stage} out of range; this model has stages 1-{len(modules)}")
-        return modules[stage - 1]
-    names = dict(model.named_modules())
-    if layer not in names:
-        raise HpxError(f"model has no layer '{layer}'; use a stage number 1-4 or a module path "
-                       f"such as {', '.join(list(names)[1:4])}")
-    return str(layer)
+    if isinstance(layer, str) and not is_layer_syntax(layer):
+        names = dict(model.named_modules())
+        if layer not in names:
+            raise HpxError(f"model has no layer '{layer}'; name a stage or block ({LAYER_SYNTAX}) or a module "
+                           f"path such as {', '.join(list(names)[1:4])}")
+        return layer
+    return layer_module(model, layer)
 
 
 @contextlib.contextmanager
@@ -237,40 +234,6 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def compiled_submodules(model: nn.Module, layer: str) -> Iterator[List[str]]:
-    """``torch.compile`` every largest submodule that is not the output layer or one of its ancestors
-    (whole stages: fused norms, MLPs, gating). Long filters stay eager (their FFT kernel cache
-    inspects tensor identities), so each one is a graph break. Restored to eager on exit; yields
-    the compiled module paths."""
-    from ..models.long_filters import LongFilterBase
-
-    on_path = {".".join(layer.split(".")[:i]) for i in range(len(layer.split(".")) + 1)} if layer else {""}
-    chosen: List[Tuple[str, nn.Module]] = []
-
-    def visit(name: str, module: nn.Module) -> None:
-        if name in on_path:
-            for child_name, child in module.named_children():
-                visit(f"{name}.{child_name}" if name else child_name, child)
-        elif any(True for _ in module.parameters()):
-            chosen.append((name, module))
-
-    visit("", model)
-    filters = [m for m in model.modules() if isinstance(m, LongFilterBase)]
-    try:
-        for filt in filters:  # instance attribute shadows the class's forward until restored
-            filt.forward = torch.compiler.disable(filt.forward)
-        for _, module in chosen:
-            module.compile()
-        with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(chosen))):
-            yield [name for name, _ in chosen]
-    finally:
-        for _, module in chosen:
-            module._compiled_call_impl = None
-        for filt in filters:
-            del filt.forward
 
 
 def _prefix_tokens(model: nn.Module) -> int:
@@ -356,9 +319,9 @@ def _input_transform(model: nn.Module, convention: str, input_size: Optional[int
         transform, size = eval_transform(model, input_size)
         return transform, size, " ".join(repr(transform).split())
     side = input_size or REPLKNET_SIZE
+    transform, size = eval_transform(model, side, crop=False, interpolation="bicubic")
     mean, std = model_mean_std(model)
-    description = f"bicubic resize to {side}x{side}, no crop, normalise mean={mean} std={std}"
-    return (lambda image: to_model_input(image, (side, side), mean, std)), (side, side), description
+    return transform, size, f"bicubic resize to {side}x{side}, no crop, normalise mean={mean} std={std}"
 
 
 def _image_tensors(images: Sequence[ImageSource], transform: Callable[[Any], Tensor]) -> List[Optional[Tensor]]:
@@ -371,9 +334,9 @@ def _image_tensors(images: Sequence[ImageSource], transform: Callable[[Any], Ten
 
 
 def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSource], Tensor], *,
-                              input_size: Optional[int] = None, layer: Union[str, int, None] = None,
+                              input_size: Optional[int] = None, layer: Union[LayerRef, int, str, None] = None,
                               convention: str = "replknet", batch_size: int = 1,
-                              amp: Optional[str] = None, compile: bool = False, label: Optional[str] = None,
+                              amp: Optional[str] = None, label: Optional[str] = None,
                               resume_dir: Optional[Path] = None, save_every: int = 8,
                               progress: bool = True) -> ERFResult:
     """Mean ERF of ``model`` (on its own device) over ``images``.
@@ -381,9 +344,9 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
     images: image sources or a tensor (N, 3, H, W) already prepared. Sources are preprocessed per
     convention (module docstring): replknet resizes to ``input_size`` squared (None: 1024 px) without
     crop, kim2023 applies the model's timm eval transform at its pretrained input size, or at
-    ``input_size`` when given. layer: see :func:`resolve_output_layer`.
-    amp: None, "bf16" or "fp16" (autocast on the model's device). compile: fuse the elementwise
-    and norm work with ``torch.compile`` (:func:`compiled_submodules`). resume_dir: folder for partial
+    ``input_size`` when given. layer: the output, a stage or block numbered from 0 (``LayerRef(1)`` or ``1``
+    is the paper's stage 2; 1-based before this release) or a module path, see :func:`resolve_output_layer`.
+    amp: None, "bf16" or "fp16" (autocast on the model's device). resume_dir: folder for partial
     sums, saved every ``save_every`` images; a rerun with equal arguments resumes from them.
     Returns an :class:`ERFResult` with one model.
     """
@@ -408,8 +371,7 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
         raise HpxError("no images to compute the ERF over")
     device = next(model.parameters()).device
     options = {"input_size": [int(height), int(width)], "size_override": input_size, "transform": description,
-               "layer": layer_path, "convention": convention, "batch_size": batch_size, "amp": amp,
-               "compile": compile}
+               "layer": layer_path, "convention": convention, "batch_size": batch_size, "amp": amp}
     label = label or str(model_metadata(model).get("model"))
 
     partial = None
@@ -426,8 +388,7 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
     model.eval()
     bar = tqdm(total=len(names), initial=state["next"], unit="img", desc=f"ERF {label}", disable=not progress)
     try:
-        with frozen_parameters(model), (compiled_submodules(model, layer_path) if compile
-                                        else contextlib.nullcontext()):
+        with frozen_parameters(model):
             since_save = 0
             while state["next"] < len(names):
                 chunk = tensors[state["next"]:state["next"] + batch_size]
@@ -475,6 +436,6 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
 
 
 __all__ = ["AREA_THRESHOLDS", "CONVENTIONS", "OPENERF_RADII", "RELATIVE_RADII", "REPLKNET_SIZE", "ERFResult",
-           "area_ratios", "compiled_submodules", "display_map", "effective_receptive_field", "erf_gradient_maps",
+           "area_ratios", "display_map", "effective_receptive_field", "erf_gradient_maps",
            "frozen_parameters", "gaussian_fit", "mass_within", "radial_mass", "radial_mass_summary",
            "resolve_output_layer"]

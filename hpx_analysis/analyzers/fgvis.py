@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..errors import HpxError
 from ..results import model_metadata, to_jsonable
-from .attribution import ExplanationResult, predict, reference_image, resolve_targets, to_rgb
+from .methods import ExplanationResult, predict, reference_image, register_method, resolve_targets, to_rgb
 
 RELU_ACTIVATIONS: Tuple[type, ...] = (nn.ReLU, nn.ReLU6)
 """The reference's bounded nonlinearities (it bounds ``torch.nn.ReLU``); ReLU6 follows the same rule."""
@@ -329,6 +329,7 @@ def _load_partial(path: Path, signature: str, device: torch.device) -> Dict[Tupl
                 for k, m, s in zip(data["keys"], data["masks"], data["scalars"])}
 
 
+@register_method("fgvis")
 def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[int]] = None,
           seed: int | Sequence[int] = 0, settings: FgvisSettings = FgvisSettings(), batch_size: int = 8,
           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,

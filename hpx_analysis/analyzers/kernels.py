@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HpxError
-from ..inspection import HYENA_1D, MixerInfo, kernel, long_filter_layers
+from ..inspection import HYENA_1D, LayerLike, LayerRef, MixerInfo, kernel, list_mixers, select_mixers
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata
 
@@ -173,41 +173,23 @@ class KernelsResult(Result):
         return self.arrays[f"channels_{i}"]
 
 
-def parse_layers(text: Optional[str]) -> Optional[List[Tuple[int, int]]]:
-    """``"0.0,1.2"`` -> [(0, 0), (1, 2)]: 0-based (stage, block) pairs as in module paths."""
-    if not text:
-        return None
-    pairs = []
-    for item in text.split(","):
-        parts = item.strip().split(".")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise HpxError(f"layer '{item.strip()}' is not STAGE.BLOCK (0-based, e.g. 0.0,2.4)")
-        pairs.append((int(parts[0]), int(parts[1])))
-    return pairs
-
-
-def select_layers(infos: List[MixerInfo], layers: Optional[Sequence[Tuple[int, int]]]) -> List[MixerInfo]:
-    """The long-filter layers at the given 0-based (stage, block) pairs, in the given order (all when None)."""
-    if not infos:
+def select_layers(infos: List[MixerInfo], layers: Optional[Sequence[LayerLike]]) -> List[MixerInfo]:
+    """The long-filter layers among a model's mixers ``infos`` at the stages / blocks ``layers``, numbered
+    from 0 (:func:`select_mixers`), in the given order (all when None)."""
+    if not any(info.long_filter is not None for info in infos):
         raise HpxError("the model has no HyenaPixel or Hyena long-filter layers")
-    if layers is None:
-        return infos
-    by_position = {(info.stage, info.block): info for info in infos}
-    missing = [f"{s}.{b}" for s, b in layers if (s, b) not in by_position]
-    if missing:
-        known = ", ".join(f"{i.stage}.{i.block}" for i in infos)
-        raise HpxError(f"no long-filter layer at {', '.join(missing)} (0-based STAGE.BLOCK); this model has {known}")
-    return [by_position[pair] for pair in layers]
+    return select_mixers(infos, layers, long_filters_only=True)
 
 
 def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalisation: str = "maxabs",
-                    layers: Optional[Sequence[Tuple[int, int]]] = None, top_k: int = 4,
+                    layers: Optional[Sequence[LayerLike]] = None, top_k: int = 4,
                     position: Optional[Tuple[int, int]] = None,
                     input_size: Optional[Union[int, Tuple[int, int]]] = None,
                     orientation: str = "kernel") -> KernelsResult:
     """Reduced, normalised kernels of the model's long-filter layers, ready to plot.
 
-    layers: 0-based (stage, block) pairs (default all). position: evaluation pixel (row, col) of the
+    layers: stages / blocks numbered from 0 (``LayerRef(1, 0)``, ``(1, 0)``, ``1`` for a whole stage, or
+    ``"S2 B1"``; :meth:`LayerRef.of`), default all. position: evaluation pixel (row, col) of the
     1D layers' wrap-around on the largest chosen 1D map, moved to the same relative location on
     smaller maps (default: each map's centre-most pixel).
     input_size: resolution giving the feature-map size F (default the model's training resolution).
@@ -216,7 +198,7 @@ def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalis
     """
     check_orientation(orientation)
     size = input_size if input_size is not None else default_input_size(model)
-    chosen = select_layers(long_filter_layers(model, size), layers)
+    chosen = select_layers(list_mixers(model, size), layers)
     sizes_1d = [tuple(info.feature_size) for info in chosen if info.kind == HYENA_1D]
     reference = max(sizes_1d, key=lambda hw: hw[0] * hw[1]) if sizes_1d else None
     arrays: Dict[str, np.ndarray] = {}
@@ -246,7 +228,7 @@ def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalis
         described.append(entry)
     meta = {"model": model_metadata(model), "input_size": list(np.broadcast_to(size, (2,)).tolist()),
             "options": {"reduction": reduction, "normalisation": normalisation, "top_k": top_k,
-                        "layers": [list(p) for p in layers] if layers is not None else None,
+                        "layers": [str(LayerRef.of(ref)) for ref in layers] if layers is not None else None,
                         "position": list(position) if position is not None else None,
                         "orientation": orientation},
             "layers": described}

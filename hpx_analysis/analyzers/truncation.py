@@ -26,7 +26,7 @@ stages, which is their last point (the untruncated model).
 
 Work that a truncation cannot change is done once: the activations entering a stage are computed
 once per batch and shared by every r (and by every stage of the sweep); sizes that keep the same
-taps are evaluated once; the masked kernels go straight into the filters' FFT caches, so the
+taps are evaluated once; the masked kernels replace the filters' kernels (``override_kernel``), so the
 implicit filters are evaluated once per run. Per-batch correctness flags are saved in a cache
 folder, so an interrupted run resumes; under ``torchrun`` every rank takes every world-th batch and
 the flags are all-reduced.
@@ -37,17 +37,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..datasets import LabelledImage, LabelledImageDataset, collate_skipping
+from ..distributed import all_reduce_sum, raise_if_any_rank_failed, rank_and_world
 from ..errors import HpxError
+from ..images import eval_transform
 from ..inspection import HYENA_1D, HYENAPIXEL_2D, MixerInfo, kernel, long_filter_layers, modify_kernels
 from ..results import Result, model_metadata
 
@@ -202,57 +203,6 @@ def _distinct_truncations(distances: Sequence[Tensor], sizes: Sequence[float]
     return column, keys
 
 
-def eval_transform(model: nn.Module, image_size: Optional[int] = None) -> Tuple[Callable, Tuple[int, int]]:
-    """timm's evaluation transform from the model's pretrained config (``image_size`` overrides the
-    input size) and the (H, W) it produces."""
-    from timm.data import create_transform, resolve_data_config
-    args = {"input_size": (3, image_size, image_size)} if image_size else {}
-    config = resolve_data_config(args, model=model)
-    return create_transform(**config), (int(config["input_size"][1]), int(config["input_size"][2]))
-
-
-def distributed_setup(device: torch.device) -> Tuple[torch.device, int, int]:
-    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group (nccl on CUDA, gloo on CPU) and use
-    this rank's GPU; returns (device, rank, world size), (device, 0, 1) otherwise."""
-    import torch.distributed as dist
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return device, dist.get_rank(), dist.get_world_size()
-    return device, 0, 1
-
-
-def _all_reduce(tensors: Sequence[Tensor], device: torch.device) -> List[Tensor]:
-    """Element-wise sums over all ranks (the tensors themselves when not distributed)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return list(tensors)
-    reduced = []
-    for tensor in tensors:
-        moved = tensor.to(device)
-        dist.all_reduce(moved)
-        reduced.append(moved.cpu())
-    return reduced
-
-
-def _raise_if_any_rank_failed(failure: Optional[Exception], device: torch.device) -> None:
-    """Re-raise this rank's error, or stop this rank with a one-line error when another rank failed
-    (every rank calls this once, so no rank is left waiting in a collective)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    failed = torch.tensor([0 if failure is None else 1 + dist.get_rank()], device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failure is not None:
-        raise failure
-    if failed.item():
-        raise HpxError(f"rank {int(failed.item()) - 1} failed (its error is printed above); "
-                       f"partial results are kept for a resumed run")
-
-
 def _bootstrap_ci(flags: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """95% percentile bootstrap interval of the mean of each row of ``flags`` (K, N): (K, 2)."""
     from scipy.stats import DegenerateDataWarning, bootstrap
@@ -297,30 +247,15 @@ class _StagePlan:
     def masked_forward(self, model: nn.Module, entering: Tensor, distinct: int) -> Tensor:
         """Logits (B, classes) with truncation ``distinct`` applied, from the activations entering the stage."""
         masks = self.masks[distinct]
-        by_index = {info.index: info for info in self.layers}
-
-        def truncate(k: Tensor, info: MixerInfo) -> Tensor:
-            return k * masks[info.index].to(k.device, k.dtype)
-
-        with modify_kernels(model, truncate, layers=list(masks)):
-            for index in masks:
-                info = by_index[index]
-                info.long_filter.cache_kernel(truncate(self.base[index], info), _signal_size(info))
+        with contextlib.ExitStack() as overrides:
+            for info in self.layers:
+                base = self.base[info.index]
+                mask = masks[info.index].to(base.device, base.dtype)
+                overrides.enter_context(info.long_filter.override_kernel(base * mask))
             x = entering
             for stage in model.stages[self.stage:]:
                 x = stage(x)
             return model.forward_head(x)
-
-    def cache_untruncated(self) -> None:
-        """Put the untruncated kernels back into the FFT caches (the next batch's first forward needs them)."""
-        for info in self.layers:
-            info.long_filter.cache_kernel(self.base[info.index], _signal_size(info))
-
-
-def _signal_size(info: MixerInfo) -> Tuple[int, ...]:
-    """Spatial size of the signal a long filter convolves: (H, W), or (H * W,) for Hyena 1D."""
-    height, width = info.feature_size
-    return (height, width) if info.kind == HYENAPIXEL_2D else (height * width,)
 
 
 def _correct(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
@@ -345,7 +280,6 @@ def _evaluate_batch(model: nn.Module, images: Tensor, labels: Tensor, plans: Seq
         distinct = [reference if d == plan.full else
                     _correct(plan.masked_forward(model, entering[plan.stage], d), labels)
                     for d in range(len(plan.masks))]
-        plan.cache_untruncated()
         top1 += [distinct[d][0] for d in plan.column]
         top5 += [distinct[d][1] for d in plan.column]
     return torch.stack(top1, 1).cpu().numpy(), torch.stack(top5, 1).cpu().numpy()
@@ -407,8 +341,7 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
         sizes = default_sizes(model, stages, shape, hb_cut, input_hw)
     sizes = [float(s) for s in sizes]
     plans = _stage_plans(model, stages, sizes, shape, input_hw, hb_cut)
-    import torch.distributed as dist
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
 
     count, settings = len(samples), 1 + len(plans) * len(sizes)
     batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
@@ -454,8 +387,8 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
         if world == 1:
             raise
         failure = err
-    _raise_if_any_rank_failed(failure, device)
-    top1, top5, status = _all_reduce([top1, top5, status], device)
+    raise_if_any_rank_failed(failure, device)
+    top1, top5, status = all_reduce_sum([top1, top5, status], device)
     return _summarise(model, samples, plans, sizes, shape, hb_cut, top1.numpy(), top5.numpy(), status.numpy(),
                       dict(batch_size=batch_size, input_size=list(input_hw), n_resamples=n_resamples, seed=seed,
                            world_size=world, batches_total=len(batches), batches_resumed=len(resumed),

@@ -9,17 +9,17 @@ analyzers measure, and the summary reports each check, met or not.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..images import model_mean_std, normalise
+from ..inspection import cut_short_convs
 from ..models.proxies import PROXY_NAMES
 from .tasks import IMAGE_SIZE, TASKS, sample_task
 from .training import EVAL_SEED_OFFSET, TrainingConfig, load_or_train, task_accuracy
@@ -69,28 +69,6 @@ def _accuracy_under_truncation(model: nn.Module, size: float, images: int, seed:
         return task_accuracy(model, GLOBAL_TASK, images, seed)
 
 
-@contextlib.contextmanager
-def short_convs_cut(model: nn.Module, stages: Sequence[int]) -> Iterator[None]:
-    """Inside the block the HyenaPixel mixers' depthwise (short) kernels of the 0-based ``stages`` keep
-    only their centre tap; restored on exit. Isolates what the gated short path contributes."""
-    from ..models.mixers import HyenaPixelMixer
-    convs = [m.depthwise_conv for stage in stages for m in model.stages[stage].modules()
-             if isinstance(m, HyenaPixelMixer)]
-    saved = [conv.weight.detach().clone() for conv in convs]
-    try:
-        with torch.no_grad():
-            for conv in convs:
-                height, width = conv.weight.shape[-2:]
-                centre_only = torch.zeros_like(conv.weight)
-                centre_only[..., height // 2, width // 2] = conv.weight[..., height // 2, width // 2]
-                conv.weight.copy_(centre_only)
-        yield
-    finally:
-        with torch.no_grad():
-            for conv, weight in zip(convs, saved):
-                conv.weight.copy_(weight)
-
-
 def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = DemoSettings(),
              progress: bool = True) -> Dict[str, Any]:
     """Train or load the proxies, run ERF, kernels, coverage, truncation and FGVis on them and write the
@@ -104,11 +82,11 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     from ..datasets import labelled_images
     from ..plotting import save_figure
     from ..plotting.coverage import plot_coverage
-    from ..plotting.demo import plot_accuracies, plot_task_examples
     from ..plotting.erf import save_erf_figure
     from ..plotting.explain import plot_explanations
     from ..plotting.kernels import plot_kernels
     from ..plotting.truncation import plot_truncation
+    from .plots import plot_accuracies, plot_task_examples
 
     out, cache_dir = Path(out), Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +127,7 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     cut["untruncated"] = task_accuracy(hpx, GLOBAL_TASK, settings.truncation_images, seed)
     short_cut = {}
     for stage in range(len(hpx.stages)):
-        with short_convs_cut(hpx, [stage]):
+        with cut_short_convs(hpx, [stage]):
             short_cut[f"S{stage + 1}"] = task_accuracy(hpx, GLOBAL_TASK, settings.truncation_images, seed)
 
     batch = sample_task(GLOBAL_TASK, 64, EVAL_SEED_OFFSET + seed + 2, noise_std=0.0)  # background = reference

@@ -7,13 +7,17 @@ per-channel skip gain ``u * bias``.
 
 In eval mode a filter does not depend on the input, so its FFT is cached per FFT size,
 dtype and device until a weight changes (an in-place edit, a ``load_state_dict``, a
-replaced tensor) or a kernel modifier is set, removed or changed.
+replaced tensor) or a kernel modifier is set, removed or changed. ``with
+filt.override_kernel(k):`` makes the filter apply a given kernel instead; its FFTs live in
+a cache of their own for the duration of the block, so the learned kernel's cache is
+untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,16 +100,19 @@ class KernelFFTCache:
 
 
 class LongFilterBase(nn.Module):
-    """Common behaviour of implicit long filters: kernel modifiers and the FFT cache.
+    """Common behaviour of implicit long filters: kernel modifiers, kernel overrides and the FFT cache.
 
-    Subclasses implement ``base_kernel()`` (the learned kernel, (C, S, S) or (C, T)) and
-    ``centre`` (the kernel index of offset 0 per spatial dim).
+    Subclasses set ``channels`` and implement ``base_kernel()`` (the learned kernel, (C, S, S) or
+    (C, T)), ``kernel_size`` and ``centre`` (the kernel index of offset 0 per spatial dim).
     """
+
+    channels: int
 
     def __init__(self) -> None:
         super().__init__()
         self._kernel_modifier: Optional[KernelModifier] = None
         self._modifier_version = 0
+        self._override: Optional[Tuple[Tensor, KernelFFTCache]] = None
         self.fft_cache = KernelFFTCache()
         self.use_cache = True
 
@@ -128,37 +135,59 @@ class LongFilterBase(nn.Module):
         raise NotImplementedError
 
     def kernel(self) -> Tensor:
-        """The kernel this filter applies: the learned kernel after any modifier."""
+        """The kernel this filter applies: the override if one is active, else the learned kernel
+        after any modifier."""
+        if self._override is not None:
+            return self._override[0]
         kernel = self.base_kernel()
         if self.kernel_modifier is not None:
             kernel = self.kernel_modifier(kernel)
         return kernel
 
+    @contextlib.contextmanager
+    def override_kernel(self, kernel: Tensor) -> Iterator[None]:
+        """Inside the block the filter applies ``kernel`` (C, *S), shaped like ``self.kernel()``, instead
+        of its learned kernel (any modifier is ignored). Its FFTs are cached per FFT shape and device in
+        a cache of the block's own, keyed by the tensor's identity and version (an in-place edit of
+        ``kernel`` recomputes them); the learned kernel's cache is neither read nor written. Blocks
+        nest (the innermost wins); on exit, also by an exception, the previous behaviour returns."""
+        expected = (self.channels, *self.kernel_size)
+        if tuple(kernel.shape) != expected:
+            raise ValueError(f"override kernel has shape {tuple(kernel.shape)}, the filter's kernel {expected}")
+        previous, self._override = self._override, (kernel, KernelFFTCache())
+        try:
+            yield
+        finally:
+            self._override = previous
+
     # -- caching --------------------------------------------------------------------------
-    def _weights_stamp(self) -> Optional[tuple]:
-        """Identity + version of every tensor the kernel depends on, or None when caching is off."""
-        if not self.use_cache or self.training:
+    def _tensors_stamp(self, tensors: Sequence[Tensor]) -> Optional[tuple]:
+        """Identity + version of ``tensors``, or None when caching is off or they need gradients."""
+        if not self.use_cache:
             return None
-        tensors = list(self.parameters()) + list(self.buffers())
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return None  # the kernel must stay in the autograd graph
-        return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors) + (self._modifier_version,)
+        return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+    def _kernel_cache_and_stamp(self) -> Tuple[KernelFFTCache, Optional[tuple]]:
+        """The FFT cache of the kernel now applied and the stamp its entries must match."""
+        if self._override is not None:
+            kernel, cache = self._override
+            return cache, self._tensors_stamp([kernel])
+        if self.training:
+            return self.fft_cache, None
+        stamp = self._tensors_stamp(list(self.parameters()) + list(self.buffers()))
+        return self.fft_cache, None if stamp is None else stamp + (self._modifier_version,)
 
     def convolve(self, u: Tensor) -> Tensor:
         """Apply the long filter (true convolution, zero padding) to u: (B, C, *spatial)."""
         fft_shape = fft_shape_for(u.shape[-len(self.centre):], self.kernel_size, self.centre)
-        stamp = self._weights_stamp()
-        kernel_f = self.fft_cache.get(fft_shape, u.device, stamp)
+        cache, stamp = self._kernel_cache_and_stamp()
+        kernel_f = cache.get(fft_shape, u.device, stamp)
         if kernel_f is None:
             kernel_f = kernel_fft(self.kernel(), fft_shape)
-            self.fft_cache.put(fft_shape, u.device, stamp, kernel_f)
+            cache.put(fft_shape, u.device, stamp, kernel_f)
         return apply_kernel_fft(u, kernel_f, fft_shape, self.centre)
-
-    def cache_kernel(self, kernel: Tensor, sizes: Sequence[int]) -> None:
-        """Store the FFT of ``kernel`` (C, *S), which must equal ``self.kernel()`` now, for inputs of
-        spatial ``sizes``: the next eval-mode forward at that size does not re-evaluate the filter."""
-        fft_shape = fft_shape_for(sizes, self.kernel_size, self.centre)
-        self.fft_cache.put(fft_shape, kernel.device, self._weights_stamp(), kernel_fft(kernel, fft_shape))
 
     @property
     def kernel_size(self) -> Tuple[int, ...]:

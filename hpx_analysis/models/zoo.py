@@ -35,7 +35,6 @@ from .hyenapixel import model_from_config, model_names
 from .proxies import PROXY_NAMES
 
 REFERENCE_BACKBONES = ("convformer_s18", "caformer_s18", "convnext_tiny", "resnet50", "vgg16")
-WEIGHT_MODES = ("pretrained", "random")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
 

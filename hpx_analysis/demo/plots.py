@@ -1,4 +1,7 @@
-"""Figures of the demo: example images of the proxy tasks and the proxies' held-out accuracies."""
+"""Figures of the demo: example images of the proxy tasks and the proxies' held-out accuracies.
+
+The demo is an app over the library, so its figures live here and use only the library's plot style
+(:mod:`hpx_analysis.plotting` never imports the demo)."""
 
 from __future__ import annotations
 
@@ -6,18 +9,16 @@ from typing import TYPE_CHECKING, Dict, Mapping
 
 import numpy as np
 
-from .style import paper_style
+from ..plotting import paper_style
+from .tasks import TASKS, TaskBatch
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
 
-    from ..demo.tasks import TaskBatch
 
-
-def plot_task_examples(batches: Mapping[str, "TaskBatch"]) -> "plt.Figure":
+def plot_task_examples(batches: Mapping[str, TaskBatch]) -> "plt.Figure":
     """One row per task: its example images (N, 3, H, W) titled with their class names."""
     import matplotlib.pyplot as plt
-    from ..demo.tasks import TASKS
 
     with paper_style():
         columns = max(len(b.labels) for b in batches.values())

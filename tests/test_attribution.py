@@ -1,0 +1,182 @@
+"""The explanation-method registry (no import cycle among the analyzers) and known answers for occlusion
+and Grad-CAM.
+
+Known-answer model (:class:`QuadrantModel`): a 4 x 4 stride-4 convolution makes an 8 x 8 feature map
+of two channels, A0 = ReLU(mean of the cell - 1/2) (bright detector) and A1 = ReLU(-mean of the cell - 1/2)
+(dark detector), and logit c = mean over the map of A_c (global average pooling, as in a classifier).
+The images are a random dark background (normalised values in [-2, 0], so A0 = 0 on every background
+cell) with one uniform bright colour (values in [1.2, 2], A0 = a >= 0.7, A1 = 0) on the top-left
+quadrant, which is exactly the 4 x 4 feature cells (0..3, 0..3). Class 0's evidence therefore sits in
+the quadrant:
+
+* Occlusion (window w = H/8 = 4, stride w/2 = 2, black reference = -2): occluding background keeps
+  A0 = 0 there and leaves every quadrant cell untouched, so class 0's score does not change; occluding
+  any quadrant pixel lowers its cell's A0 strictly. A pixel's value is the mean drop of the windows
+  covering it, so it is > 0 exactly where a covering window (starts 0, 2, ..., 28) meets the quadrant:
+  rows and columns < 14 + 4 = 18, and 0 beyond. Pixel (0, 0) lies only in the window at (0, 0), which
+  blackens cell (0, 0) entirely: its value is a / 64.
+* Grad-CAM (on ``feature_info[-1]``: the ReLU output): d logit0 / d A = 1/64 everywhere, so the weights are
+  (1/64, 0) and the cam is A0 / 64: a / 64 on the quadrant's cells, 0 elsewhere. Bilinear upsampling
+  by 4 (half-pixel centres) reads at most half a cell past the quadrant (rows, columns < 18) and moves
+  1/8 of the mass of the quadrant's last cell row (column) across its edge, so the quadrant keeps
+  exactly (1 - 1/(8 * 4))^2 = (31/32)^2 of the map's mass; pixels < 14 read quadrant cells only: a / 64.
+  For class 1 the dark detector, zero on the quadrant, is explained instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Set
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hpx_analysis.analyzers as analyzers
+from hpx_analysis.analyzers.attribution import METHODS, attribute, explain
+from hpx_analysis.analyzers.fgvis import fgvis
+from hpx_analysis.analyzers.methods import explanation_method, register_method
+from hpx_analysis.errors import HpxError
+
+SIZE, CELL, QUADRANT = 32, 4, 16
+CELLS = QUADRANT // CELL  # feature cells per side of the quadrant
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+EXPLANATION_MODULES = ("methods", "fgvis", "attribution", "sanity")
+
+
+class QuadrantModel(nn.Module):
+    """Logit c (N, 2) = spatial mean of channel c of ReLU(conv(x)): c = 0 bright, c = 1 dark cells (4 x 4)."""
+
+    feature_info = [{"module": "features", "num_chs": 2, "reduction": CELL}]
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = nn.Conv2d(3, 2, CELL, stride=CELL)
+        with torch.no_grad():
+            conv.weight[0] = 1 / (3 * CELL * CELL)
+            conv.weight[1] = -1 / (3 * CELL * CELL)
+            conv.bias.fill_(-0.5)
+        self.features = nn.Sequential(conv, nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean((2, 3))
+
+
+def quadrant_images(count: int) -> torch.Tensor:
+    """Normalised images (count, 3, SIZE, SIZE): dark random background, one bright colour on the quadrant."""
+    generator = torch.Generator().manual_seed(3)
+    rgb = torch.rand(count, 3, SIZE, SIZE, generator=generator) * 0.5
+    rgb[:, :, :QUADRANT, :QUADRANT] = 0.8 + 0.2 * torch.rand(count, 3, 1, 1, generator=generator)
+    return (rgb - 0.5) / 0.25
+
+
+def quadrant_activation(images: torch.Tensor) -> np.ndarray:
+    """a (N,): A0 on every quadrant cell, by hand: mean of the quadrant's normalised colour - 1/2."""
+    return (images[:, :, 0, 0].mean(1) - 0.5).numpy()
+
+
+def window_reach(stop: int, window: int, stride: int) -> int:
+    """End of the pixels that a sliding window (starts 0, stride, ... up to SIZE - window) covers
+    together with some pixel before ``stop``."""
+    return max(start for start in range(0, SIZE - window + 1, stride) if start < stop) + window
+
+
+def test_occlusion_is_the_score_drop_of_windows_that_meet_the_quadrant() -> None:
+    model, images = QuadrantModel().eval(), quadrant_images(2)
+    result = attribute(model, images, "occlusion", target=0, mean=MEAN, std=STD)
+    window, stride = result.meta["options"]["occlusion_window"], result.meta["options"]["occlusion_stride"]
+    assert (window, stride) == (SIZE // 8, SIZE // 16)
+    reach = window_reach(QUADRANT, window, stride)
+    assert reach == 18
+    maps = result.maps
+    assert np.all(maps[:, reach:, :] == 0) and np.all(maps[:, :, reach:] == 0)
+    assert np.all(result.arrays["attributions"][:, :, reach:, :] == 0)  # background occlusion changes nothing
+    assert np.all(result.arrays["attributions"][:, :, :, reach:] == 0)
+    assert np.all(maps[:, :reach, :reach] > 0)
+    np.testing.assert_allclose(maps[:, 0, 0], quadrant_activation(images) / (SIZE // CELL) ** 2, rtol=1e-5)
+
+
+def test_gradcam_keeps_the_mass_on_the_quadrant_up_to_the_upsampling_border() -> None:
+    model, images = QuadrantModel().eval(), quadrant_images(2)
+    result = attribute(model, images, "gradcam", target=0, mean=MEAN, std=STD)
+    assert result.meta["options"]["layer"] == "features"
+    maps = result.maps
+    border = QUADRANT + CELL // 2  # bilinear upsampling reads half a cell past the last quadrant cell
+    assert np.all(maps[:, border:, :] == 0) and np.all(maps[:, :, border:] == 0)
+    inside = maps[:, :QUADRANT, :QUADRANT].sum((1, 2)) / maps.sum((1, 2))
+    np.testing.assert_allclose(inside, (1 - 1 / (8 * CELLS)) ** 2, rtol=1e-5)
+    inner = QUADRANT - CELL // 2  # pixels that read quadrant cells only
+    expected = quadrant_activation(images) / (SIZE // CELL) ** 2
+    np.testing.assert_allclose(maps[:, :inner, :inner], np.broadcast_to(expected[:, None, None], (2, inner, inner)),
+                               rtol=1e-5)
+    dark = attribute(model, images, "gradcam", target=1, mean=MEAN, std=STD).maps
+    assert np.all(dark[:, :inner, :inner] == 0) and dark.sum() > 0  # class 1's channel is off on the quadrant
+
+
+def test_explain_dispatches_through_the_registry() -> None:
+    assert METHODS == ("fgvis", "saliency", "integrated-gradients", "occlusion", "gradcam")
+    assert explanation_method("fgvis") is fgvis
+    model, images = QuadrantModel().eval(), quadrant_images(1)
+    via_explain = explain(model, images, "occlusion", target=0, mean=MEAN, std=STD)
+    direct = attribute(model, images, "occlusion", target=0, mean=MEAN, std=STD)
+    np.testing.assert_array_equal(via_explain.maps, direct.maps)
+    with pytest.raises(HpxError, match="unknown explanation method 'lime'"):
+        explain(model, images, "lime")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("saliency")(attribute)
+
+
+def analyzer_imports() -> Dict[str, Set[str]]:
+    """Module -> the analyzers modules it imports anywhere in its source (lazy imports inside functions too)."""
+    folder = Path(analyzers.__file__).parent
+    names = {path.stem for path in folder.glob("*.py")} - {"__init__"}
+    graph: Dict[str, Set[str]] = {}
+    for name in names:
+        imported: Set[str] = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ... / from . import x
+                imported |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpx_analysis.analyzers."):
+                imported.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[2] for alias in node.names
+                             if alias.name.startswith("hpx_analysis.analyzers.")}
+        graph[name] = imported & names
+    return graph
+
+
+def test_analyzer_imports_are_acyclic() -> None:
+    graph = analyzer_imports()
+    assert graph["methods"] == set()
+    assert "attribution" not in graph["fgvis"] and "methods" in graph["fgvis"]
+    assert {"fgvis", "methods"} <= graph["attribution"]
+    remaining = dict(graph)
+    while remaining:  # peel off modules that import nothing still remaining
+        leaves = {name for name, imported in remaining.items() if not imported & remaining.keys()}
+        assert leaves, f"import cycle among {sorted(remaining)}"
+        remaining = {name: imported for name, imported in remaining.items() if name not in leaves}
+
+
+FRESH_IMPORTS = """
+import importlib, sys
+names = sys.argv[1].split(",")
+for first in names:  # each module first, the others after it in reverse order, from a clean slate
+    for loaded in [m for m in sys.modules if m.startswith("hpx_analysis.analyzers")]:  # the package too
+        del sys.modules[loaded]
+    for name in [first] + [n for n in reversed(names) if n != first]:
+        importlib.import_module(f"hpx_analysis.analyzers.{name}")
+    print(",".join(sys.modules["hpx_analysis.analyzers.methods"].registered_methods()))
+"""
+
+
+def test_each_explanation_module_imports_first_in_a_fresh_interpreter() -> None:
+    """In a fresh interpreter, each module imports first (the others after it, in reverse order) and the
+    registry ends up complete and in the same order every time."""
+    run = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, ",".join(EXPLANATION_MODULES)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [",".join(METHODS)] * len(EXPLANATION_MODULES)
