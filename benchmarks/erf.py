@@ -124,7 +124,8 @@ def benchmark(args: argparse.Namespace) -> float:
     """Interleaved timing of the variants; prints the table; returns the worst map difference."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hpx_analysis.analyzers.erf import erf_gradient_maps, frozen_parameters
+    from hpx_analysis.analyzers.erf import erf_gradient_maps
+    from hpx_analysis.engine import analysis_mode
     from hpx_analysis.inspection import feature_layer
     from hpx_analysis.models.zoo import load_model
 
@@ -132,7 +133,7 @@ def benchmark(args: argparse.Namespace) -> float:
     layer = feature_layer(models["analyzer"])
     batches = _inputs(models["analyzer"], args.size, args.batch_size * (args.images + 1)).to(args.device)
     batches = list(batches.split(args.batch_size))
-    with FlopCounterMode(display=False) as counter, frozen_parameters(models["analyzer"]):
+    with FlopCounterMode(display=False) as counter, analysis_mode(models["analyzer"]):
         erf_gradient_maps(models["analyzer"], batches[0][:1], layer)
     gflop = counter.get_total_flops() / 1e9
     rate = matmul_rate(args.device)

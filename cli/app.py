@@ -25,6 +25,7 @@ app = typer.Typer(
          "learned kernels, filter-size coverage, window truncation, FGVis explanations.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click errors: the offending option and value on one greppable line
     add_completion=False,
 )
 demo_cmd.register(app)

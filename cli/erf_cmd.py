@@ -24,24 +24,24 @@ def _stem_name(models: List[str]) -> str:
 def erf(
     model: options.Models = None,
     weights: options.Weights = options.DEFAULT_WEIGHTS,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (recursive) or ImageFolder "
-                      "tree; default: scikit-image's bundled photographs.")] = None,
-    num_images: Annotated[int, typer.Option("--num-images", help="Images to sample (sorted, seeded, spread "
-                          "over class subfolders).")] = 50,
-    size: Annotated[Optional[int], typer.Option("--size", help="Input resolution in px. replknet: images "
-                    "resized bicubic to size x size, no crop (default 1024). kim2023: the model's timm eval "
-                    "transform (shorter side resized by crop_pct, centre crop) at its pretrained input size, "
-                    "or at --size when given.")] = None,
+    images: options.Images = None,
+    num_images: options.NumImages = 50,
+    input_size: Annotated[Optional[int], typer.Option("--input-size", help="Input resolution in px. replknet: "
+                          "images resized bicubic to size x size, no crop (default 1024). kim2023: the model's timm "
+                          "eval transform (shorter side resized by crop_pct, centre crop) at its pretrained input "
+                          "size, or at --input-size when given.")] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="Output: a stage's output or a block, numbered "
                      "from 1 as in the paper (S2, 2, S2B1, 2.1), or a module path (stages.1, stages.1.blocks.0: "
                      "from 0, as the modules). Default: last stage, before the final norm and head.")] = None,
-    convention: Annotated[str, typer.Option("--convention", help="replknet (paper) or kim2023.")] = "replknet",
+    convention: Annotated[options.Convention, typer.Option("--convention", help="replknet (paper) or kim2023 "
+                          "(OpenERF's protocol).")] = options.Convention.replknet,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backward pass.")] = 1,
-    amp: Annotated[Optional[str], typer.Option("--amp", help="Autocast dtype bf16 or fp16 (GPU).")] = None,
+    amp: Annotated[Optional[options.Amp], typer.Option("--amp", help="Autocast dtype bf16 or fp16 (GPU).")] = None,
     shared_scale: Annotated[bool, typer.Option("--shared-scale/--per-panel", help="One colour scale for all "
                             "panels or a colorbar per panel.")] = False,
     replot: Annotated[Optional[Path], typer.Option("--replot", help="Redraw a saved erf_*.npz without "
                       "recomputing.")] = None,
+    resume: options.Resume = options.DEFAULT_RESUME,
     device: options.Device = options.DEFAULT_DEVICE,
     out: options.Out = options.DEFAULT_OUT,
     seed: options.Seed = options.DEFAULT_SEED,
@@ -49,7 +49,9 @@ def erf(
     """Effective receptive field (mean input gradient of the centre output) per model, with the
     high-contribution area ratios (kim2023: OpenERF's Gaussian fit and radial masses, in px and relative
     to the input side); writes erf_<models>.pdf/.png and the maps as .npz + .json.
-    Partial sums are kept in --out, so an interrupted run resumes when rerun with the same options."""
+    The running sums are kept under OUT/runs, so an interrupted run resumes when rerun with the same options.
+    Runs unchanged under `torchrun --nproc-per-node N` (each rank a shard of the batches; rank 0 writes)."""
+    from hpx_analysis import distributed
     from hpx_analysis.analyzers.erf import ERFResult, effective_receptive_field
     from hpx_analysis.errors import HpxError
     from hpx_analysis.inspection import LayerRef, is_layer_syntax
@@ -68,15 +70,19 @@ def erf(
     from hpx_analysis.images import image_sources
     from hpx_analysis.models.zoo import load_model, model_label
 
-    target = resolve_device(device)
+    target, rank, _ = distributed.setup(resolve_device(device))
     sources = image_sources(images, num_images, seed)
     output = LayerRef.parse(layer) if layer is not None and is_layer_syntax(layer) else layer
     results = []
     for name in model:
         net = load_model(name, weights, seed=seed, device=target)
-        results.append(effective_receptive_field(net, sources, input_size=size, layer=output, convention=convention,
-                                                 batch_size=batch_size, amp=amp, label=model_label(name),
-                                                 resume_dir=out))
+        results.append(effective_receptive_field(net, sources, input_size=input_size, layer=output,
+                                                 convention=convention.value, batch_size=batch_size,
+                                                 amp=amp.value if amp else None, label=model_label(name),
+                                                 resume_dir=Path(out) / "runs" if resume else None))
+    distributed.teardown()
+    if rank != 0:
+        return
     result = ERFResult.combine(results)
     result.meta["options"].update(images=str(images) if images else "skimage samples", num_images=num_images,
                                   seed=seed, weights=weights, device=str(target))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -18,130 +18,107 @@ def register(app: typer.Typer) -> None:
 def explain(
     model: options.Models = None,
     weights: options.Weights = options.DEFAULT_WEIGHTS,
-    method: Annotated[Optional[List[str]], typer.Option("--method", help="fgvis, saliency, integrated-gradients, "
-                      "occlusion or gradcam; repeat to compare several.")] = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Image folder (recursive) or ImageFolder "
-                      "tree; default: scikit-image's bundled photographs.")] = None,
-    num_images: Annotated[int, typer.Option("--num-images", help="Images to explain (sorted, seeded).")] = 2,
-    size: Annotated[Optional[int], typer.Option("--size", help="Input resolution in px (default: the model's "
-                    "pretrained resolution); images go through the model's evaluation transform (resize the "
-                    "shorter side, centre crop) either way.")] = None,
+    method: Annotated[Optional[List[options.Method]], typer.Option("--method", help="fgvis, saliency, "
+                      "integrated-gradients, occlusion or gradcam; repeat to compare several (default fgvis).")
+                      ] = None,
+    images: options.Images = None,
+    num_images: options.NumImages = 2,
+    input_size: options.InputSize = None,
     target: Annotated[Optional[int], typer.Option("--target", help="Class to explain (default: the top-1 "
                       "prediction for each image).")] = None,
-    reference: Annotated[str, typer.Option("--reference", help="Deleted/baseline image: black, blur or mean.")
-                         ] = "black",
+    reference: Annotated[options.Reference, typer.Option("--reference", help="Deleted/baseline image: black, "
+                         "blur or mean.")] = options.Reference.black,
     iterations: Annotated[int, typer.Option("--iterations", help="FGVis: SGD steps per lambda.")] = 500,
     lambda_start: Annotated[float, typer.Option("--lambda", help="FGVis: first sparsity weight.")] = 1e-4,
     lambda_tries: Annotated[int, typer.Option("--lambda-tries", help="FGVis: lambdas tried, dividing by 10 "
                             "(6: down to 1e-9, the reference's weight).")] = 6,
     bounds: Annotated[bool, typer.Option("--bounds/--no-bounds", help="FGVis: activation-bounded gradients "
                       "(the adversarial defense).")] = True,
-    bound_activations: Annotated[str, typer.Option("--bound-activations", help="FGVis: which nonlinearities "
-                                 "are bounded: relu (the reference's rule: ReLUs, in MetaFormers the ReLU inside "
-                                 "StarReLU/SquaredReLU) or all (also GELU, SiLU, ...).")] = "relu",
+    bound_activations: Annotated[options.BoundActivations, typer.Option("--bound-activations", help="FGVis: "
+                                 "which nonlinearities are bounded: relu (the reference's rule: ReLUs, in MetaFormers "
+                                 "the ReLU inside StarReLU/SquaredReLU) or all (also GELU, SiLU, ...).")
+                                 ] = options.BoundActivations.relu,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples (images x lambdas) per batch.")] = 8,
     exponent: Annotated[float, typer.Option("--exponent", help="Display exponent of the FGVis mask.")] = 7.0,
     sanity: Annotated[bool, typer.Option("--sanity", help="Also run the cascading parameter randomisation "
                       "test and report Spearman correlations.")] = False,
+    resume: options.Resume = options.DEFAULT_RESUME,
     device: options.Device = options.DEFAULT_DEVICE,
     out: options.Out = options.DEFAULT_OUT,
     seed: options.Seed = options.DEFAULT_SEED,
 ) -> None:
     """Explain the models' decisions on the same images with FGVis and/or captum methods; one grid figure
-    explain_<models>.pdf/.png, one .npz + .json per model and method. Finished results and FGVis partial
-    runs are kept in --out, so a rerun with the same options resumes."""
-    from hpx_analysis.errors import HpxError
+    explain_<models>.pdf/.png, one .npz + .json per model and method. Runs are kept under OUT/runs, so a
+    rerun with the same options resumes an interrupted run or reuses a finished one.
 
+    Runs unchanged under `torchrun --nproc-per-node N` (each rank a shard of the images; rank 0 writes).
+    """
     models = model or ["hpx_former_s18"]
-    methods = method or ["fgvis"]
-    from hpx_analysis.analyzers.attribution import METHODS, REFERENCES
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or reference not in REFERENCES:
-        raise HpxError(f"unknown method {unknown[0]!r}; use {', '.join(METHODS)}" if unknown else
-                       f"unknown reference {reference!r}; use {', '.join(REFERENCES)}")
-    from hpx_analysis.analyzers.fgvis import BOUND_ACTIVATIONS
-    if bound_activations not in BOUND_ACTIVATIONS:
-        raise HpxError(f"unknown --bound-activations {bound_activations!r}; use {', '.join(BOUND_ACTIVATIONS)}")
-
-    from hpx_analysis.analyzers.attribution import AttributionResult, ExplanationResult, load_inputs
+    methods = [m.value for m in method] if method else ["fgvis"]
+    from hpx_analysis import distributed
+    from hpx_analysis.analyzers.attribution import ExplanationResult, load_inputs
     from hpx_analysis.analyzers.attribution import explain as run_explain
-    from hpx_analysis.analyzers.fgvis import FgvisResult, FgvisSettings
-    from hpx_analysis.analyzers.sanity import SanityResult, sanity_check
+    from hpx_analysis.analyzers.fgvis import FgvisSettings
+    from hpx_analysis.analyzers.sanity import sanity_check
     from hpx_analysis.devices import resolve_device
     from hpx_analysis.images import eval_transform, image_sources, model_mean_std
     from hpx_analysis.models.zoo import load_model, model_label
-    from hpx_analysis.results import model_metadata
     from hpx_analysis.plotting.explain import plot_explanations, plot_sanity
 
-    target_device = resolve_device(device)
+    target_device, rank, _ = distributed.setup(resolve_device(device))
     sources = image_sources(images, num_images, seed)
     settings = FgvisSettings(iterations=iterations, lambda_start=lambda_start, lambda_tries=lambda_tries,
-                             reference=reference, bounded=bounds, bound_activations=bound_activations)
+                             reference=reference.value, bounded=bounds, bound_activations=bound_activations.value)
     folder = Path(out) / "explain"
     run_options = {"images": str(images) if images else "skimage samples", "num_images": num_images,
-                   "size": size, "target": target, "reference": reference, "seed": seed, "weights": weights}
+                   "input_size": input_size, "target": target, "reference": reference.value, "seed": seed,
+                   "weights": weights}
+    resume_dir = Path(out) / "runs" if resume else None
     results: List[ExplanationResult] = []
     for name in models:
         net = load_model(name, weights, seed=seed, device=target_device)
         mean, std = model_mean_std(net)
-        transform, _ = eval_transform(net, size)
+        transform, _ = eval_transform(net, input_size)
         inputs, names = load_inputs(sources, transform)
         inputs = inputs.to(target_device)
-        # a retrained checkpoint at the same path must not reuse results: key on the file's content
-        model_options = {"weights_sha256": model_metadata(net).get("weights_sha256"), "transform": str(transform)}
         for chosen in methods:
+            method_options = ({"settings": settings, "seed": seed} if chosen == "fgvis" else
+                              {"reference": reference.value})
+            common = {"target": target, "mean": mean, "std": std, "names": names, "batch_size": batch_size,
+                      "resume_dir": resume_dir}
+            result = run_explain(net, inputs, chosen, **common, **method_options, progress=True)
+            check = (sanity_check(net, inputs, chosen, init_seed=seed + 1, **common, **method_options)
+                     if sanity else None)
+            if rank != 0:
+                continue
             stem = folder / options.safe_filename(f"{model_label(name)}_{chosen}")
-            partial = stem.parent / f"{stem.name}.partial.npz"
-            method_options = ({"settings": settings, "seed": seed, "partial": partial,
-                               "progress": True} if chosen == "fgvis" else {"reference": reference})
-            common = {"target": target, "mean": mean, "std": std, "names": names, "batch_size": batch_size}
-            result_type = FgvisResult if chosen == "fgvis" else AttributionResult
-            wanted = _jsonable({**run_options, **model_options,
-                                **({"fgvis": settings.__dict__} if chosen == "fgvis" else {})})
-            result = _cached(stem, result_type, wanted, lambda: run_explain(net, inputs, chosen, **common,
-                                                                            **method_options))
-            partial.unlink(missing_ok=True)
+            result.meta["cli_options"] = run_options
+            result.save(stem)
             results.append(result)
-            _report(name, chosen, result)
-            if sanity:
+            _report(name, chosen, result, resume_dir)
+            if check is not None:
                 sanity_stem = folder / options.safe_filename(f"sanity_{model_label(name)}_{chosen}")
-                check = _cached(sanity_stem, SanityResult, wanted, lambda: sanity_check(
-                    net, inputs, chosen, init_seed=seed + 1, **common,
-                    **{k: v for k, v in method_options.items() if k not in ("partial", "progress")}))
+                check.save(sanity_stem)
                 plot_sanity(check, sanity_stem, {"options": run_options})
                 _report_sanity(name, chosen, check)
+    distributed.teardown()
+    if rank != 0:
+        return
     figure = folder / options.safe_filename("explain_" + "+".join(model_label(m) for m in models) + "_"
                                             + "+".join(methods))
     for path in plot_explanations(results, figure, exponent, {"options": run_options}):
         typer.echo(f"wrote {path}")
 
 
-def _cached(stem: Path, result_type: type, wanted: object, compute: Callable[[], object]) -> object:
-    """The result saved at ``stem`` when it was made with the same options, else ``compute()`` saved there."""
-    if stem.with_suffix(".npz").is_file() and stem.with_suffix(".json").is_file():
-        saved = result_type.load(stem)
-        if saved.get("cli_options") == wanted:
-            typer.echo(f"reusing {stem.with_suffix('.npz')}")
-            return saved
-    result = compute()
-    result.meta["cli_options"] = wanted
-    result.save(stem)
-    return result
-
-
-def _jsonable(value: object) -> object:
-    import json
-    from hpx_analysis.results import to_jsonable
-    return json.loads(json.dumps(to_jsonable(value)))
-
-
-def _report(model: str, method: str, result: object) -> None:
+def _report(model: str, method: str, result: object, resume_dir: Optional[Path]) -> None:
     from hpx_analysis.models.zoo import model_label
+    run_options = result.meta["options"]
+    if run_options["batches_computed"] == 0 and run_options["batches_resumed"] > 0:
+        typer.echo(f"reusing the finished run {resume_dir / run_options['run_key']}")
     if method != "fgvis":
         return
-    fgvis_options = result.meta["options"]
-    typer.echo(f"{model_label(model)} fgvis: gradients bounded at {fgvis_options['bounded_activations']} activation "
-               f"layers ({fgvis_options['bound_activations']} rule)" if fgvis_options["bounded"] else
+    typer.echo(f"{model_label(model)} fgvis: gradients bounded at {run_options['bounded_activations']} activation "
+               f"layers ({run_options['bound_activations']} rule)" if run_options["bounded"] else
                f"{model_label(model)} fgvis: no activation bounds")
     for image, record in zip(result.meta["images"], result.records):
         status = "" if record["success"] else f"  ({record['note']})"

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typing_extensions import Annotated
 
-from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Model, Out, Seed,
-                      Weights)
-
-
-class Orientation(str, Enum):
-    """Panel layout, the same for 2D and 1D layers (hpx_analysis.analyzers.kernels.ORIENTATIONS)."""
-
-    kernel = "kernel"
-    response = "response"
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Layers, Model,
+                      Normalisation, Orientation, Out, Seed, Weights)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,12 +32,9 @@ def kernels(
     reduction: Annotated[str, typer.Option(help="mean, abs-mean, top-k (gallery of the --top-k channels "
                                                 "with most energy) or a channel index.")] = "mean",
     top_k: Annotated[int, typer.Option("--top-k", help="Channels shown per layer with --reduction top-k.")] = 4,
-    normalise: Annotated[str, typer.Option("--normalise", help="maxabs ([-1, 1], diverging map centred at 0), "
-                                                               "minmax ([0, 1]) or none.")] = "maxabs",
-    layers: Annotated[Optional[str], typer.Option(help="Hand-picked stages or blocks, numbered from 1 as in the "
-                                                       "paper: S1B1,S2B3 or 1.1,2.3 (STAGE.BLOCK), S3 (all of stage "
-                                                       "3), or module paths stages.0.blocks.0 (from 0). "
-                                                       "Default: all.")] = None,
+    normalise: Annotated[Normalisation, typer.Option("--normalise", help="maxabs ([-1, 1], diverging map centred "
+                                                     "at 0), minmax ([0, 1]) or none.")] = Normalisation.maxabs,
+    layers: Layers = None,
     position: Annotated[Optional[str], typer.Option(help="Evaluation pixel ROW,COL of the 1D (Hyena) wrap-around; "
                                                          "default the centre-most pixel.")] = None,
     orientation: Annotated[Orientation, typer.Option(help="kernel: the kernel array, tap c+d drawn at p+d (as the "
@@ -67,7 +56,7 @@ def kernels(
 
     chosen_reduction = int(reduction) if reduction.lstrip("-").isdigit() else reduction
     net = load_model(model, weights, seed=seed, device=resolve_device(device))
-    result = compute_kernels(net, reduction=chosen_reduction, normalisation=normalise, layers=parse_layers(layers),
+    result = compute_kernels(net, reduction=chosen_reduction, normalisation=normalise.value, layers=parse_layers(layers),
                              top_k=top_k, position=_pair(position, "--position"), input_size=input_size,
                              orientation=orientation.value)
     stem = Path(out) / f"kernels_{model_label(model)}"

@@ -1,8 +1,10 @@
-"""Options shared by every command, defined once. Types and plain helpers only: importing this loads no torch."""
+"""Options shared by the commands, defined once, and the choices of every command as enums (their values
+equal the library's constants, which a test checks). Types and plain helpers only: importing this loads no torch."""
 
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,8 +18,18 @@ Models = Annotated[List[str], typer.Option("--model", "-m", help="Model name; re
 Weights = Annotated[str, typer.Option("--weights", "--checkpoint", "-w",
                                       help="'pretrained' (hub or local HF cache), 'random' (seeded), "
                                       "or a checkpoint file (.pth/.bin/.safetensors).")]
-InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Input resolution defining the feature-map "
-                                                 "size F; default the model's training resolution.")]
+InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Input resolution in px (it sets the "
+                                                 "feature-map sides F); default: the model's pretrained "
+                                                 "resolution.")]
+Images = Annotated[Optional[Path], typer.Option("--images", help="Image folder (recursive) or ImageFolder tree; "
+                                                "default: scikit-image's bundled photographs.")]
+NumImages = Annotated[int, typer.Option("--num-images", help="How many images to use (sorted, seeded, spread over "
+                                        "class subfolders).")]
+Layers = Annotated[Optional[str], typer.Option("--layers", help="Stages or blocks, numbered from 1 as in the paper: "
+                                               "S1B1,S2B3 or 1.1,2.3 (STAGE.BLOCK), S3 (all of stage 3), or module "
+                                               "paths stages.0.blocks.0 (from 0). Default: all.")]
+Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an interrupted run and reuse a finished "
+                                      "one with the same model, inputs and options (runs are kept under OUT/runs).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder for figures and results.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (weights='random', image selection, noise).")]
@@ -26,6 +38,75 @@ DEFAULT_WEIGHTS = "pretrained"
 DEFAULT_DEVICE = "auto"
 DEFAULT_OUT = Path("figures")
 DEFAULT_SEED = 0
+DEFAULT_RESUME = True
+
+
+class Convention(str, Enum):
+    """ERF conventions (hpx_analysis.analyzers.erf.CONVENTIONS)."""
+
+    replknet = "replknet"
+    kim2023 = "kim2023"
+
+
+class Amp(str, Enum):
+    """Autocast dtypes (hpx_analysis.analyzers.erf.AMP_DTYPES)."""
+
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Method(str, Enum):
+    """Explanation methods (hpx_analysis.analyzers.attribution.METHODS)."""
+
+    fgvis = "fgvis"
+    saliency = "saliency"
+    integrated_gradients = "integrated-gradients"
+    occlusion = "occlusion"
+    gradcam = "gradcam"
+
+
+class Reference(str, Enum):
+    """Deleted / baseline images (hpx_analysis.analyzers.methods.REFERENCES)."""
+
+    black = "black"
+    blur = "blur"
+    mean = "mean"
+
+
+class BoundActivations(str, Enum):
+    """FGVis bound rules (hpx_analysis.analyzers.fgvis.BOUND_ACTIVATIONS)."""
+
+    relu = "relu"
+    all = "all"
+
+
+class Shape(str, Enum):
+    """Truncation shapes (hpx_analysis.analyzers.truncation.SHAPES)."""
+
+    disc = "disc"
+    square = "square"
+
+
+class HbCut(str, Enum):
+    """Cuts of Hyena 1D layers (hpx_analysis.analyzers.truncation.HB_CUTS)."""
+
+    wrap = "wrap"
+    offset = "offset"
+
+
+class Normalisation(str, Enum):
+    """Kernel panel normalisations (hpx_analysis.analyzers.kernels.NORMALISATIONS)."""
+
+    maxabs = "maxabs"
+    minmax = "minmax"
+    none = "none"
+
+
+class Orientation(str, Enum):
+    """Kernel panel layouts, the same for 2D and 1D layers (hpx_analysis.analyzers.kernels.ORIENTATIONS)."""
+
+    kernel = "kernel"
+    response = "response"
 
 
 def safe_filename(text: str) -> str:

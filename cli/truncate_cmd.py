@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from .options import DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, Model, Out, Seed, Weights
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_RESUME, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, HbCut, InputSize,
+                      Model, Out, Resume, Seed, Shape, Weights)
 
 
 def register(app: typer.Typer) -> None:
@@ -61,12 +62,12 @@ def truncate(
                                                  "stages in steps of 0.1, that r being the last point (the "
                                                  "untruncated model; 2.78 for hpx_former_s18 at 224 px).",
                                                  show_default=False)] = None,
-    shape: Annotated[str, typer.Option("--shape", help="Kept region: 'disc' or a centred 'square'.")] = "disc",
-    hb_cut: Annotated[str, typer.Option("--hb-cut", help="Cut of Hyena 1D (Hb) layers: 'wrap' keeps the offsets "
+    shape: Annotated[Shape, typer.Option("--shape", help="Kept region: 'disc' or a centred 'square'.")] = Shape.disc,
+    hb_cut: Annotated[HbCut, typer.Option("--hb-cut", help="Cut of Hyena 1D (Hb) layers: 'wrap' keeps the offsets "
                                         "whose nearest 2D displacement on the flattened map lies in the disc or "
                                         "square (the 2D cut at pixels at least r*F/2 from the left and right "
                                         "edges); 'offset' keeps |offset| <= r*L/2 on the sequence of L = H*W "
-                                        "(full-width rows; disc only).")] = "wrap",
+                                        "(full-width rows; disc only).")] = HbCut.wrap,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="Labels of a flat --data folder: CSV "
                                                    "'filename,label' (class index or ImageNet WordNet id; Kaggle's "
                                                    "LOC_val_solution.csv works), one label per line in sorted file "
@@ -77,14 +78,11 @@ def truncate(
     strict: Annotated[bool, typer.Option("--strict", help="Fail on an unreadable image instead of "
                                          "skipping and listing it.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 32,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Evaluation resolution; default "
-                                                      "the model's pretrained data config.")] = None,
+    input_size: InputSize = None,
     workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 0,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% "
                                            "intervals.")] = 1000,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse per-batch results of an "
-                                         "earlier run with the same arguments (kept under OUT/truncate_cache).")
-                      ] = True,
+    resume: Resume = DEFAULT_RESUME,
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
     seed: Seed = DEFAULT_SEED,
@@ -104,9 +102,9 @@ def truncate(
     stages = parse_stages(stage)
     samples = stratified_subset(labelled_images(data, labels), limit, seed)
     net = load_model(model, weights, seed=seed, device=target)
-    result = truncation_sweep(net, samples, stages, parse_sizes(sizes), shape, hb_cut=hb_cut,
-                              batch_size=batch_size, image_size=image_size,
-                              cache_dir=Path(out) / "truncate_cache" if resume else None, strict=strict,
+    result = truncation_sweep(net, samples, stages, parse_sizes(sizes), shape.value, hb_cut=hb_cut.value,
+                              batch_size=batch_size, input_size=input_size,
+                              resume_dir=Path(out) / "runs" if resume else None, strict=strict,
                               workers=workers, n_resamples=bootstrap, seed=seed)
     distributed.teardown()
     if rank != 0:

@@ -8,9 +8,8 @@ whitespace ``filename,label`` rows (filenames with or without their suffix, so K
 ``meta.mat``; the labels option may also name the devkit folder or its ``.tar.gz``).
 
 ``labelled_images(root, labels)`` lists (path, class index) pairs in a fixed order;
-``stratified_subset`` picks a seeded subset spread evenly over classes; ``LabelledImageDataset``
-reads and transforms them, giving no image for unreadable or corrupt files, which
-``collate_skipping`` drops from the batch and reports.
+``stratified_subset`` picks a seeded subset spread evenly over classes; the run layer
+(:class:`hpx_analysis.engine.ImageDataset`) reads and transforms them, skipping unreadable files.
 """
 
 from __future__ import annotations
@@ -22,14 +21,10 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
-
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import HpxError
-from .images import IMAGE_SUFFIXES, ImageSource, list_images, read_rgb, round_robin_sample
+from .images import IMAGE_SUFFIXES, list_images, round_robin_sample
 
 
 @dataclass(frozen=True)
@@ -115,7 +110,7 @@ def _read_devkit(labels: Path) -> Optional[Tuple[str, bytes]]:
     if labels.is_dir():
         found = sorted(labels.rglob(DEVKIT_GROUND_TRUTH))
         if not found:
-            raise HpxError(f"--labels folder {labels} holds no {DEVKIT_GROUND_TRUTH} (ImageNet devkit)")
+            raise HpxError(f"labels folder {labels} holds no {DEVKIT_GROUND_TRUTH} (ImageNet devkit)")
         labels = found[0]
     if labels.name.endswith((".tar.gz", ".tgz", ".tar")):
         with tarfile.open(labels) as archive:
@@ -207,44 +202,8 @@ def stratified_subset(samples: Sequence[LabelledImage], count: Optional[int], se
     if count is None or count >= len(samples):
         return sorted(samples, key=lambda s: s.name)
     if count < 1:
-        raise HpxError(f"--limit must be positive, got {count}")
+        raise HpxError(f"the subset size must be positive, got {count}")
     by_class: Dict[int, List[LabelledImage]] = {}
     for sample in sorted(samples, key=lambda s: s.name):
         by_class.setdefault(sample.label, []).append(sample)
     return sorted(round_robin_sample(by_class, count, seed), key=lambda s: s.name)
-
-
-class LabelledImageDataset(Dataset):
-    """Item i: (image (3, H, W) after ``transform``, or None when the file cannot be read; label; i)."""
-
-    def __init__(self, samples: Sequence[LabelledImage], transform: Callable) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> Tuple[Optional[Tensor], int, int]:
-        sample = self.samples[index]
-        image = read_rgb(ImageSource(name=sample.name, path=sample.path))
-        return (None if image is None else self.transform(image)), sample.label, index
-
-
-@dataclass
-class Batch:
-    """Readable images (B, 3, H, W), their labels (B,) and sample indices (B,); unreadable indices."""
-
-    images: Tensor
-    labels: Tensor
-    indices: Tensor
-    skipped: List[int]
-
-
-def collate_skipping(items: Sequence[Tuple[Optional[Tensor], int, int]]) -> Batch:
-    """Stack the readable items of one batch and list the indices of the unreadable ones."""
-    readable = [item for item in items if item[0] is not None]
-    skipped = [item[2] for item in items if item[0] is None]
-    if not readable:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
-    return Batch(torch.stack([item[0] for item in readable]), torch.tensor([item[1] for item in readable]),
-                 torch.tensor([item[2] for item in readable]), skipped)

@@ -118,19 +118,19 @@ def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (images - mean_t) / std_t
 
 
-def eval_transform(model: torch.nn.Module, image_size: Optional[int] = None, *, crop: bool = True,
+def eval_transform(model: torch.nn.Module, input_size: Optional[int] = None, *, crop: bool = True,
                    interpolation: Optional[str] = None) -> Tuple[Callable[[Image.Image], Tensor], Tuple[int, int]]:
     """The model's evaluation preprocessing, RGB PIL image -> normalised (3, H, W) float32, and that (H, W).
 
     Built by timm from the model's data config (``resolve_data_config`` + ``create_transform``):
-    the config's input size (``image_size`` overrides it with a square side), interpolation
+    the config's input size (``input_size`` overrides it with a square side), interpolation
     (``interpolation``, e.g. ``"bicubic"``, overrides it), mean and std. crop=True: timm's eval
     transform, resize the shorter side to size / crop_pct and centre crop. crop=False: resize to
     exactly (H, W), aspect ratio not kept, nothing cropped (timm's ``squash`` mode at crop_pct 1).
     """
     from timm.data import create_transform, resolve_data_config
 
-    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    args = {"input_size": (3, input_size, input_size)} if input_size else {}
     config = resolve_data_config(args, model=model)
     if interpolation is not None:
         config["interpolation"] = interpolation

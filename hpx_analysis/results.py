@@ -6,15 +6,27 @@ options, library versions) and the scalar results, so a figure can be redrawn wi
 
 from __future__ import annotations
 
+import csv
 import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional, Type, TypeVar
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Type, TypeVar
 
 import numpy as np
 
 R = TypeVar("R", bound="Result")
+
+
+def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
+    """Flat records (the first one's keys are the columns) as a CSV file; returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def library_versions() -> Dict[str, str]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Set
 
 import pytest
 import torch
@@ -63,3 +68,53 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> callable:
             save_file(golden_state_dict(load_file(str(TINY / f"{name}.safetensors"))), str(checkpoint))
         return str(checkpoint)
     return path
+
+
+def free_port() -> int:
+    """A free loopback TCP port, for a torchrun rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+ONE_THREAD = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args, out: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``hpx-analyze ARGS --out OUT`` under a 2-process CPU (gloo) torchrun, one thread per process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port()), "--no-python", shutil.which("hpx-analyze")]
+    return subprocess.run(launcher + args + ["--out", str(out)], capture_output=True, text=True, env=ONE_THREAD,
+                          timeout=timeout)
+
+
+def one_process(args, out: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``hpx-analyze ARGS --out OUT`` in one process with one thread, the same arithmetic as each torchrun rank's."""
+    return subprocess.run([shutil.which("hpx-analyze"), *args, "--out", str(out)], capture_output=True, text=True,
+                          env=ONE_THREAD, timeout=timeout)
+
+
+def library_imports() -> Dict[str, Set[str]]:
+    """Module -> the ``hpx_analysis`` modules it imports anywhere in its source (imports inside functions
+    too), by dotted name, e.g. ``"hpx_analysis.analyzers.fgvis" -> {"hpx_analysis.analyzers.methods", ...}``."""
+    import hpx_analysis  # here: importing it at the top would load huggingface_hub before HF_HUB_OFFLINE is set
+    root = Path(hpx_analysis.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: Dict[str, Set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported: Set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                candidates = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            imported |= {candidate for candidate in candidates if candidate in modules and candidate != name}
+        graph[name] = imported
+    return graph

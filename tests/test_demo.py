@@ -4,7 +4,6 @@ known answers that the trained proxies must show, and `hpx-analyze demo` end to 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from hpx_analysis.demo.tasks import GRID, IMAGE_SIZE, MARK, MIN_GAP, ROW_GAP, sa
 from hpx_analysis.demo.training import TrainingConfig, load_or_train, task_accuracy
 from hpx_analysis.models.proxies import PROXY_NAMES
 from hpx_analysis.models.zoo import count_parameters, load_model
+
+from .conftest import library_imports
 
 DEFAULTS = DemoSettings()
 
@@ -113,19 +114,10 @@ def test_global_proxy_needs_its_long_kernels(trained):
 def test_plotting_never_imports_the_demo():
     """The demo is an app over the library and owns its figures: no module of ``hpx_analysis.plotting``
     imports ``hpx_analysis.demo``, at module level or inside a function (read from the source)."""
-    import ast
-    import importlib.util
-    import hpx_analysis.plotting
-    imported = set()
-    for source in Path(hpx_analysis.plotting.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {(source.name, alias.name) for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                module = importlib.util.resolve_name("." * node.level + (node.module or ""), "hpx_analysis.plotting")
-                imported |= {(source.name, f"{module}.{alias.name}") for alias in node.names}
-    demo_imports = [(name, module) for name, module in imported if f"{module}.".startswith("hpx_analysis.demo.")]
-    assert imported and not demo_imports, demo_imports
+    graph = library_imports()
+    plotting = [name for name in graph if name.startswith("hpx_analysis.plotting")]
+    demo_imports = {name: {m for m in graph[name] if m.startswith("hpx_analysis.demo")} for name in plotting}
+    assert plotting and not any(demo_imports.values()), demo_imports
 
 
 def test_cli_defaults_are_the_demo_settings():

@@ -23,6 +23,8 @@ from hpx_analysis.models.long_filters import HyenaPixelFilter
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
 
+from .conftest import one_process, torchrun
+
 
 def _box_stack(layers: int, size: int) -> nn.Sequential:
     """Linear model: RGB sum followed by ``layers`` all-ones size x size convolutions (zero padding)."""
@@ -285,6 +287,8 @@ def test_output_layer_resolution(tiny_config, tiny_weights) -> None:
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path) -> None:
+    """Interrupted in batch 3 of 3, the run keeps the sums of batches 1-2 (saved as the loop stops);
+    the rerun computes batch 3 only and equals the uninterrupted run; a third run reuses the finished one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 2, 5, padding=2), _Square(), nn.Conv2d(2, 2, 3, padding=1)).eval()
     inputs = torch.randn(5, 3, 17, 17)
@@ -299,23 +303,25 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path) -> None:
 
     handle = model.register_forward_pre_hook(interrupt_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        effective_receptive_field(model, inputs, layer="", batch_size=2, resume_dir=tmp_path, save_every=1,
-                                  progress=False)
-    assert len(list(tmp_path.glob(".erf_partial_*.npz"))) == 1
+        effective_receptive_field(model, inputs, layer="", batch_size=2, resume_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*/rank0-of-1.npz"))) == 1
     calls["count"] = 10  # count the resumed run's passes without interrupting
-    resumed = effective_receptive_field(model, inputs, layer="", batch_size=2, resume_dir=tmp_path,
-                                        save_every=1, progress=False)
-    handle.remove()
+    resumed = effective_receptive_field(model, inputs, layer="", batch_size=2, resume_dir=tmp_path, progress=False)
     assert calls["count"] == 11  # only the last batch (image 5) was computed
     np.testing.assert_array_equal(resumed.arrays["maps"], reference.arrays["maps"])
     assert resumed.arrays["used"][0] == 5
-    assert not list(tmp_path.glob(".erf_partial_*"))
+    options = resumed.meta["options"]
+    assert (options["batches_resumed"], options["batches_computed"], options["world_size"]) == (2, 1, 1)
+    again = effective_receptive_field(model, inputs, layer="", batch_size=2, resume_dir=tmp_path, progress=False)
+    handle.remove()
+    assert calls["count"] == 11 and again.meta["options"]["batches_computed"] == 0
+    np.testing.assert_array_equal(again.arrays["maps"], reference.arrays["maps"])
 
 
 def test_cli_writes_figure_and_result_and_replots(tmp_path, tiny_config, tiny_weights) -> None:
     runner = CliRunner()
     args = ["erf", "-m", tiny_config("tiny_hpx"), "-m", tiny_config("tiny_hpx_sc"), "-w", "random",
-            "--size", "64", "--num-images", "2", "--batch-size", "2", "--device", "cpu", "-o", str(tmp_path)]
+            "--input-size", "64", "--num-images", "2", "--batch-size", "2", "--device", "cpu", "-o", str(tmp_path)]
     outcome = runner.invoke(app, args)
     assert outcome.exit_code == 0, outcome.output
     stem = tmp_path / "erf_tiny_hpx+tiny_hpx_sc"
@@ -327,6 +333,12 @@ def test_cli_writes_figure_and_result_and_replots(tmp_path, tiny_config, tiny_we
     meta = json.loads(stem.with_suffix(".json").read_text())
     assert set(meta["models"][0]["area_ratios"]) == {"0.2", "0.3", "0.5", "0.99"}
     assert meta["inputs"] == ["astronaut", "chelsea"] and meta["options"]["seed"] == 0
+    assert (meta["options"]["batches_total"], meta["options"]["batches_computed"]) == (2, 2)  # 1 batch x 2 models
+    rerun = runner.invoke(app, args)  # the finished runs under OUT/runs are reused
+    assert rerun.exit_code == 0, rerun.output
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    assert (meta["options"]["batches_resumed"], meta["options"]["batches_computed"]) == (2, 0)
+    np.testing.assert_array_equal(ERFResult.load(stem.with_suffix(".npz")).arrays["maps"], saved.arrays["maps"])
 
     png = stem.with_suffix(".png")
     png.unlink()
@@ -337,9 +349,9 @@ def test_cli_writes_figure_and_result_and_replots(tmp_path, tiny_config, tiny_we
 
 def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -> None:
     runner = CliRunner()
-    base = ["erf", "-m", tiny_config("tiny_hb"), "-w", tiny_weights("tiny_hb"), "--size", "64", "--num-images", "1",
+    base = ["erf", "-m", tiny_config("tiny_hb"), "-w", tiny_weights("tiny_hb"), "--input-size", "64", "--num-images", "1",
             "--device", "cpu", "-o", str(tmp_path)]
-    without_size = [arg for arg in base if arg not in ("--size", "64")]
+    without_size = [arg for arg in base if arg not in ("--input-size", "64")]
     outcome = runner.invoke(app, without_size + ["--convention", "kim2023", "--layer", "3"])
     assert outcome.exit_code == 0, outcome.output
     meta = json.loads((tmp_path / "erf_tiny_hb.json").read_text())
@@ -350,9 +362,9 @@ def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -
     assert set(meta["models"][0]["radial_mass"]) == {"px", "relative"}
     assert "Gaussian fit (OpenERF)" in outcome.output
     bad = runner.invoke(app, base + ["--convention", "gaussian"])
-    assert isinstance(bad.exception, HpxError) and "convention" in str(bad.exception)
-    bad_size = runner.invoke(app, without_size + ["--size", "0"])
-    assert isinstance(bad_size.exception, HpxError) and "--size" in str(bad_size.exception)
+    assert bad.exit_code == 2 and "Invalid value for '--convention'" in bad.output and "'gaussian'" in bad.output
+    bad_size = runner.invoke(app, without_size + ["--input-size", "0"])
+    assert isinstance(bad_size.exception, HpxError) and "input size" in str(bad_size.exception)
 
 
 @pytest.mark.parametrize("option, hooked", [("S2", "stages.1"), ("2", "stages.1"), ("S2B1", "stages.1.blocks.0"),
@@ -361,7 +373,7 @@ def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -
 def test_cli_layer_is_numbered_from_one_as_in_the_paper(tmp_path, tiny_config, tiny_weights, option, hooked) -> None:
     """``--layer S2`` and ``--layer 2`` hook the output of the paper's stage 2, ``stages.1``; module paths
     are taken as the modules number them."""
-    outcome = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--size",
+    outcome = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--input-size",
                                        "32", "--num-images", "1", "--device", "cpu", "-o", str(tmp_path),
                                        "--layer", option])
     assert outcome.exit_code == 0, outcome.output
@@ -370,6 +382,34 @@ def test_cli_layer_is_numbered_from_one_as_in_the_paper(tmp_path, tiny_config, t
     bad = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", "random", "--layer", "0",
                                    "-o", str(tmp_path)])
     assert isinstance(bad.exception, HpxError) and "numbered from 1" in str(bad.exception)
+
+
+def test_torchrun_two_processes_match_single(tmp_path, tiny_config, tiny_weights) -> None:
+    """2-process gloo run over 5 images (one unreadable), batch 1: rank 0 sums batches 1, 3, 5, rank 1
+    batches 2, 4; the all-reduced maps and counts equal the single-process run's."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "img2_corrupt.png").write_bytes(b"not a png")
+    args = ["erf", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--images", str(folder),
+            "--num-images", "5", "--input-size", "32", "--batch-size", "1", "--device", "cpu"]
+    done = torchrun(args, tmp_path / "dist", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = one_process(args + ["--no-resume"], tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    dist, one = (ERFResult.load(tmp_path / run / "erf_tiny_hpx.npz") for run in ("dist", "one"))
+    np.testing.assert_allclose(dist.arrays["maps"], one.arrays["maps"], rtol=1e-6, atol=0)
+    assert dist.meta["models"][0]["images_used"] == one.meta["models"][0]["images_used"] == 4
+    assert dist.meta["models"][0]["images_unreadable"] == one.meta["models"][0]["images_unreadable"] == 1
+    assert (dist.meta["options"]["world_size"], one.meta["options"]["world_size"]) == (2, 1)
+    assert one.meta["options"]["batches_computed"] == one.meta["options"]["batches_total"] == 5
+    assert (dist.meta["options"]["batches_total"], dist.meta["options"]["batches_computed"]) == (5, 5)  # all ranks
+    assert sorted(p.name for p in (tmp_path / "dist" / "runs").glob("*/*.npz")) == ["rank0-of-2.npz",
+                                                                                   "rank1-of-2.npz"]
 
 
 def test_bf16_autocast_approximates_float32(tiny_config, tiny_weights) -> None:

@@ -17,6 +17,8 @@ from hpx_analysis.analyzers.fgvis import (ALL_ACTIVATIONS, FgvisSettings, NoiseS
                                          activation_modules, fgvis)
 from hpx_analysis.analyzers.sanity import cascade_groups, sanity_check
 
+from .conftest import one_process, torchrun
+
 SIZE = 32
 REGION = (slice(8, 20), slice(10, 22))  # rows, columns the constructed class score reads
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -164,8 +166,12 @@ class NoiseSensitiveModel(nn.Module):
     """Two classes: logit 0 = 1e-3, logit 1 = 100 * variance of the input. A constant image is class 0;
     noise of std 0.1 alone (variance 0.01, logit 1 near 1) makes it class 1."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit0 = nn.Parameter(torch.tensor(1e-3))  # the analysis engine runs models with parameters
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.full_like(x[:, 0, 0, 0], 1e-3), 100 * x.var((1, 2, 3))], 1)
+        return torch.stack([self.logit0.expand(len(x)), 100 * x.var((1, 2, 3))], 1)
 
 
 def test_flip_by_noise_at_iteration_0_is_not_a_success() -> None:
@@ -195,16 +201,48 @@ def test_fgvis_leaves_the_model_unchanged(tiny_config, tiny_weights, tmp_path) -
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         before = model(x)
-    partial = tmp_path / "run.partial.npz"
-    result = fgvis(model, x, settings=FgvisSettings(iterations=3, lambda_tries=2), partial=partial)
+    result = fgvis(model, x, settings=FgvisSettings(iterations=3, lambda_tries=2), resume_dir=tmp_path)
     assert no_hooks(model) and not model.training
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(x), before)
-    # the partial file resumes: a rerun with the same options gives the same masks
-    again = fgvis(model, x, settings=FgvisSettings(iterations=3, lambda_tries=2), partial=partial)
+    # the finished run is reused as it is: a rerun with the same options computes nothing
+    again = fgvis(model, x, settings=FgvisSettings(iterations=3, lambda_tries=2), resume_dir=tmp_path)
     np.testing.assert_array_equal(again.masks, result.masks)
+    assert again.records == result.records
+    assert again.meta["options"]["batches_resumed"] == 1 and again.meta["options"]["batches_computed"] == 0
+
+
+class InterruptibleRegionModel(RegionModel):
+    """RegionModel that raises (like Ctrl-C or a crash) when ``poison`` is one of the images it sees."""
+
+    poison = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.poison is not None and any(torch.equal(image, self.poison) for image in x):
+            raise RuntimeError("interrupted")
+        return super().forward(x)
+
+
+def test_interrupted_fgvis_resumes_to_the_uninterrupted_result(tmp_path) -> None:
+    """Batch 2 of 3 fails; the rerun keeps batch 1 (resumed, not recomputed) and equals a run without a store."""
+    model = InterruptibleRegionModel().eval()
+    images = region_images(3)
+    settings = FgvisSettings(iterations=15, lambda_tries=3, lambda_start=3.0)
+    uninterrupted = fgvis(model, images, settings=settings, seed=5, batch_size=1, mean=MEAN, std=STD)
+    assert uninterrupted.meta["options"]["batches_resumed"] == 0
+    model.poison = images[1]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fgvis(model, images, settings=settings, seed=5, batch_size=1, mean=MEAN, std=STD, resume_dir=tmp_path)
+    model.poison = None
+    resumed = fgvis(model, images, settings=settings, seed=5, batch_size=1, mean=MEAN, std=STD, resume_dir=tmp_path)
+    options = resumed.meta["options"]
+    assert (options["batches_resumed"], options["batches_computed"], options["world_size"]) == (1, 2, 1)
+    np.testing.assert_array_equal(resumed.masks, uninterrupted.masks)
+    assert resumed.records == uninterrupted.records and max(r["tries"] for r in resumed.records) > 1
+    other = fgvis(model, images, settings=settings, seed=6, batch_size=1, mean=MEAN, std=STD, resume_dir=tmp_path)
+    assert other.meta["options"]["batches_resumed"] == 0  # other seeds: another run key, computed afresh
 
 
 def test_references_and_integrated_gradients_completeness() -> None:
@@ -289,7 +327,7 @@ def test_cli_end_to_end(tiny_config, tiny_weights, tmp_path) -> None:
     from hpx_analysis_cli.app import app
 
     args = ["explain", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--method", "fgvis",
-            "--method", "gradcam", "--size", "64", "--num-images", "1", "--iterations", "4", "--lambda-tries", "2",
+            "--method", "gradcam", "--input-size", "64", "--num-images", "1", "--iterations", "4", "--lambda-tries", "2",
             "--device", "cpu", "-o", str(tmp_path)]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
@@ -302,18 +340,47 @@ def test_cli_end_to_end(tiny_config, tiny_weights, tmp_path) -> None:
     assert np.load(folder / "tiny_hpx_fgvis.npz")["masks"].shape == (1, 3, 64, 64)
     for suffix in (".pdf", ".png", ".figure.json"):
         assert (folder / f"explain_tiny_hpx_fgvis+gradcam{suffix}").is_file()
-    assert not list(folder.glob("*.partial.npz"))
+    assert meta["options"]["world_size"] == 1 and meta["options"]["batches_computed"] == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # one stored run per method
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0 and second.output.count("reusing") == 2
+    reused = json.loads((folder / "tiny_hpx_fgvis.json").read_text())
+    assert reused["options"]["batches_resumed"] == 1 and reused["options"]["batches_computed"] == 0
+    assert reused["records"] == meta["records"]
+    fresh = CliRunner().invoke(app, args + ["--no-resume"])
+    assert fresh.exit_code == 0 and "reusing" not in fresh.output
+
+
+def test_cli_fgvis_under_torchrun_equals_one_process(tiny_config, tiny_weights, tmp_path) -> None:
+    """2-process gloo torchrun: each rank explains every other batch of images; the result is the
+    single-process one (masks to 1e-6, identical records) and rank 0 alone writes it."""
+    from hpx_analysis.analyzers.fgvis import FgvisResult
+
+    args = ["explain", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--method", "fgvis",
+            "--input-size", "32", "--num-images", "3", "--iterations", "3", "--lambda-tries", "2", "--batch-size", "1",
+            "--device", "cpu"]
+    done = torchrun(args, tmp_path / "dist", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = one_process(args, tmp_path / "one", timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    dist = FgvisResult.load(tmp_path / "dist" / "explain" / "tiny_hpx_fgvis")
+    one = FgvisResult.load(tmp_path / "one" / "explain" / "tiny_hpx_fgvis")
+    assert dist.meta["options"]["world_size"] == 2 and one.meta["options"]["world_size"] == 1
+    assert dist.masks.shape == (3, 3, 32, 32)
+    np.testing.assert_allclose(dist.masks, one.masks, atol=1e-6)
+    assert dist.records == one.records and dist.meta["targets"] == one.meta["targets"]
+    assert done.stdout.count("wrote") == single.stdout.count("wrote") > 0  # rank 0 alone writes
 
 
 def test_cli_bad_method_is_one_line_error(tmp_path) -> None:
     run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", "explain",
                           "--method", "lime", "-o", str(tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 2 and "unknown method 'lime'" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "Invalid value for '--method'" in run.stderr and "'lime'" in run.stderr
+    assert "Traceback" not in run.stderr
     run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", "explain",
                           "--bound-activations", "gelu", "-o", str(tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 2 and "unknown --bound-activations 'gelu'" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "Invalid value for '--bound-activations'" in run.stderr and "'gelu'" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_cli_centre_crops_with_the_eval_transform(tiny_config, tiny_weights, tmp_path) -> None:
@@ -345,7 +412,7 @@ def test_cli_does_not_reuse_results_of_a_retrained_checkpoint(tiny_config, tiny_
     weights = tmp_path / "model.safetensors"
     state = load_file(tiny_weights("tiny_hpx"))
     save_file(state, str(weights))
-    args = ["explain", "-m", tiny_config("tiny_hpx"), "-w", str(weights), "--method", "saliency", "--size", "32",
+    args = ["explain", "-m", tiny_config("tiny_hpx"), "-w", str(weights), "--method", "saliency", "--input-size", "32",
             "--num-images", "1", "--device", "cpu", "-o", str(tmp_path)]
     assert "reusing" not in CliRunner().invoke(app, args).output
     assert "reusing" in CliRunner().invoke(app, args).output

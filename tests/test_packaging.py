@@ -12,7 +12,7 @@ import torch
 import hpx_analysis
 from hpx_analysis.models.zoo import load_model
 
-from .conftest import TINY_NAMES
+from .conftest import TINY_NAMES, library_imports
 
 
 def test_main_entry_points_import_from_the_package_top() -> None:
@@ -49,3 +49,41 @@ def test_importing_plotting_keeps_the_users_matplotlib_backend() -> None:
             "print(matplotlib.get_backend())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "svg"
+
+
+def test_the_library_imports_without_cycles_and_flows_one_way() -> None:
+    """No import cycle among the library's modules (imports inside functions included), and the layers only
+    import downwards: analyzers never import plotting or the demo, plotting never the demo."""
+    graph = library_imports()
+    remaining = dict(graph)
+    while remaining:  # peel off modules that import nothing still remaining
+        leaves = {name for name, imported in remaining.items() if not imported & remaining.keys()}
+        assert leaves, f"import cycle among {sorted(remaining)}"
+        remaining = {name: imported for name, imported in remaining.items() if name not in leaves}
+    def layer(module: str) -> str:
+        return module.split(".")[1] if "." in module else ""
+
+    upward = {"analyzers": {"plotting", "demo"}, "plotting": {"demo"}, "models": {"analyzers", "plotting", "demo"}}
+    wrong = [(name, target) for name, imported in graph.items() for target in imported
+             if layer(target) in upward.get(layer(name), set())]
+    assert not wrong
+
+
+def test_cli_choices_are_the_librarys() -> None:
+    from hpx_analysis.analyzers import erf, fgvis, kernels, truncation
+    from hpx_analysis.analyzers.attribution import METHODS
+    from hpx_analysis.analyzers.methods import REFERENCES
+    from hpx_analysis_cli import options
+
+    def values(enum) -> list:
+        return [member.value for member in enum]
+
+    assert values(options.Convention) == list(erf.CONVENTIONS)
+    assert values(options.Amp) == list(erf.AMP_DTYPES)
+    assert values(options.Method) == list(METHODS)
+    assert values(options.Reference) == list(REFERENCES)
+    assert values(options.BoundActivations) == list(fgvis.BOUND_ACTIVATIONS)
+    assert values(options.Shape) == list(truncation.SHAPES)
+    assert values(options.HbCut) == list(truncation.HB_CUTS)
+    assert values(options.Normalisation) == list(kernels.NORMALISATIONS)
+    assert values(options.Orientation) == list(kernels.ORIENTATIONS)

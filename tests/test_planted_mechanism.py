@@ -74,7 +74,7 @@ def test_truncation_to_the_centre_tap_leaves_chance(planted):
 def test_truncation_sweep_finds_the_planted_dependence(planted, tmp_path: Path):
     """The sweep that ``hpx-analyze truncate`` runs, over an ImageFolder of held-out PNGs."""
     data = write_task_folder(GLOBAL_TASK, 256, 0, tmp_path)
-    sweep = truncation_sweep(planted, labelled_images(data), None, [0.0, 2.0], image_size=IMAGE_SIZE,
+    sweep = truncation_sweep(planted, labelled_images(data), None, [0.0, 2.0], input_size=IMAGE_SIZE,
                              batch_size=64, n_resamples=50, progress=False)
     at_centre, at_full = sweep.arrays["top1"][0]
     assert at_full >= 0.95 and abs(at_centre - 0.5) <= 0.1

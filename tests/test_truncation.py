@@ -7,9 +7,7 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,8 @@ from hpx_analysis.errors import HpxError
 from hpx_analysis.images import eval_transform
 from hpx_analysis.inspection import kernel, long_filter_layers
 from hpx_analysis.models.zoo import load_model
+
+from .conftest import one_process, torchrun
 
 SIZE = 64
 
@@ -150,10 +150,12 @@ def test_zero_size_is_centre_tap_plus_skip(tiny, monkeypatch, name, stage):
 
 def _naive_counts(model, data: Path, sizes, stages, shape, batch_size, hb_cut="wrap"):
     """Correct top-1 counts with a full forward per (stage, size): column 0 untruncated, then stage-major."""
-    from hpx_analysis.datasets import LabelledImageDataset, collate_skipping
+    from hpx_analysis.engine import ImageDataset, collate_skipping
+    from hpx_analysis.images import ImageSource
     transform, _ = eval_transform(model, SIZE)
-    loader = torch.utils.data.DataLoader(LabelledImageDataset(labelled_images(data), transform),
-                                         batch_size=batch_size, collate_fn=collate_skipping)
+    samples = labelled_images(data)
+    dataset = ImageDataset([ImageSource(s.name, s.path) for s in samples], transform, [s.label for s in samples])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skipping)
     counts = np.zeros(1 + len(stages) * len(sizes), dtype=int)
     with torch.no_grad():
         for batch in loader:
@@ -173,7 +175,7 @@ def test_sweep_matches_naive_loop(tiny, image_folder, name, shape, hb_cut):
     with torch.no_grad():
         before = model(x)
     result = truncation_sweep(model, labelled_images(image_folder), [0, 3], sizes, shape, hb_cut=hb_cut, batch_size=4,
-                              image_size=SIZE, n_resamples=200, progress=False)
+                              input_size=SIZE, n_resamples=200, progress=False)
     with torch.no_grad():
         assert torch.equal(model(x), before)  # the sweep leaves the model computing exactly what it did
     assert result.meta["hb_cut"] == hb_cut
@@ -203,7 +205,7 @@ def test_default_sizes_end_where_every_tap_is_kept(tiny, image_folder):
     assert default_sizes(hpx, [3], input_size=SIZE) == pytest.approx(grid[:15] + [2 ** 0.5])
     assert default_sizes(hb, [3], input_size=SIZE) == pytest.approx(grid[:15] + [2 ** 0.5])
     assert default_sizes(hb, [3], hb_cut="offset", input_size=SIZE) == pytest.approx(grid[:16])
-    result = truncation_sweep(hpx, labelled_images(image_folder), [2, 3], image_size=SIZE, n_resamples=50,
+    result = truncation_sweep(hpx, labelled_images(image_folder), [2, 3], input_size=SIZE, n_resamples=50,
                               progress=False)
     assert result.arrays["sizes"] == pytest.approx(grid[:22] + [3 * 2 ** 0.5 / 2])
     assert result.meta["every_tap_size"] == pytest.approx({"S3": 3 * 2 ** 0.5 / 2, "S4": 2 ** 0.5})
@@ -223,7 +225,7 @@ def test_bootstrap_interval_matches_normal_approximation():
 
 
 def test_interrupted_run_resumes(tiny, image_folder, tmp_path, monkeypatch):
-    args = dict(stages=[3], sizes=[0.0, 1.0], batch_size=3, image_size=SIZE, n_resamples=100, progress=False)
+    args = dict(stages=[3], sizes=[0.0, 1.0], batch_size=3, input_size=SIZE, n_resamples=100, progress=False)
     samples = labelled_images(image_folder)
     uninterrupted = truncation_sweep(tiny("tiny_hpx"), samples, **args)
     original, calls = trunc._evaluate_batch, []
@@ -236,9 +238,9 @@ def test_interrupted_run_resumes(tiny, image_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trunc, "_evaluate_batch", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        truncation_sweep(tiny("tiny_hpx"), samples, cache_dir=tmp_path, **args)
+        truncation_sweep(tiny("tiny_hpx"), samples, resume_dir=tmp_path, **args)
     monkeypatch.setattr(trunc, "_evaluate_batch", original)
-    resumed = truncation_sweep(tiny("tiny_hpx"), samples, cache_dir=tmp_path, **args)
+    resumed = truncation_sweep(tiny("tiny_hpx"), samples, resume_dir=tmp_path, **args)
     assert resumed.meta["options"]["batches_resumed"] == 2
     assert resumed.meta["options"]["batches_computed"] == resumed.meta["options"]["batches_total"] - 2
     for key in ("top1_correct", "top5_correct", "top1", "top1_ci"):
@@ -334,11 +336,11 @@ def test_imagenet_label_formats(image_folder, tmp_path):
 def test_bad_stage_and_classes(tiny, image_folder):
     samples = labelled_images(image_folder)
     with pytest.raises(HpxError, match="stage 5 does not exist"):
-        truncation_sweep(tiny("tiny_hpx"), samples, [4], [0.0], image_size=SIZE)
+        truncation_sweep(tiny("tiny_hpx"), samples, [4], [0.0], input_size=SIZE)
     with pytest.raises(HpxError, match="stage 1 has no long-filter layers"):
-        truncation_sweep(tiny("tiny_c_hpx"), samples, [0], [0.0], image_size=SIZE)
+        truncation_sweep(tiny("tiny_c_hpx"), samples, [0], [0.0], input_size=SIZE)
     with pytest.raises(HpxError, match="no implicit long filters"):
-        truncation_sweep(tiny("tiny_hpx_sc"), samples, None, [0.0], image_size=SIZE)
+        truncation_sweep(tiny("tiny_hpx_sc"), samples, None, [0.0], input_size=SIZE)
 
 
 def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
@@ -346,7 +348,7 @@ def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["truncate", "--model", tiny_config("tiny_hpx"), "--weights",
                                       tiny_weights("tiny_hpx"), "--data", str(image_folder), "--stage", "S2",
-                                      "--stage", "4", "--sizes", "0:1:0.5", "--image-size", str(SIZE),
+                                      "--stage", "4", "--sizes", "0:1:0.5", "--input-size", str(SIZE),
                                       "--limit", "6", "--batch-size", "3", "--bootstrap", "100", "--out", str(out)])
     assert result.exit_code == 0, result.output
     stem = out / "truncate_tiny_hpx"
@@ -376,7 +378,7 @@ def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, t
     is on the r axis (offset cut), and the offset cut has no square."""
     from hpx_analysis_cli.app import app
     args = ["truncate", "--model", tiny_config("tiny_hb"), "--weights", tiny_weights("tiny_hb"), "--data",
-            str(image_folder), "--stage", "4", "--image-size", str(SIZE), "--bootstrap", "50", "--no-resume"]
+            str(image_folder), "--stage", "4", "--input-size", str(SIZE), "--bootstrap", "50", "--no-resume"]
     for cut, last in (("wrap", 2 ** 0.5), ("offset", 1.5)):
         outcome = CliRunner().invoke(app, args + ["--hb-cut", cut, "--out", str(tmp_path / cut)])
         assert outcome.exit_code == 0, outcome.output
@@ -390,31 +392,16 @@ def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, t
 
 def test_cli_strict_error(tiny_config, image_folder, tmp_path):
     done = subprocess.run([shutil.which("hpx-analyze"), "truncate", "--model", tiny_config("tiny_hpx"), "--weights",
-                           "random", "--data", str(image_folder), "--sizes", "0", "--stage", "4", "--image-size",
+                           "random", "--data", str(image_folder), "--sizes", "0", "--stage", "4", "--input-size",
                            str(SIZE), "--strict", "--no-resume", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
     assert "unreadable image" in done.stderr and "Traceback" not in done.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(args, out: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``hpx-analyze`` under a 2-process CPU torchrun, one thread per process."""
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()), "--no-python", shutil.which("hpx-analyze")]
-    return subprocess.run(torchrun + args + ["--out", str(out)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
 def _dist_args(tiny_config, tiny_weights, image_folder):
     return ["truncate", "--model", tiny_config("tiny_hpx"), "--weights", tiny_weights("tiny_hpx"), "--data",
-            str(image_folder), "--stage", "2", "--stage", "4", "--sizes", "0,0.5,1", "--image-size", str(SIZE),
+            str(image_folder), "--stage", "2", "--stage", "4", "--sizes", "0,0.5,1", "--input-size", str(SIZE),
             "--batch-size", "2", "--bootstrap", "50", "--device", "cpu", "--no-resume"]
 
 
@@ -433,10 +420,9 @@ def test_torchrun_plumbing_is_a_no_op_in_one_process(monkeypatch):
 
 def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_folder, tmp_path):
     args = _dist_args(tiny_config, tiny_weights, image_folder)
-    done = _torchrun(args, tmp_path / "dist")
+    done = torchrun(args, tmp_path / "dist")
     assert done.returncode == 0, done.stderr[-3000:]
-    single = subprocess.run([shutil.which("hpx-analyze")] + args + ["--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    single = one_process(args, tmp_path / "one", timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
     dist_result = TruncationResult.load(tmp_path / "dist" / "truncate_tiny_hpx")
     one_result = TruncationResult.load(tmp_path / "one" / "truncate_tiny_hpx")
@@ -448,6 +434,6 @@ def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_fo
 
 def test_torchrun_strict_failure_stops_every_rank(tiny_config, tiny_weights, image_folder, tmp_path):
     """Rank 0 meets the corrupt image (batch 2 of 4); rank 1 must not wait for it forever."""
-    done = _torchrun(_dist_args(tiny_config, tiny_weights, image_folder) + ["--strict"], tmp_path, timeout=180)
+    done = torchrun(_dist_args(tiny_config, tiny_weights, image_folder) + ["--strict"], tmp_path, timeout=180)
     assert done.returncode != 0
     assert "error: unreadable image" in done.stderr and "error: rank 0 failed" in done.stderr

@@ -19,15 +19,17 @@ so that it registers too, and :func:`explain` dispatches by name.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..engine import Batch, ImageDataset, ItemOutput, RunStore, inputs_digest, run_batches, run_key
 from ..errors import HpxError
 from ..results import model_metadata
 from . import fgvis as _fgvis  # noqa: F401  (registers the "fgvis" method)
-from .methods import (REFERENCES, ExplanationResult, explanation_method, predict, reference_image,
+from .methods import (REFERENCES, ExplanationResult, batch_target, explanation_method, predict, reference_image,
                       register_method, registered_methods, resolve_targets, to_rgb)
 
 CAPTUM_METHODS = ("saliency", "integrated-gradients", "occlusion", "gradcam")
@@ -68,15 +70,29 @@ def _grad_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:
     return path, model.get_submodule(path)
 
 
+def _attribution_maps(method: str, attributions: Tensor) -> Tensor:
+    """Per-pixel relevance (B, H, W) from captum's attributions (B, C, H, W) (module docstring)."""
+    if method == "saliency":
+        return attributions.amax(1)
+    if method == "integrated-gradients":
+        return attributions.sum(1).abs()
+    if method == "occlusion":
+        return attributions.mean(1).clamp(min=0)
+    return attributions[:, 0].clamp(min=0)
+
+
 def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional[int | Sequence[int]] = None,
               reference: str = "black", mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
               names: Optional[Sequence[str]] = None, ig_steps: int = 32, occlusion_window: Optional[int] = None,
-              batch_size: int = 8) -> AttributionResult:
+              batch_size: int = 8, resume_dir: Optional[Path | str] = None, progress: bool = False) -> AttributionResult:
     """A captum attribution of normalised ``images`` (N, 3, H, W) for ``target`` (default: top-1 class).
 
     method: saliency | integrated-gradients | occlusion | gradcam. Baselines for integrated gradients
     and occlusion are the ``reference`` image (see :func:`reference_image`). occlusion_window: patch
     side in pixels (default H/8, stride half of it). Grad-CAM uses the last stage's output.
+    batch_size: images per engine batch (:func:`..engine.run_batches`); resume_dir: the run's state is
+    kept under ``resume_dir/<run key>/``, so an interrupted run resumes and a finished one is reused.
+    Under ``torch.distributed`` each rank explains every world-th batch; every rank returns the full result.
     """
     import captum.attr as ca
     from ..images import model_mean_std
@@ -85,7 +101,8 @@ def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional
         raise HpxError(f"unknown attribution method '{method}'; use one of {', '.join(CAPTUM_METHODS)}")
     if mean is None or std is None:
         mean, std = model_mean_std(model)
-    targets = resolve_targets(predict(model, images), target)
+    count = len(images)
+    batch_target(target, range(count), count)  # a wrong number of targets fails before any work
     height, width = images.shape[-2:]
     window = occlusion_window or max(1, height // 8)
     options: Dict[str, Any] = {"reference": reference}
@@ -95,9 +112,10 @@ def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional
         options.update(occlusion_window=window, occlusion_stride=max(1, window // 2))
     if method == "gradcam":
         options["layer"], layer = _grad_cam_layer(model)
-    chunks = []
-    for rows in torch.arange(len(images), device=images.device).split(batch_size):
-        x, t = images[rows], targets[rows]
+
+    def step(batch: Batch) -> Dict[str, Tensor]:
+        x = batch.images.to(images.device)
+        t = resolve_targets(predict(model, x), batch_target(target, batch.indices.tolist(), count))
         baseline = reference_image(x, reference, mean, std)
         if method == "saliency":
             attr = ca.Saliency(model).attribute(x.detach().requires_grad_(), target=t, abs=True)
@@ -111,17 +129,24 @@ def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional
         else:
             cam = ca.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
             attr = ca.LayerAttribution.interpolate(cam, (height, width), interpolate_mode="bilinear")
-        chunks.append(attr.detach())
-    attributions = torch.cat(chunks)
-    maps = {"saliency": lambda a: a.amax(1), "integrated-gradients": lambda a: a.sum(1).abs(),
-            "occlusion": lambda a: a.mean(1).clamp(min=0), "gradcam": lambda a: a[:, 0].clamp(min=0)}[method]
-    model.zero_grad(set_to_none=True)
+        attr = attr.detach().float()
+        return {"maps": _attribution_maps(method, attr), "attributions": attr, "targets": t}
+
+    channels = 1 if method == "gradcam" else images.shape[1]
+    outputs = {"maps": ItemOutput((height, width), "float32"),
+               "attributions": ItemOutput((channels, height, width), "float32"), "targets": ItemOutput((), "int64")}
+    key = (run_key(model, inputs_digest(images), {"method": method, **options, "target": target,
+                                                  "batch_size": batch_size, "mean": list(mean), "std": list(std)})
+           if resume_dir is not None else None)
+    run = run_batches(model, ImageDataset(images.detach().cpu()), step, outputs, batch_size=batch_size,
+                      store=RunStore(resume_dir) if resume_dir is not None else None, key=key, desc=method,
+                      progress=progress)
     return AttributionResult(
-        arrays={"maps": maps(attributions).float().cpu().numpy(), "inputs": to_rgb(images, mean, std),
-                "attributions": attributions.float().cpu().numpy()},
+        arrays={"maps": run.arrays["maps"], "inputs": to_rgb(images, mean, std),
+                "attributions": run.arrays["attributions"]},
         meta={"method": method, "model": model_metadata(model),
-              "images": list(names) if names is not None else [str(i) for i in range(len(images))],
-              "targets": targets.tolist(), "options": options})
+              "images": list(names) if names is not None else [str(i) for i in range(count)],
+              "targets": run.arrays["targets"].tolist(), "options": {**options, **run.counts, "run_key": key}})
 
 
 for _name in CAPTUM_METHODS:

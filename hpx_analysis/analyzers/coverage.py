@@ -27,7 +27,6 @@ Other mixers (pooling, identity) are skipped.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -39,7 +38,7 @@ from ..errors import HpxError
 from ..inspection import (ATTENTION, HYENA_1D, HYENAPIXEL_2D, LOCAL_CONV, SEPARABLE_LONG_CONV, MixerInfo,
                           list_mixers, window, window_parameters)
 from ..models.zoo import default_input_size
-from ..results import Result, model_metadata
+from ..results import Result, model_metadata, write_rows_csv
 
 DEFAULT_THRESHOLD = 0.05
 ATTENTION_COVERAGE = 2.0
@@ -160,11 +159,4 @@ def compute_coverage(model: nn.Module, *, threshold: float = DEFAULT_THRESHOLD,
 
 def write_table(results: Sequence[CoverageResult], path: Path | str) -> Path:
     """Per-layer summaries of several models as one CSV."""
-    rows = [row for result in results for row in result.rows()]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_rows_csv([row for result in results for row in result.rows()], path)

@@ -35,26 +35,26 @@ Two conventions:
   read channels-first (OpenERF reads the 4D output of ``forward_features`` of models with a
   ``patch_embed`` as tokens).
 
-Images whose gradient is not finite are skipped and counted. Parameters are frozen during the
-run (no weight gradients); with ``resume_dir`` the running sums are saved every few batches and
-a rerun with the same arguments continues where the last one stopped.
+Images whose gradient is not finite are skipped and counted, unreadable files too. The run goes
+through :func:`hpx_analysis.engine.run_batches`: eval mode with frozen parameters (no weight
+gradients), images read one batch at a time; with ``resume_dir`` the running sums are saved (every
+minute and whenever the run stops) and a rerun with the same arguments continues where the last one
+stopped; under ``torchrun`` each rank sums every world-th batch and the sums are all-reduced.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..engine import Batch, ImageDataset, RunStore, SumOutput, inputs_digest, run_batches, run_key
 from ..errors import HpxError
-from ..images import ImageSource, eval_transform, model_mean_std, read_rgb
+from ..images import ImageSource, eval_transform, model_mean_std
 from ..inspection import LAYER_SYNTAX, LayerRef, feature_layer, is_layer_syntax, layer_module
 from ..results import Result, model_metadata
 
@@ -174,10 +174,12 @@ class ERFResult(Result):
     arrays: ``maps`` (M, H, W) float64 raw mean maps (kim2023: normalised to sum 1), ``display``
     (M, H, W) display maps, ``used`` / ``skipped`` (M,) image counts, ``radial_mass`` (M, R) at
     r = 0, 1, ... px (kim2023 only).
-    meta: ``convention``, ``models`` (per model: label, model metadata, layer, area_ratios; kim2023:
-    ``gaussian`` (:func:`gaussian_fit`) and ``radial_mass`` (:func:`radial_mass_summary`)),
-    ``inputs`` (image names), ``options`` (``input_size`` [H, W] of the maps, ``size_override`` the
-    requested side or None, ``transform`` the preprocessing, layer, convention, batching).
+    meta: ``convention``, ``models`` (per model: label, model metadata, layer, image counts, area_ratios,
+    ``run_key`` (None without a resume folder); kim2023: ``gaussian`` (:func:`gaussian_fit`) and
+    ``radial_mass`` (:func:`radial_mass_summary`)), ``inputs`` (image names), ``options`` (``input_size``
+    [H, W] of the maps, ``size_override`` the requested side or None, ``transform`` the preprocessing,
+    layer, convention, batching; the run's ``world_size`` and ``batches_total`` / ``batches_resumed`` /
+    ``batches_computed``, summed over the models of a combined result).
     """
 
     kind = "erf"
@@ -198,6 +200,10 @@ class ERFResult(Result):
         arrays = {key: np.concatenate([r.arrays[key] for r in results]) for key in results[0].arrays}
         meta = dict(results[0].meta)
         meta["models"] = [entry for r in results for entry in r.meta["models"]]
+        meta["options"] = dict(meta["options"])
+        for count in ("batches_total", "batches_resumed", "batches_computed"):  # the runs of all models
+            if all(count in r.meta["options"] for r in results):
+                meta["options"][count] = sum(r.meta["options"][count] for r in results)
         return cls(arrays=arrays, meta=meta)
 
 
@@ -221,19 +227,6 @@ def resolve_output_layer(model: nn.Module, layer: Union[LayerRef, int, str, None
                            f"path such as {', '.join(list(names)[1:4])}")
         return layer
     return layer_module(model, layer)
-
-
-@contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad inside the block (only input gradients are computed)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _prefix_tokens(model: nn.Module) -> int:
@@ -286,7 +279,7 @@ def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: 
     finally:
         handle.remove()
     if "feature" not in captured:
-        raise HpxError(f"layer '{layer}' is not used in the model's forward pass; choose another --layer")
+        raise HpxError(f"layer '{layer}' is not used in the model's forward pass; choose another layer")
     feature = captured["feature"].float()
     if feature.dim() == 3 and convention == "kim2023":
         centre = _centre_token(feature, _prefix_tokens(model))
@@ -299,15 +292,6 @@ def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: 
     scalar.backward(inputs=[x])  # only the input's gradient (works under FlopCounterMode too)
     grad = x.grad.float()
     return torch.relu(grad).sum(dim=1) if convention == "replknet" else torch.relu(grad.mean(dim=1))
-
-
-def _run_key(model: nn.Module, names: Sequence[str], options: Dict[str, Any]) -> str:
-    """Fingerprint of everything a partial sum depends on (model, weights, inputs, options)."""
-    with torch.no_grad():
-        checksum = float(sum(p.double().abs().sum() for p in model.parameters()))
-    blob = json.dumps({"model": model_metadata(model), "params": checksum, "names": list(names),
-                       "options": options}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _input_transform(model: nn.Module, convention: str, input_size: Optional[int]
@@ -324,21 +308,11 @@ def _input_transform(model: nn.Module, convention: str, input_size: Optional[int
     return transform, size, f"bicubic resize to {side}x{side}, no crop, normalise mean={mean} std={std}"
 
 
-def _image_tensors(images: Sequence[ImageSource], transform: Callable[[Any], Tensor]) -> List[Optional[Tensor]]:
-    """Normalised (3, H, W) tensors of ``images`` (None for unreadable files)."""
-    tensors = []
-    for source in images:
-        image = read_rgb(source)
-        tensors.append(None if image is None else transform(image))
-    return tensors
-
-
 def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSource], Tensor], *,
                               input_size: Optional[int] = None, layer: Union[LayerRef, int, str, None] = None,
                               convention: str = "replknet", batch_size: int = 1,
                               amp: Optional[str] = None, label: Optional[str] = None,
-                              resume_dir: Optional[Path] = None, save_every: int = 8,
-                              progress: bool = True) -> ERFResult:
+                              resume_dir: Optional[Path] = None, progress: bool = True) -> ERFResult:
     """Mean ERF of ``model`` (on its own device) over ``images``.
 
     images: image sources or a tensor (N, 3, H, W) already prepared. Sources are preprocessed per
@@ -346,96 +320,67 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
     crop, kim2023 applies the model's timm eval transform at its pretrained input size, or at
     ``input_size`` when given. layer: the output, a stage or block numbered from 0 (``LayerRef(1)`` or ``1``
     is the paper's stage 2; 1-based before this release) or a module path, see :func:`resolve_output_layer`.
-    amp: None, "bf16" or "fp16" (autocast on the model's device). resume_dir: folder for partial
-    sums, saved every ``save_every`` images; a rerun with equal arguments resumes from them.
+    amp: None, "bf16" or "fp16" (autocast on the model's device). resume_dir: the running sums are kept
+    under ``resume_dir/<run key>/`` (:mod:`hpx_analysis.engine`), so a rerun with equal arguments resumes
+    (a finished run is reused). Under ``torch.distributed`` every rank returns the full result.
     Returns an :class:`ERFResult` with one model.
     """
-    from tqdm.auto import tqdm
-
     if convention not in CONVENTIONS:
         raise HpxError(f"unknown ERF convention '{convention}'; use {' or '.join(CONVENTIONS)}")
-    if batch_size < 1:
-        raise HpxError(f"--batch-size must be at least 1, got {batch_size}")
     if amp is not None and amp not in AMP_DTYPES:
         raise HpxError(f"unknown autocast dtype '{amp}'; use {', '.join(AMP_DTYPES)}")
     if input_size is not None and input_size < 1:
-        raise HpxError(f"--size must be a positive number of pixels, got {input_size}")
+        raise HpxError(f"input size must be a positive number of pixels, got {input_size}")
     layer_path = resolve_output_layer(model, layer)
     if isinstance(images, Tensor):
-        names, tensors, description = [f"tensor[{i}]" for i in range(len(images))], list(images), "none (tensor given)"
+        dataset, description = ImageDataset(images), "none (tensor given)"
         height, width = images.shape[-2:]
     else:
         transform, (height, width), description = _input_transform(model, convention, input_size)
-        names, tensors = [s.name for s in images], _image_tensors(images, transform)
-    if not names:
+        dataset = ImageDataset(images, transform)
+    if not len(dataset):
         raise HpxError("no images to compute the ERF over")
     device = next(model.parameters()).device
     options = {"input_size": [int(height), int(width)], "size_override": input_size, "transform": description,
                "layer": layer_path, "convention": convention, "batch_size": batch_size, "amp": amp}
     label = label or str(model_metadata(model).get("model"))
 
-    partial = None
-    state = {"sum": np.zeros((height, width)), "used": 0, "skipped": 0, "unreadable": 0, "next": 0}
-    if resume_dir is not None:
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(label).stem)
-        content = [f"tensor sum {float(images.double().sum())!r}"] if isinstance(images, Tensor) else []
-        partial = Path(resume_dir) / f".erf_partial_{safe}_{_run_key(model, names + content, options)}.npz"
-        if partial.is_file():
-            with np.load(partial) as saved:
-                state = {key: saved[key] if key == "sum" else int(saved[key]) for key in saved.files}
+    def step(batch: Batch) -> Dict[str, Tensor]:
+        """The batch's sum of finite maps (H, W) float64 and its counts of finite and non-finite maps."""
+        maps = erf_gradient_maps(model, batch.images.to(device), layer_path, convention,
+                                 AMP_DTYPES.get(amp) if amp else None).double()
+        finite = torch.isfinite(maps).flatten(1).all(dim=1)
+        return {"sum": maps[finite].sum(dim=0), "used": finite.sum(), "skipped_nonfinite": (~finite).sum()}
 
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(names), initial=state["next"], unit="img", desc=f"ERF {label}", disable=not progress)
-    try:
-        with frozen_parameters(model):
-            since_save = 0
-            while state["next"] < len(names):
-                chunk = tensors[state["next"]:state["next"] + batch_size]
-                readable = [t for t in chunk if t is not None]
-                state["unreadable"] += len(chunk) - len(readable)
-                if readable:
-                    maps = erf_gradient_maps(model, torch.stack(readable).to(device), layer_path, convention,
-                                             AMP_DTYPES.get(amp) if amp else None).double()
-                    finite = torch.isfinite(maps).flatten(1).all(dim=1)
-                    state["sum"] = state["sum"] + maps[finite].sum(dim=0).cpu().numpy()
-                    state["used"] += int(finite.sum())
-                    state["skipped"] += int((~finite).sum())
-                state["next"] += len(chunk)
-                since_save += len(chunk)
-                bar.update(len(chunk))
-                if partial is not None and (since_save >= save_every or state["next"] >= len(names)):
-                    partial.parent.mkdir(parents=True, exist_ok=True)
-                    np.savez(partial.with_suffix(".tmp.npz"), **state)
-                    partial.with_suffix(".tmp.npz").replace(partial)
-                    since_save = 0
-    finally:
-        bar.close()
-        model.train(was_training)
-    if state["used"] == 0:
-        raise HpxError(f"no image gave a finite ERF for {label} ({state['skipped']} skipped, "
-                       f"{state['unreadable']} unreadable)")
+    key = run_key(model, inputs_digest(dataset.images), options) if resume_dir is not None else None
+    run = run_batches(model, dataset, step, {"sum": SumOutput((int(height), int(width))),
+                                             "used": SumOutput((), "int64"),
+                                             "skipped_nonfinite": SumOutput((), "int64")},
+                      batch_size=batch_size, store=RunStore(resume_dir) if resume_dir is not None else None,
+                      key=key, desc=f"ERF {label}", progress=progress)
+    used, skipped, unreadable = int(run.arrays["used"]), int(run.arrays["skipped_nonfinite"]), len(run.unreadable)
+    if used == 0:
+        raise HpxError(f"no image gave a finite ERF for {label} ({skipped} skipped, {unreadable} unreadable)")
 
-    mean_map = state["sum"] / state["used"]
+    mean_map = run.arrays["sum"] / used
     if convention == "kim2023":
         mean_map = mean_map / mean_map.sum() if mean_map.sum() > 0 else mean_map
     shown = display_map(mean_map, convention)
     arrays = {"maps": mean_map[None], "display": shown.astype(np.float32)[None],
-              "used": np.array([state["used"]]), "skipped": np.array([state["skipped"]])}
+              "used": np.array([used]), "skipped": np.array([skipped])}
     entry: Dict[str, Any] = {"label": label, "model": model_metadata(model), "layer": layer_path,
-                             "images_used": state["used"], "images_skipped_nonfinite": state["skipped"],
-                             "images_unreadable": state["unreadable"], "area_ratios": area_ratios(shown)}
+                             "images_used": used, "images_skipped_nonfinite": skipped,
+                             "images_unreadable": unreadable, "area_ratios": area_ratios(shown), "run_key": key}
     if convention == "kim2023":
         arrays["radial_mass"] = radial_mass(mean_map)[None]
         entry["gaussian"] = gaussian_fit(mean_map)
         entry["radial_mass"] = radial_mass_summary(mean_map)
-    if partial is not None:
-        partial.unlink(missing_ok=True)
-    return ERFResult(arrays=arrays, meta={"convention": convention, "models": [entry], "inputs": names,
-                                          "options": options})
+    return ERFResult(arrays=arrays, meta={"convention": convention, "models": [entry],
+                                          "inputs": [dataset.name(i) for i in range(len(dataset))],
+                                          "options": {**options, **run.counts}})
 
 
 __all__ = ["AREA_THRESHOLDS", "CONVENTIONS", "OPENERF_RADII", "RELATIVE_RADII", "REPLKNET_SIZE", "ERFResult",
            "area_ratios", "display_map", "effective_receptive_field", "erf_gradient_maps",
-           "frozen_parameters", "gaussian_fit", "mass_within", "radial_mass", "radial_mass_summary",
+           "gaussian_fit", "mass_within", "radial_mass", "radial_mass_summary",
            "resolve_output_layer"]

@@ -29,15 +29,15 @@ explicit tuple of types, found by ``isinstance`` (``bound_activations``):
 
 Activations inside implicit long filters compute the kernel from positions only and are never bounded.
 
-Samples (images x lambda tries) run in batches; each has its own noise generator seeded from
-(image seed, try), so a batched run equals the one-at-a-time run with the same seeds.
+Images run in batches through the analysis engine (:func:`hpx_analysis.engine.run_batches`: resume,
+torchrun); within a batch the samples (images x lambda tries) run in batches too. Each sample has its
+own noise generator seeded from (image seed, try), so a batched run equals the one-at-a-time run with
+the same seeds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -48,9 +48,11 @@ from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
 from torch import Tensor, nn
 
+from ..engine import Batch, ImageDataset, ItemOutput, RunStore, inputs_digest, run_batches, run_key
 from ..errors import HpxError
-from ..results import model_metadata, to_jsonable
-from .methods import ExplanationResult, predict, reference_image, register_method, resolve_targets, to_rgb
+from ..results import model_metadata
+from .methods import (ExplanationResult, batch_target, predict, reference_image, register_method, resolve_targets,
+                      to_rgb)
 
 RELU_ACTIVATIONS: Tuple[type, ...] = (nn.ReLU, nn.ReLU6)
 """The reference's bounded nonlinearities (it bounds ``torch.nn.ReLU``); ReLU6 follows the same rule."""
@@ -299,54 +301,85 @@ class FgvisResult(ExplanationResult):
         return self.meta["records"]
 
 
-def _signature(model: nn.Module, images: Tensor, targets: Tensor, seeds: Sequence[int],
-               settings: FgvisSettings, types: Sequence[type]) -> str:
-    digest = hashlib.sha256(images.detach().float().cpu().numpy().tobytes())
-    digest.update(json.dumps(to_jsonable([model_metadata(model), targets.tolist(), list(seeds), asdict(settings),
-                                          type_names(types)]), sort_keys=True).encode())
-    return digest.hexdigest()
+def lambda_search(model: nn.Module, bounds: ActivationBounds, images: Tensor, references: Tensor, targets: Tensor,
+                  clean_ranks: Tensor, seeds: Sequence[int], settings: FgvisSettings,
+                  batch_size: int) -> List[Tuple[int, _Outcome]]:
+    """The lambda search for B images: per image the chosen try and its outcome (the first try whose run
+    stops, else the last try).
+
+    images, references: (B, 3, H, W) normalised; targets, clean_ranks (B,); seeds: B image seeds; the
+    bounds hold the clean activations of these B images. Samples (image, try) run ``batch_size`` at a
+    time in (image, try) order; an image's tries after a stopped one are not run.
+    """
+    outcomes: Dict[Tuple[int, int], _Outcome] = {}
+    jobs = [(n, t) for n in range(len(images)) for t in range(settings.lambda_tries)]
+
+    def first_stop(n: int) -> Optional[int]:
+        return min((t for (m, t), o in outcomes.items() if m == n and o.stopped), default=None)
+
+    def pending() -> List[Tuple[int, int]]:
+        found = {n: first_stop(n) for n in range(len(images))}
+        return [(n, t) for n, t in jobs if (n, t) not in outcomes and (found[n] is None or t < found[n])]
+
+    while todo := pending()[:batch_size]:
+        rows = torch.tensor([n for n, _ in todo], device=images.device)
+        lambdas = torch.tensor([settings.lambda_of(t) for _, t in todo], device=images.device)
+        results = optimise_masks(model, bounds, images[rows], references[rows], targets[rows], lambdas,
+                                 [sample_seed(seeds[n], t) for n, t in todo], rows, settings, clean_ranks[rows])
+        outcomes.update(zip(todo, results))
+    chosen = []
+    for n in range(len(images)):
+        stop = first_stop(n)
+        attempt = stop if stop is not None else settings.lambda_tries - 1
+        chosen.append((attempt, outcomes[(n, attempt)]))
+    return chosen
 
 
-def _save_partial(path: Path, signature: str, outcomes: Dict[Tuple[int, int], _Outcome]) -> None:
-    keys = sorted(outcomes)
-    scalars = [[o.iterations, o.stopped, o.final_class, o.final_prob, o.final_target_prob]
-               for o in (outcomes[k] for k in keys)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, signature=np.array(signature), keys=np.array(keys, dtype=np.int64).reshape(-1, 2),
-             masks=torch.stack([outcomes[k].mask for k in keys]).cpu().numpy(), scalars=np.array(scalars, float))
-    tmp.replace(path)
+RECORD_OUTPUTS: Dict[str, ItemOutput] = {
+    "success": ItemOutput((), "int64"), "flipped_by_noise": ItemOutput((), "int64"), "tries": ItemOutput((), "int64"),
+    "iterations": ItemOutput((), "int64"), "original_class": ItemOutput((), "int64"),
+    "original_rank": ItemOutput((), "int64"), "original_prob": ItemOutput(), "final_class": ItemOutput((), "int64"),
+    "final_prob": ItemOutput(), "final_target_prob": ItemOutput()}
+"""The numeric fields of an image's record, one engine output each (lambda and note follow from them)."""
 
 
-def _load_partial(path: Path, signature: str, device: torch.device) -> Dict[Tuple[int, int], _Outcome]:
-    if not path.is_file():
-        return {}
-    with np.load(path) as data:
-        if str(data["signature"]) != signature:
-            return {}
-        return {(int(k[0]), int(k[1])): _Outcome(torch.from_numpy(m).to(device), int(s[0]), bool(s[1]), int(s[2]),
-                                                 float(s[3]), float(s[4]))
-                for k, m, s in zip(data["keys"], data["masks"], data["scalars"])}
+def _records(arrays: Dict[str, np.ndarray], settings: FgvisSettings) -> List[Dict[str, Any]]:
+    """Per image the record of its chosen try, from the run's record arrays (N,) (``RECORD_OUTPUTS``)."""
+    last_lambda = settings.lambda_of(settings.lambda_tries - 1)
+    records = []
+    for n in range(len(arrays["tries"])):
+        fields = {name: (float if spec.dtype == "float64" else int)(arrays[name][n])
+                  for name, spec in RECORD_OUTPUTS.items()}
+        success, flipped = bool(fields.pop("success")), bool(fields.pop("flipped_by_noise"))
+        if flipped:
+            note = (f"the noise alone (std {settings.noise_std:g}) changed the class at iteration 0, before any "
+                    "deletion: not a success, mask all ones")
+        else:
+            note = "" if success else f"no lambda down to {last_lambda:g} lowered the class's rank; kept the last mask"
+        records.append({"lambda": settings.lambda_of(fields["tries"] - 1), "success": success,
+                        "flipped_by_noise": flipped, **fields, "note": note})
+    return records
 
 
 @register_method("fgvis")
 def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[int]] = None,
           seed: int | Sequence[int] = 0, settings: FgvisSettings = FgvisSettings(), batch_size: int = 8,
           mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-          names: Optional[Sequence[str]] = None, partial: Optional[Path | str] = None,
+          names: Optional[Sequence[str]] = None, resume_dir: Optional[Path | str] = None,
           activation_types: Optional[Sequence[type]] = None, progress: bool = False) -> FgvisResult:
     """FGVis masks for normalised ``images`` (N, 3, H, W) with the lambda search.
 
     target: class to delete, one for all or one per image (default: top-1 of the clean image; a run
     stops when the target ranks lower than on the clean image, see the module docstring). seed: one
-    seed (image n uses seed + n) or one per image. batch_size: samples (images x lambda tries)
-    optimised together; 1 runs the search one at a time and stops at the first lambda whose run
-    stops, larger batches try several lambdas at once and keep the same (first stopped) one. partial:
-    a file for finished samples, so an interrupted run resumes. activation_types: the bounded module
-    types, overriding ``BOUND_ACTIVATIONS[settings.bound_activations]``. The model is left unchanged
-    (hooks removed, no gradients stored).
+    seed (image n uses seed + n) or one per image. batch_size: images per engine batch
+    (:func:`..engine.run_batches`) and samples (images x lambda tries) optimised together; 1 runs the
+    search one at a time and stops at the first lambda whose run stops, larger batches try several
+    lambdas at once and keep the same (first stopped) one. resume_dir: the run's state is kept under
+    ``resume_dir/<run key>/``, so an interrupted run resumes and a finished one is reused.
+    activation_types: the bounded module types, overriding ``BOUND_ACTIVATIONS[settings.bound_activations]``.
+    The model is left unchanged (hooks removed, no gradients stored). Under ``torch.distributed`` each
+    rank explains every world-th batch; every rank returns the full result.
     """
-    from tqdm.auto import tqdm
     from ..images import model_mean_std
 
     if settings.iterations < 0 or settings.lambda_tries < 1 or batch_size < 1:
@@ -360,70 +393,49 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
     seeds = [seed + n for n in range(count)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != count:
         raise HpxError(f"got {len(seeds)} seeds for {count} images")
-    references = reference_image(images, settings.reference, mean, std)
+    batch_target(target, range(count), count)  # a wrong number of targets fails before any work
+    dataset = ImageDataset(images.detach().cpu())
+
+    def step(batch: Batch) -> Dict[str, Tensor]:
+        x = batch.images.to(images.device)
+        with bounds.record():
+            probs = predict(model, x, batch_size)
+        targets = resolve_targets(probs, batch_target(target, batch.indices.tolist(), count))
+        clean_ranks = class_ranks(probs, targets)
+        chosen = lambda_search(model, bounds, x, reference_image(x, settings.reference, mean, std), targets,
+                               clean_ranks, [seeds[i] for i in batch.indices.tolist()], settings, batch_size)
+        outcomes = [outcome for _, outcome in chosen]
+        return {"masks": torch.stack([o.mask for o in outcomes]).float(),
+                "success": torch.tensor([o.stopped and not o.flipped_by_noise for o in outcomes]),
+                "flipped_by_noise": torch.tensor([o.flipped_by_noise for o in outcomes]),
+                "tries": torch.tensor([attempt + 1 for attempt, _ in chosen]),
+                "iterations": torch.tensor([o.iterations for o in outcomes]),
+                "original_class": targets, "original_rank": clean_ranks,
+                "original_prob": probs.gather(1, targets[:, None])[:, 0].double(),
+                "final_class": torch.tensor([o.final_class for o in outcomes]),
+                "final_prob": torch.tensor([o.final_prob for o in outcomes], dtype=torch.float64),
+                "final_target_prob": torch.tensor([o.final_target_prob for o in outcomes], dtype=torch.float64)}
+
+    options = {**asdict(settings), "batch_size": batch_size, "bound_activation_types": type_names(types),
+               "bounded_activations": len(activation_modules(model, types)) if settings.bounded else 0}
+    key = (run_key(model, inputs_digest(images), {**options, "target": target, "seeds": seeds, "mean": list(mean),
+                                                  "std": list(std)})
+           if resume_dir is not None else None)
     with activation_bounds(model, types) as bounds:
         bounds.bounded = settings.bounded
-        with bounds.record():
-            probs = predict(model, images, batch_size)
-        targets = resolve_targets(probs, target)
-        clean_ranks = class_ranks(probs, targets)
-        signature = _signature(model, images, targets, seeds, settings, types)
-        partial_path = Path(partial) if partial is not None else None
-        outcomes = _load_partial(partial_path, signature, images.device) if partial_path else {}
-        jobs = [(n, t) for n in range(count) for t in range(settings.lambda_tries)]
-
-        def first_stop(n: int) -> Optional[int]:
-            return min((t for (m, t), o in outcomes.items() if m == n and o.stopped), default=None)
-
-        def pending() -> List[Tuple[int, int]]:
-            found = {n: first_stop(n) for n in range(count)}
-            return [(n, t) for n, t in jobs if (n, t) not in outcomes and (found[n] is None or t < found[n])]
-
-        bar = tqdm(total=len(jobs), desc="fgvis", unit="run", disable=not progress)
-        bar.update(len(jobs) - len(pending()))
-        while todo := pending()[:batch_size]:
-            rows = torch.tensor([n for n, _ in todo], device=images.device)
-            lambdas = torch.tensor([settings.lambda_of(t) for _, t in todo], device=images.device)
-            results = optimise_masks(model, bounds, images[rows], references[rows],
-                                     targets[rows], lambdas, [sample_seed(seeds[n], t) for n, t in todo], rows,
-                                     settings, clean_ranks[rows])
-            outcomes.update(zip(todo, results))
-            if partial_path is not None:
-                _save_partial(partial_path, signature, outcomes)
-            bar.update(len(jobs) - len(pending()) - bar.n)
-        bar.close()
-    model.zero_grad(set_to_none=True)
-
-    chosen, records = [], []
-    last_lambda = settings.lambda_of(settings.lambda_tries - 1)
-    for n in range(count):
-        stop = first_stop(n)
-        attempt = stop if stop is not None else settings.lambda_tries - 1
-        outcome = outcomes[(n, attempt)]
-        success = outcome.stopped and not outcome.flipped_by_noise
-        if outcome.flipped_by_noise:
-            note = (f"the noise alone (std {settings.noise_std:g}) changed the class at iteration 0, before any "
-                    "deletion: not a success, mask all ones")
-        else:
-            note = "" if success else f"no lambda down to {last_lambda:g} lowered the class's rank; kept the last mask"
-        chosen.append(outcome.mask)
-        records.append({
-            "lambda": settings.lambda_of(attempt), "success": success, "flipped_by_noise": outcome.flipped_by_noise,
-            "tries": attempt + 1, "iterations": outcome.iterations, "original_class": int(targets[n]),
-            "original_rank": int(clean_ranks[n]), "original_prob": float(probs[n, targets[n]]),
-            "final_class": outcome.final_class, "final_prob": outcome.final_prob,
-            "final_target_prob": outcome.final_target_prob, "note": note})
-    masks = torch.stack(chosen)
+        run = run_batches(model, dataset, step, {"masks": ItemOutput((3, *images.shape[-2:]), "float32"),
+                                                 **RECORD_OUTPUTS},
+                          batch_size=batch_size, store=RunStore(resume_dir) if resume_dir is not None else None,
+                          key=key, desc="fgvis", progress=progress)
+    masks = torch.from_numpy(run.arrays["masks"])
     return FgvisResult(
-        arrays={"masks": masks.float().cpu().numpy(), "maps": (1 - masks).mean(1).float().cpu().numpy(),
-                "inputs": to_rgb(images, mean, std)},
+        arrays={"masks": masks.numpy(), "maps": (1 - masks).mean(1).numpy(), "inputs": to_rgb(images, mean, std)},
         meta={"method": "fgvis", "model": model_metadata(model),
               "images": list(names) if names is not None else [str(i) for i in range(count)],
-              "targets": targets.tolist(), "seeds": seeds, "records": records,
-              "options": {**asdict(settings), "batch_size": batch_size, "bound_activation_types": type_names(types),
-                          "bounded_activations": len(activation_modules(model, types)) if settings.bounded else 0}})
+              "targets": run.arrays["original_class"].tolist(), "seeds": seeds,
+              "records": _records(run.arrays, settings), "options": {**options, **run.counts, "run_key": key}})
 
 
 __all__ = ["RELU_ACTIVATIONS", "ALL_ACTIVATIONS", "BOUND_ACTIVATIONS", "type_names", "activation_modules",
            "ActivationBounds", "activation_bounds", "FgvisSettings", "NoiseStreams", "FgvisResult", "optimise_masks",
-           "sample_seed", "fgvis"]
+           "sample_seed", "lambda_search", "RECORD_OUTPUTS", "fgvis"]

@@ -14,7 +14,7 @@ normalisation, the clean prediction and the explained class per image.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -121,5 +121,18 @@ def resolve_targets(probs: Tensor, target: Optional[int | Sequence[int]]) -> Ten
     return targets
 
 
+def batch_target(target: Optional[int | Sequence[int]], indices: Sequence[int],
+                 count: int) -> Optional[int | List[int]]:
+    """The ``target`` option of :func:`resolve_targets` for the images at dataset ``indices`` of ``count``:
+    None and one class for all pass through, one class per image is indexed."""
+    if target is None or isinstance(target, int):
+        return target
+    targets = list(target)
+    if len(targets) != count:
+        raise HpxError(f"target must be one class index or one per image: got {len(targets)} for {count} images")
+    return [int(targets[i]) for i in indices]
+
+
 __all__ = ["REFERENCES", "BLUR_SIGMA", "ExplanationResult", "ExplanationMethod", "register_method",
-           "registered_methods", "explanation_method", "reference_image", "to_rgb", "predict", "resolve_targets"]
+           "registered_methods", "explanation_method", "reference_image", "to_rgb", "predict", "resolve_targets",
+           "batch_target"]

@@ -15,7 +15,6 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
@@ -74,7 +73,8 @@ def sanity_check(model: nn.Module, images: Tensor, method: str, *, random_model:
     random_model: an untrained model of the same architecture supplying the new weights (default:
     ``load_model(<same name>, "random", seed=init_seed)``). target: the class explained at every step
     (one for all or one per image; default: the trained model's top-1 per image). options go to
-    :func:`attribution.explain`. ``model`` is not modified.
+    :func:`attribution.explain` (with ``resume_dir`` every step's run is kept and reused: its key holds
+    that step's weights). ``model`` is not modified.
     """
     fresh = random_model if random_model is not None else _fresh_model(model, init_seed)
     targets = resolve_targets(predict(model, images), target).tolist()
@@ -96,7 +96,8 @@ def sanity_check(model: nn.Module, images: Tensor, method: str, *, random_model:
     return SanityResult(arrays={"correlations": correlations.astype(np.float64), "maps": stacked},
                         meta={"method": method, "model": model_metadata(model), "steps": steps, "init_seed": init_seed,
                               "targets": step_targets, "options": {"target": target, **{
-                                  k: asdict(v) if is_dataclass(v) else v for k, v in options.items() if k != "names"}},
+                                  k: asdict(v) if is_dataclass(v) else v for k, v in options.items()
+                                  if k not in ("names", "resume_dir", "progress")}},
                               "images": list(options.get("names") or range(len(images)))})
 
 

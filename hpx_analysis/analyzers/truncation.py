@@ -35,8 +35,6 @@ the flags are all-reduced.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -45,12 +43,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..datasets import LabelledImage, LabelledImageDataset, collate_skipping
-from ..distributed import all_reduce_sum, raise_if_any_rank_failed, rank_and_world
+from ..datasets import LabelledImage
+from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, RunStore, inputs_digest, run_batches, run_key
 from ..errors import HpxError
-from ..images import eval_transform
+from ..images import ImageSource, eval_transform
 from ..inspection import HYENA_1D, HYENAPIXEL_2D, MixerInfo, kernel, long_filter_layers, modify_kernels
-from ..results import Result, model_metadata
+from ..results import Result, model_metadata, write_rows_csv
 
 if TYPE_CHECKING:
     from .coverage import CoverageResult
@@ -94,14 +92,7 @@ class TruncationResult(Result):
 
     def write_csv(self, path: Path | str) -> Path:
         """Every number of :meth:`rows` as CSV."""
-        import csv
-        path = Path(path)
-        rows = self.rows()
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        return path
+        return write_rows_csv(self.rows(), path)
 
 
 def nearest_displacement(offsets: Tensor, width: int) -> Tuple[Tensor, Tensor]:
@@ -217,15 +208,6 @@ def _bootstrap_ci(flags: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     return np.stack([ci.low, ci.high], axis=1)
 
 
-def _run_key(model: nn.Module, samples: Sequence[LabelledImage], stages: Sequence[int], sizes: Sequence[float],
-             shape: str, hb_cut: str, batch_size: int, input_hw: Tuple[int, int]) -> str:
-    """Hash of everything that determines the per-batch flags (names the cache folder)."""
-    description = {"model": model_metadata(model), "stages": list(stages), "sizes": list(sizes), "shape": shape,
-                   "hb_cut": hb_cut, "batch_size": batch_size, "input": list(input_hw),
-                   "samples": [[s.name, s.label] for s in samples]}
-    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class _StagePlan:
     """The long-filter layers of one stage, their masks per distinct truncation and their base kernels."""
 
@@ -312,7 +294,7 @@ def _stage_plans(model: nn.Module, stages: Optional[Sequence[int]], sizes: Seque
 
 def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages: Optional[Sequence[int]] = None,
                      sizes: Optional[Sequence[float]] = None, shape: str = "disc", *, hb_cut: str = "wrap",
-                     batch_size: int = 32, image_size: Optional[int] = None, cache_dir: Optional[Path | str] = None,
+                     batch_size: int = 32, input_size: Optional[int] = None, resume_dir: Optional[Path | str] = None,
                      strict: bool = False, workers: int = 0, n_resamples: int = 1000, seed: int = 0,
                      progress: bool = True) -> TruncationResult:
     """Top-1/top-5 accuracy on ``samples`` for every relative size in ``sizes`` and stage in ``stages``.
@@ -320,79 +302,41 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
     stages: 0-based stage indices (None: every stage with long filters). sizes: relative sizes
     (None: :func:`default_sizes`, 0 to every tap kept). hb_cut: ``"wrap"`` (nearest-wrap disc) or
     ``"offset"`` for Hyena 1D layers (module docstring). The model runs on the device of its
-    parameters. cache_dir: per-batch results go to ``cache_dir/<run hash>/`` and a rerun with the
-    same arguments skips finished batches. strict: an unreadable image raises instead of being
+    parameters. resume_dir: the run's state is kept under ``resume_dir/<run key>/`` (:mod:`..engine`),
+    so a rerun with the same arguments skips finished batches. strict: an unreadable image raises instead of being
     skipped. Under ``torch.distributed`` each rank evaluates every world-th batch; every rank
     returns the full result.
     """
-    from tqdm import tqdm
-
     check_cut(shape, hb_cut)
     if sizes is not None and (not sizes or any(not np.isfinite(s) or s < 0 for s in sizes)):
         raise HpxError("relative sizes must be finite and non-negative")
-    if batch_size < 1:
-        raise HpxError(f"batch size must be positive, got {batch_size}")
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and samples and max(s.label for s in samples) >= num_classes:
         raise HpxError(f"labels reach {max(s.label for s in samples)} but the model has {num_classes} classes")
-    transform, input_hw = eval_transform(model, image_size)
+    transform, input_hw = eval_transform(model, input_size)
     device = next(model.parameters()).device
     if sizes is None:
         sizes = default_sizes(model, stages, shape, hb_cut, input_hw)
     sizes = [float(s) for s in sizes]
     plans = _stage_plans(model, stages, sizes, shape, input_hw, hb_cut)
-    rank, world = rank_and_world()
+    settings = 1 + len(plans) * len(sizes)
 
-    count, settings = len(samples), 1 + len(plans) * len(sizes)
-    batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
-    folder = None
-    if cache_dir is not None:
-        folder = Path(cache_dir) / _run_key(model, samples, [p.stage for p in plans], sizes, shape, hb_cut,
-                                            batch_size, input_hw)
-        folder.mkdir(parents=True, exist_ok=True)
-    top1 = torch.zeros(count, settings, dtype=torch.int32)
-    top5 = torch.zeros(count, settings, dtype=torch.int32)
-    status = torch.zeros(count, dtype=torch.int32)  # 1 evaluated, 2 unreadable
-    mine = list(range(rank, len(batches), world))
-    resumed = [b for b in mine if folder is not None and (folder / f"batch_{b:06d}.npz").is_file()]
-    for b in resumed:
-        with np.load(folder / f"batch_{b:06d}.npz") as saved:
-            top1[saved["indices"]] = torch.from_numpy(saved["top1"]).int()
-            top5[saved["indices"]] = torch.from_numpy(saved["top5"]).int()
-            status[saved["indices"]] = 1
-            status[saved["skipped"]] = 2
-    todo = [b for b in mine if b not in set(resumed)]
-    loader = torch.utils.data.DataLoader(LabelledImageDataset(samples, transform),
-                                         batch_sampler=[batches[b] for b in todo], collate_fn=collate_skipping,
-                                         num_workers=workers)
-    failure: Optional[Exception] = None
-    try:
-        for batch, b in zip(tqdm(loader, total=len(todo), desc="truncation sweep", unit="batch",
-                                 disable=not progress or rank != 0), todo):
-            if batch.skipped and strict:
-                raise HpxError(f"unreadable image {samples[batch.skipped[0]].path} (drop --strict to skip such files)")
-            if len(batch.indices):
-                flags1, flags5 = _evaluate_batch(model, batch.images.to(device), batch.labels.to(device), plans)
-            else:
-                flags1 = flags5 = np.zeros((0, settings), np.uint8)
-            top1[batch.indices] = torch.from_numpy(flags1).int()
-            top5[batch.indices] = torch.from_numpy(flags5).int()
-            status[batch.indices], status[batch.skipped] = 1, 2
-            if folder is not None:
-                partial = folder / f"batch_{b:06d}.tmp.npz"
-                np.savez(partial, indices=batch.indices.numpy(), skipped=np.asarray(batch.skipped, dtype=np.int64),
-                         top1=flags1, top5=flags5)
-                partial.replace(folder / f"batch_{b:06d}.npz")
-    except Exception as err:  # other ranks must hear of it, or they wait forever in the all-reduce below
-        if world == 1:
-            raise
-        failure = err
-    raise_if_any_rank_failed(failure, device)
-    top1, top5, status = all_reduce_sum([top1, top5, status], device)
-    return _summarise(model, samples, plans, sizes, shape, hb_cut, top1.numpy(), top5.numpy(), status.numpy(),
+    def step(batch: Batch) -> Dict[str, np.ndarray]:
+        top1, top5 = _evaluate_batch(model, batch.images.to(device), batch.labels.to(device), plans)
+        return {"top1": top1, "top5": top5}
+
+    dataset = ImageDataset([ImageSource(name=s.name, path=s.path) for s in samples], transform,
+                           labels=[s.label for s in samples])
+    options = {"stages": [p.stage for p in plans], "sizes": sizes, "shape": shape, "hb_cut": hb_cut,
+               "batch_size": batch_size, "input": list(input_hw), "labels": [s.label for s in samples]}
+    key = run_key(model, inputs_digest(dataset.images), options) if resume_dir is not None else None
+    run = run_batches(model, dataset, step, {"top1": ItemOutput((settings,), "int32"),
+                                             "top5": ItemOutput((settings,), "int32")},
+                      batch_size=batch_size, store=RunStore(resume_dir) if resume_dir is not None else None,
+                      key=key, strict=strict, workers=workers, desc="truncation sweep", progress=progress)
+    return _summarise(model, samples, plans, sizes, shape, hb_cut, run,
                       dict(batch_size=batch_size, input_size=list(input_hw), n_resamples=n_resamples, seed=seed,
-                           world_size=world, batches_total=len(batches), batches_resumed=len(resumed),
-                           batches_computed=len(todo), cache=str(folder) if folder else None))
+                           **run.counts, run_key=key))
 
 
 def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str) -> float:
@@ -404,11 +348,10 @@ def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str)
 
 
 def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequence[_StagePlan], sizes: Sequence[float],
-               shape: str, hb_cut: str, top1: np.ndarray, top5: np.ndarray, status: np.ndarray, options: Dict
-               ) -> TruncationResult:
-    """Accuracies, bootstrap intervals and metadata from per-image flags (N, 1 + S * R)."""
+               shape: str, hb_cut: str, run: RunOutputs, options: Dict) -> TruncationResult:
+    """Accuracies, bootstrap intervals and metadata from the per-image flags (N, 1 + S * R) of the run."""
     from .coverage import compute_coverage
-    evaluated = status == 1
+    top1, top5, evaluated = run.arrays["top1"], run.arrays["top5"], run.evaluated
     if not evaluated.any():
         raise HpxError("no image could be read; nothing was evaluated")
     flags = np.concatenate([top1[evaluated].T, top5[evaluated].T])  # (2 * settings, N)
@@ -426,7 +369,7 @@ def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequen
         "reference": accuracy[[0, settings]], "reference_ci": ci[[0, settings]],
         "top1_correct": top1[evaluated].sum(axis=0), "top5_correct": top5[evaluated].sum(axis=0),
     }
-    skipped = [samples[i].name for i in np.flatnonzero(status == 2)]
+    skipped = [samples[i].name for i in run.unreadable]
     meta = {"model": model_metadata(model), "shape": shape, "hb_cut": hb_cut,
             "stages_paper": [p.stage + 1 for p in plans],
             "layers": {f"S{p.stage + 1}": [i.name for i in p.layers] for p in plans},

@@ -121,7 +121,7 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
 
     data = write_task_folder(GLOBAL_TASK, settings.truncation_images, seed, cache_dir)
     sweep = truncation_sweep(hpx, labelled_images(data), None, None,
-                             image_size=IMAGE_SIZE, batch_size=64, n_resamples=500, seed=seed, progress=progress)
+                             input_size=IMAGE_SIZE, batch_size=64, n_resamples=500, seed=seed, progress=progress)
     written += [sweep.save(out / "truncation"), *plot_truncation(sweep, out / "truncation")]
     cut = {str(size): _accuracy_under_truncation(hpx, size, settings.truncation_images, seed) for size in (0.0, 1.0)}
     cut["untruncated"] = task_accuracy(hpx, GLOBAL_TASK, settings.truncation_images, seed)

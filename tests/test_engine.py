@@ -1,0 +1,131 @@
+"""The run layer: outputs placed and summed, unreadable images, resume after an interruption, reuse of a
+finished run, run keys that follow the content, and the model left as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from hpx_analysis.engine import (ImageDataset, ItemOutput, RunStore, SumOutput, analysis_mode, inputs_digest,
+                                 run_batches, run_key)
+from hpx_analysis.errors import HpxError
+from hpx_analysis.images import ImageSource
+
+OUTPUTS = {"double": ItemOutput((3,), "float32"), "total": SumOutput((3,)), "count": SumOutput((), "int64")}
+
+
+class Interrupt(RuntimeError):
+    pass
+
+
+def _step(calls: List[List[int]], fail_at: int = -1):
+    """Per image: its channel means doubled; sums of the means and of the image count. Raises at call fail_at."""
+    def step(batch) -> Dict[str, np.ndarray]:
+        if len(calls) == fail_at:
+            raise Interrupt("stop")
+        calls.append(batch.indices.tolist())
+        means = batch.images.mean((2, 3)).double()
+        return {"double": 2 * means, "total": means.sum(0), "count": np.int64(len(batch.indices))}
+    return step
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.arange(7 * 3 * 4 * 4, dtype=torch.float32).reshape(7, 3, 4, 4) / 100
+
+
+def test_items_are_placed_and_sums_added(model, images) -> None:
+    calls: List[List[int]] = []
+    run = run_batches(model, ImageDataset(images), _step(calls), OUTPUTS, batch_size=3, progress=False)
+    means = images.mean((2, 3)).double().numpy()
+    assert calls == [[0, 1, 2], [3, 4, 5], [6]]
+    np.testing.assert_allclose(run.arrays["double"], 2 * means, rtol=1e-6)
+    np.testing.assert_allclose(run.arrays["total"], means.sum(0))
+    assert run.arrays["count"] == 7 and run.evaluated.all() and run.unreadable == []
+    assert run.counts == {"world_size": 1, "batches_total": 3, "batches_resumed": 0, "batches_computed": 3}
+
+
+def test_unreadable_files_are_skipped_and_counted_or_fail_strictly(model, tmp_path: Path) -> None:
+    sources = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        if i == 2:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(np.full((4, 4, 3), 50 * i, np.uint8)).save(path)
+        sources.append(ImageSource(name=path.name, path=path))
+    transform = lambda image: torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1)  # noqa: E731
+    run = run_batches(model, ImageDataset(sources, transform), _step([]), OUTPUTS, batch_size=2, progress=False)
+    assert run.unreadable == [2] and run.arrays["count"] == 3
+    np.testing.assert_allclose(run.arrays["double"][:, 0], [0, 100, 0, 300])
+    with pytest.raises(HpxError, match="unreadable image 2.png"):
+        run_batches(model, ImageDataset(sources, transform), _step([]), OUTPUTS, batch_size=2, strict=True,
+                    progress=False)
+
+
+def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(model, images, tmp_path: Path) -> None:
+    store, key = RunStore(tmp_path), run_key(model, inputs_digest(images), {"batch_size": 2})
+    reference = run_batches(model, ImageDataset(images), _step([]), OUTPUTS, batch_size=2, progress=False)
+    with pytest.raises(Interrupt):
+        run_batches(model, ImageDataset(images), _step([], fail_at=2), OUTPUTS, batch_size=2, store=store, key=key,
+                    save_every_s=1e9, progress=False)  # no periodic save: the state is saved as the loop stops
+    calls: List[List[int]] = []
+    resumed = run_batches(model, ImageDataset(images), _step(calls), OUTPUTS, batch_size=2, store=store, key=key,
+                          progress=False)
+    assert calls == [[4, 5], [6]]
+    assert resumed.counts["batches_resumed"] == 2 and resumed.counts["batches_computed"] == 2
+    for name in OUTPUTS:
+        np.testing.assert_array_equal(resumed.arrays[name], reference.arrays[name])
+    again: List[List[int]] = []
+    reused = run_batches(model, ImageDataset(images), _step(again), OUTPUTS, batch_size=2, store=store, key=key,
+                         progress=False)
+    assert again == [] and reused.counts["batches_resumed"] == 4
+    np.testing.assert_array_equal(reused.arrays["double"], reference.arrays["double"])
+    assert [p.name for p in (tmp_path / key).iterdir()] == ["rank0-of-1.npz"]  # no temporary file left
+
+
+def test_run_keys_follow_weights_inputs_and_options(model, images) -> None:
+    key = run_key(model, inputs_digest(images), {"size": 4})
+    assert key == run_key(model, inputs_digest(images.clone()), {"size": 4})
+    assert key != run_key(model, inputs_digest(images), {"size": 5})
+    assert key != run_key(model, inputs_digest(images + 1e-3), {"size": 4})
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1e-6  # an in-place edit of the weights: same path, other content
+    assert key != run_key(model, inputs_digest(images), {"size": 4})
+    model[1].running_mean.add_(1.0)  # buffers count too
+    assert run_key(model, inputs_digest(images), {"size": 4}) != key
+
+
+def test_the_model_is_left_as_it_was(model, images) -> None:
+    model.train()
+    model[1].weight.requires_grad_(False)
+    seen = []
+
+    def step(batch) -> Dict[str, np.ndarray]:
+        seen.append((model.training, [p.requires_grad for p in model.parameters()]))
+        return {"double": np.zeros((len(batch.indices), 3)), "total": np.zeros(3), "count": np.int64(0)}
+
+    run_batches(model, ImageDataset(images), step, OUTPUTS, batch_size=4, progress=False)
+    assert seen == [(False, [False] * 4)] * 2
+    assert model.training and [p.requires_grad for p in model.parameters()] == [True, True, False, True]
+    with pytest.raises(Interrupt), analysis_mode(model):
+        raise Interrupt("inside")
+    assert model.training
+
+
+def test_a_step_must_return_every_output(model, images) -> None:
+    with pytest.raises(ValueError, match="count"):
+        run_batches(model, ImageDataset(images), lambda batch: {"double": np.zeros((len(batch.indices), 3)),
+                                                                "total": np.zeros(3)},
+                    OUTPUTS, batch_size=4, progress=False)
