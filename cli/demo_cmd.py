@@ -28,7 +28,7 @@ def demo(
     seed: Seed = DEFAULT_SEED,
 ) -> None:
     """Train (or reuse) a HyenaPixel and a ConvFormer proxy on synthetic tasks with known answers, then run
-    ERF, kernels, coverage, truncation and FGVis on them. Offline: about 3.5 minutes on 2 CPU cores, 35 s
+    ERF, kernels, coverage, truncation and FGVis on them. Offline: 1.2-3.5 minutes on 2 CPU cores, 20-35 s
     once cached. Each proxy is cached as soon as it is trained, so an interrupted run resumes from there."""
     from hpx_analysis.demo.pipeline import DemoSettings, run_demo
 

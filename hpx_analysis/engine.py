@@ -151,13 +151,18 @@ def inputs_digest(images: Union[Sequence[Any], Tensor]) -> Any:
     return [[getattr(s, "name", str(s)), str(getattr(s, "path", "") or "")] for s in images]
 
 
-def run_key(model: nn.Module, inputs: Any, options: Mapping[str, Any]) -> str:
-    """Content hash of a run: model provenance and weights, inputs, options and the package version."""
+def content_key(description: Any, length: int = 20) -> str:
+    """Short SHA-256 of ``description`` (JSON-able) and the package version: the one key of every cached run
+    and artefact, so a new release never reuses what an older one saved."""
     from . import __version__
-    blob = json.dumps(to_jsonable({"version": __version__, "model": model_metadata(model),
-                                   "weights": weights_digest(model), "inputs": inputs, "options": dict(options)}),
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    blob = json.dumps(to_jsonable({"version": __version__, "description": description}), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def run_key(model: nn.Module, inputs: Any, options: Mapping[str, Any]) -> str:
+    """Content key of a run: model provenance and weights, inputs, options (and the package version)."""
+    return content_key({"model": model_metadata(model), "weights": weights_digest(model), "inputs": inputs,
+                        "options": dict(options)})
 
 
 class RunStore:

@@ -22,10 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
-from ..engine import Batch, ImageDataset, ItemOutput, RunStore, inputs_digest, run_batches, run_key
+from ..engine import (Batch, ImageDataset, ItemOutput, RunStore, collate_skipping, inputs_digest, run_batches,
+                      run_key)
 from ..errors import HpxError
 from ..results import model_metadata
 from . import fgvis as _fgvis  # noqa: F401  (registers the "fgvis" method)
@@ -48,17 +48,11 @@ def load_inputs(sources: Sequence[Any], transform: Callable[[Any], Tensor]) -> T
     transform: RGB PIL image -> normalised (3, H, W), e.g. the model's evaluation transform
     (``images.eval_transform``: resize the shorter side, centre crop).
     """
-    from ..images import read_rgb
-
-    tensors, names = [], []
-    for source in sources:
-        image = read_rgb(source)
-        if image is not None:
-            tensors.append(transform(image))
-            names.append(source.name)
-    if not tensors:
+    dataset = ImageDataset(sources, transform)
+    batch = collate_skipping([dataset[i] for i in range(len(dataset))])
+    if not len(batch.indices):
         raise HpxError("none of the input images could be read")
-    return torch.stack(tensors), names
+    return batch.images, [dataset.name(i) for i in batch.indices.tolist()]
 
 
 def _grad_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:

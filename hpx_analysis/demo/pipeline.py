@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine import content_key
 from ..images import model_mean_std, normalise
 from ..inspection import cut_short_convs
 from ..models.proxies import PROXY_NAMES
@@ -41,9 +42,10 @@ class DemoSettings:
 
 
 def write_task_folder(task: str, count: int, seed: int, root: Path) -> Path:
-    """Held-out images of ``task`` as PNGs in an ImageFolder tree (class folders ``0_<name>``, ``1_<name>``)."""
+    """Held-out images of ``task`` as PNGs in an ImageFolder tree (class folders ``0_<name>``, ``1_<name>``) under
+    ``root``, in a folder named by a content key (a new release writes them afresh); a complete folder is reused."""
     from PIL import Image
-    folder = root / f"{task}_eval_{count}_{seed}"
+    folder = root / f"{task}_eval_{count}_{content_key({'task': task, 'count': count, 'seed': seed}, length=10)}"
     if folder.is_dir() and sum(1 for _ in folder.rglob("*.png")) == count:
         return folder
     batch = sample_task(task, count, EVAL_SEED_OFFSET + seed)

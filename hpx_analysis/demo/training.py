@@ -7,7 +7,6 @@ A trained proxy is saved as ``<cache>/<model>_<task>_<key>.safetensors`` plus a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine import content_key
 from ..errors import HpxError
 from ..images import model_mean_std, normalise
 from ..models.proxies import PROXY_NAMES
@@ -40,8 +40,8 @@ class TrainingConfig:
     eval_images: int = 512
 
     def key(self) -> str:
-        """Short hash of the configuration (names the cached checkpoint)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """Content key of the configuration (names the cached checkpoint; a new release retrains)."""
+        return content_key(asdict(self), length=10)
 
     def stem(self) -> str:
         return f"{self.model}_{self.task}_{self.key()}"
