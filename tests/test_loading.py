@@ -18,7 +18,7 @@ from timm.models import _registry
 from typer.testing import CliRunner
 
 from hpx_analysis.errors import HpxError
-from hpx_analysis.models.zoo import load_model, read_checkpoint
+from hpx_analysis.models.zoo import load_model, read_checkpoint, training_checkpoint
 from hpx_analysis_cli.app import app
 
 from .conftest import TINY
@@ -75,6 +75,31 @@ def test_pickled_code_is_never_executed(tmp_path):
     path.write_bytes(pickle.dumps({"state_dict": _Payload()}))
     with pytest.raises(HpxError, match="not a readable checkpoint"):
         read_checkpoint(path)
+
+
+def test_training_script_checkpoints_load_with_their_args_and_nothing_else(tmp_path):
+    """DeiT-style main.py saves {"model", "optimizer", "epoch", "model_ema", "args": Namespace}: the weights and
+    the args load (weights_only=True plus argparse.Namespace); any other pickled object is refused."""
+    import argparse
+    import datetime
+
+    state = {"weight": torch.arange(4.0), "bias": torch.zeros(2)}
+    ema = {"weight": torch.ones(4), "bias": torch.ones(2)}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": state, "model_ema": ema, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+                "epoch": 3, "args": argparse.Namespace(model="deit_tiny", nb_classes=40)}, path)
+    entries = training_checkpoint(path)
+    assert entries["args"] == {"model": "deit_tiny", "nb_classes": 40} and entries["epoch"] == 3
+    assert torch.equal(entries["model"]["weight"], state["weight"]) and torch.equal(entries["model_ema"]["bias"], ema["bias"])
+    assert torch.equal(read_checkpoint(path)["weight"], ema["weight"])  # timm's rule: the EMA weights when present
+    bare = tmp_path / "bare.pth"
+    torch.save(state, bare)
+    assert set(training_checkpoint(bare)) == {"model"}
+    other = tmp_path / "other.pth"
+    torch.save({"model": state, "args": argparse.Namespace(), "saved": datetime.datetime(2024, 1, 1)}, other)
+    for reader in (training_checkpoint, read_checkpoint):
+        with pytest.raises(HpxError, match="not a readable checkpoint"):
+            reader(other)
 
 
 def test_random_weights_are_seeded():

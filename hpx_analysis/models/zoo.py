@@ -12,6 +12,7 @@ that do not fit.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import json
@@ -73,6 +74,39 @@ def _one_line(err: BaseException, limit: int = 240) -> str:
     return f"{type(err).__name__}: {message[:limit]}{'...' if len(message) > limit else ''}"
 
 
+TRAINING_SCRIPT_GLOBALS = (argparse.Namespace,)
+"""The only classes a checkpoint may unpickle beyond tensors and containers: the ``args`` that training
+scripts (DeiT-style ``main.py``: Hyena N-D, SLaK) save next to the weights."""
+
+
+def _training_args_allowed() -> Any:
+    """Context in which ``weights_only=True`` loading also accepts :data:`TRAINING_SCRIPT_GLOBALS`; anything else
+    pickled in a file is still refused, never executed."""
+    return torch.serialization.safe_globals(list(TRAINING_SCRIPT_GLOBALS))
+
+
+def training_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
+    """The top-level entries of a training script's checkpoint (``model``, ``model_ema``, ``args`` as a dict, ...),
+    read without executing pickled code; a bare state dict comes back as ``{"model": state_dict}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise HpxError(f"checkpoint file not found: {path}")
+    try:
+        with _training_args_allowed():
+            data: Any = (timm.models.load_state_dict(str(path)) if path.suffix == ".safetensors" else
+                         torch.load(str(path), map_location="cpu", weights_only=True))
+    except Exception as err:  # any decoding failure means: not a checkpoint we can read safely
+        raise HpxError(f"{path} is not a readable checkpoint ({_one_line(err, 160)})") from None
+    if not isinstance(data, Mapping):
+        raise HpxError(f"{path} holds no checkpoint dictionary")
+    if all(isinstance(v, torch.Tensor) for v in data.values()):
+        return {"model": dict(data)}
+    entries = dict(data)
+    if isinstance(entries.get("args"), argparse.Namespace):
+        entries["args"] = vars(entries["args"])
+    return entries
+
+
 def read_checkpoint(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
     """Tensors of a checkpoint file without executing pickled code, read by timm's ``load_state_dict``.
 
@@ -84,7 +118,8 @@ def read_checkpoint(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise HpxError(f"checkpoint file not found: {path}")
     try:
-        data: Any = timm.models.load_state_dict(str(path), weights_only=True)
+        with _training_args_allowed():
+            data: Any = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as err:  # any decoding failure means: not a checkpoint we can read safely
         raise HpxError(f"{path} is not a readable checkpoint ({_one_line(err, 160)})") from None
     if not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
