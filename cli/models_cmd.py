@@ -10,15 +10,18 @@ def register(app: typer.Typer) -> None:
 
 
 def list_models() -> None:
-    """List our HyenaPixel variants and the reference backbones with parameter counts and resolution."""
+    """List our HyenaPixel variants, the Hyena N-D models and the reference backbones with parameter counts and
+    resolution."""
     import timm
     import torch
 
-    from hpx_analysis.models import PROXY_NAMES, PUBLISHED
+    from hpx_analysis.models import PROXY_NAMES, PUBLISHED, hyena_nd, large_kernel
     from hpx_analysis.models.zoo import available_models, count_parameters, default_input_size
 
-    typer.echo(f"{'model':<22}{'params':>10}  {'resolution':<11}{'weights'}")
-    for name in available_models():
+    names = available_models()
+    column = max(map(len, names)) + 2
+    typer.echo(f"{'model':<{column}}{'params':>10}  {'resolution':<11}{'weights'}")
+    for name in names:
         with torch.device("meta"):
             model = timm.create_model(name)
         height, width = default_input_size(model)
@@ -26,8 +29,12 @@ def list_models() -> None:
             source = "published (Spravil/...westai_in1k)"
         elif name in PROXY_NAMES:
             source = "trained by `hpx-analyze demo`"
+        elif name in hyena_nd.model_names():
+            source = "none published (train with the official script, load with --checkpoint)"
+        elif name in large_kernel.model_names():
+            source = "Google Drive (download, load with --checkpoint)"
         elif name in timm.list_pretrained(name + "*") or timm.list_pretrained(name + ".*"):
             source = "timm hub"
         else:
             source = "none"
-        typer.echo(f"{name:<22}{count_parameters(model) / 1e6:>9.2f}M  {f'{height}x{width}':<11}{source}")
+        typer.echo(f"{name:<{column}}{count_parameters(model) / 1e6:>9.2f}M  {f'{height}x{width}':<11}{source}")

@@ -7,7 +7,9 @@ Where published weights live is known only to timm's pretrained configs (``defau
 file name, or URL). ``pretrained`` looks for that file in the local Hugging Face cache first (no network),
 then downloads it unless ``HF_HUB_OFFLINE`` is set, and lets timm load it. Files are read by timm's
 ``load_state_dict`` (``weights_only=True``) and loaded strictly, with a one-line error naming the keys
-that do not fit.
+that do not fit. A Hyena N-D model reads its file as a checkpoint of the official training script
+(:func:`training_checkpoint`: ``argparse.Namespace`` is the only class it may unpickle) and is configured from
+the saved ``args`` and the weights' keys and shapes (:func:`checkpoint_options`); keyword options win.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlparse
 
 import huggingface_hub
 import timm
@@ -33,15 +36,20 @@ from torch import nn
 
 from ..errors import HpxError
 from .hyenapixel import model_from_config, model_names
+from . import hyena_nd, large_kernel
+from .hyena_nd import options_from_state_dict, options_from_training_args
 from .proxies import PROXY_NAMES
 
 REFERENCE_BACKBONES = ("convformer_s18", "caformer_s18", "convnext_tiny", "resnet50", "vgg16")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+HAND_DOWNLOAD_HOSTS = ("drive.google.com",)
+"""Hosts of published weights (SLaK, RepLKNet) that serve a web page, not the file, to a download client."""
 
 
 def available_models() -> List[str]:
-    """Our HyenaPixel variants, the reference backbones and the demo's proxy models."""
-    return model_names() + list(REFERENCE_BACKBONES) + list(PROXY_NAMES)
+    """Our HyenaPixel variants, the Hyena N-D and large-kernel models, the reference backbones and the demo's proxies."""
+    return (model_names() + hyena_nd.model_names() + large_kernel.model_names() + list(REFERENCE_BACKBONES)
+            + list(PROXY_NAMES))
 
 
 def _check_name(name: str) -> None:
@@ -224,6 +232,10 @@ def _find_pretrained(name: str) -> Tuple[str, Path]:
     if not tags:
         published = ", ".join(n for n in model_names() if _pretrained_tags(n))
         raise HpxError(f"no published weights for '{name}'; HyenaPixel models with published weights: {published}")
+    url = get_pretrained_cfg(tags[0]).url or ""
+    if urlparse(url).hostname in HAND_DOWNLOAD_HOSTS:
+        raise HpxError(f"pretrained weights for '{name}' are on {urlparse(url).hostname}, which no download client "
+                       f"reaches; download {url} in a browser and pass it with --checkpoint PATH (Python: weights=PATH)")
     offline = huggingface_hub.constants.HF_HUB_OFFLINE
     try:
         for cached_only in (True,) if offline else (True, False):
@@ -250,14 +262,59 @@ def _load_pretrained(name: str, **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any
     return model, {"pretrained_tag": tag, "weights_file": str(path), "weights_sha256": _sha256(path)}
 
 
+def _json_value(value: Any) -> Any:
+    """A training-script argument as JSON can hold it (paths and other objects as text)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item) for item in value]
+    return str(value)
+
+
+def checkpoint_options(name: str, entries: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Constructor options of ``name`` that a checkpoint fixes: for a Hyena N-D model, those its keys and shapes
+    show (class count, filter form, window), overridden by the official training script's ``args``; none for
+    other models."""
+    if split_model_name_tag(name)[0] not in hyena_nd.model_names():
+        return {}
+    return {**options_from_state_dict(state_dict), **options_from_training_args(entries.get("args") or {})}
+
+
+def _checkpoint_weights(name: str, path: str, weights_key: Optional[str]
+                        ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:
+    """(state dict, options read from the file, provenance) of a checkpoint file for model ``name``.
+
+    A Hyena N-D model, or any model given ``weights_key``, reads the file as a training script's checkpoint
+    (:func:`training_checkpoint`) and takes the weights under ``weights_key`` (default ``model``).
+    """
+    if weights_key is None and split_model_name_tag(name)[0] not in hyena_nd.model_names():
+        return read_checkpoint(path), {}, {}
+    entries = training_checkpoint(path)
+    key = weights_key or "model"
+    state_dict = entries.get(key)
+    if not isinstance(state_dict, Mapping) or not state_dict or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        held = ", ".join(k for k, v in entries.items() if isinstance(v, Mapping)) or "none"
+        raise HpxError(f"{path} has no state dict under '{key}' (entries holding dictionaries: {held})")
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    source: Dict[str, Any] = {"weights_key": key}
+    if entries.get("args"):
+        source["checkpoint_args"] = {k: _json_value(v) for k, v in entries["args"].items()}
+    return state_dict, checkpoint_options(name, entries, state_dict), source
+
+
 def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str | torch.device = "cpu",
-               **kwargs: Any) -> nn.Module:
+               weights_key: Optional[str] = None, **kwargs: Any) -> nn.Module:
     """A model in eval mode with weights from ``pretrained`` (cache/hub), ``random`` (seeded) or a file.
 
     name: a registered model (``hpx_analysis.models.model_names()``, any timm model, optionally with a
     pretrained tag ``name.tag``) or a config ``.json``.
-    kwargs go to the model constructor (e.g. ``num_classes``, ``long_kernel_sizes``).
-    The returned model has ``hpx_provenance``: model, weights source, SHA-256 of the weights file.
+    kwargs go to the model constructor (e.g. ``num_classes``, ``long_kernel_sizes``); for a checkpoint of a
+    training script they win over the options read from it (:func:`checkpoint_options`).
+    weights_key: the entry of a training script's checkpoint that holds the weights (``model`` by default,
+    e.g. ``model_ema``).
+    The returned model has ``hpx_provenance``: model, weights source, SHA-256 of the weights file, and for a
+    configured checkpoint the options read from it and those given.
     """
     provenance: Dict[str, Any] = {"model": name, "weights": weights, "seed": seed}
     if weights == "pretrained":
@@ -268,11 +325,13 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
         torch.manual_seed(seed)
         model = create_model(name, **kwargs)
     elif Path(weights).suffix in CHECKPOINT_SUFFIXES or Path(weights).exists():
-        state_dict = read_checkpoint(weights)
-        model = create_model(name, **kwargs)
+        state_dict, options, source = _checkpoint_weights(name, weights, weights_key)
+        model = create_model(name, **{**options, **kwargs})
         load_state_dict_checked(model, state_dict, str(weights))
         provenance.update(weights="file", weights_file=str(Path(weights).resolve()),
-                          weights_sha256=_sha256(Path(weights)))
+                          weights_sha256=_sha256(Path(weights)), **source)
+        if options or kwargs:
+            provenance.update(options_from_checkpoint=options, options_given=kwargs)
     else:
         raise HpxError(f"weights must be 'pretrained', 'random' or a checkpoint file "
                        f"({', '.join(CHECKPOINT_SUFFIXES)}); got '{weights}'")
@@ -297,5 +356,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["REFERENCE_BACKBONES", "available_models", "create_model", "read_checkpoint", "load_model", "model_label",
+__all__ = ["REFERENCE_BACKBONES", "available_models", "create_model", "read_checkpoint", "load_model",
+           "training_checkpoint", "checkpoint_options", "model_label",
            "load_state_dict_checked", "default_input_size", "count_parameters"]

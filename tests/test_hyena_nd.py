@@ -1,0 +1,251 @@
+"""Hyena N-D (Zimerman & Wolf 2024): golden parity with the official code, manifests, options, and checkpoints of
+the official training script (``main.py``: ``{"model", "model_ema", "args": Namespace, ...}``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import hpx_analysis  # noqa: F401  (registers the models with timm)
+from hpx_analysis.errors import HpxError
+from hpx_analysis.models import HyenaNDMixer, hyena_nd
+from hpx_analysis.models.hyena_nd import causal_conv2d
+from hpx_analysis.models.zoo import load_model
+from hpx_analysis_cli.app import app
+
+from .conftest import GOLDEN, golden_state_dict
+
+HND = GOLDEN / "hyena_nd"
+HND_NAMES = sorted(p.stem for p in (HND / "tiny").glob("*.json"))
+HND_MANIFESTS = sorted((HND / "manifests").glob("*.json"))
+TINY_DIMS = dict(embed_dim=32, depth=4, num_heads=2)
+"""What the official script's ``args`` cannot say about the golden tiny models (not DeiT sizes)."""
+
+
+def _config(name: str) -> dict:
+    return json.loads((HND / "tiny" / f"{name}.json").read_text())
+
+
+def _training_args(config: dict, **changes) -> argparse.Namespace:
+    """The ``args`` the official ``main.py`` would have saved for a golden tiny model (plus unrelated entries)."""
+    args = dict(model="deit_tiny_patch16_224", method=config["method"], directional_mode=config["directional_mode"],
+                hyena2d_filter=config["hyena2d_filter"], window_mode=config["window_mode"], hyena2d_sqrt_decay=False,
+                hyena_filter_order=config["filter_order"], hyena_order=2, patch_size=config["patch_size"],
+                input_size=config["img_size"], nb_classes=config["num_classes"], lr=5e-4, data_path="/data/imagenet",
+                output_dir="out", model_ema=True)
+    return argparse.Namespace(**{**args, **changes})
+
+
+def _official_checkpoint(path, model_weights, args, ema_weights=None) -> str:
+    """A file laid out the way the official ``main.py`` saves ``checkpoint.pth`` / ``best_checkpoint.pth``."""
+    torch.save({"model": model_weights, "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "params": [0]}]},
+                "lr_scheduler": {"last_epoch": 3}, "epoch": 3,
+                "model_ema": model_weights if ema_weights is None else ema_weights,
+                "scaler": {"scale": 65536.0}, "args": args}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=HND_NAMES)
+def golden(request):
+    """(name, config, model built from the config's reference options with the golden weights, golden tensors)."""
+    name = request.param
+    config, data = _config(name), load_file(str(HND / "tiny" / f"{name}.safetensors"))
+    model = timm.create_model("hyena_deit_tiny_patch16_224", img_size=config["img_size"],
+                              patch_size=config["patch_size"], num_classes=config["num_classes"],
+                              filter_width=config["filter_order"], directions=config["directional_mode"],
+                              filter_form="nd" if config["hyena2d_filter"] else "product",
+                              window=config["window_mode"], hybrid=config["method"] == "hyena2dattn", **TINY_DIMS)
+    model.load_state_dict(golden_state_dict(data), strict=True)
+    return name, config, model.eval(), data
+
+
+@torch.no_grad()
+def test_golden_logits_and_every_block(golden):
+    _, config, model, data = golden
+    assert model.block_kinds == config["block_kinds"]
+    torch.testing.assert_close(model(data["input"]), data["logits"], atol=1e-4, rtol=0)
+    blocks = model.forward_intermediates(data["input"], norm=False, output_fmt="NLC", intermediates_only=True)
+    assert len(blocks) == config["depth"]
+    for i, tokens in enumerate(blocks):
+        torch.testing.assert_close(tokens, data[f"features.block{i}"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.norm(blocks[-1]), data["features.norm"], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_golden_raw_kernels_and_impulse_responses(golden):
+    _, _, model, data = golden
+    mixers = {f"blocks.{i}.attn": block.attn for i, block in enumerate(model.blocks)
+              if isinstance(block.attn, HyenaNDMixer)}
+    assert set(mixers) == {key.split(".", 1)[1] for key in data if key.startswith("kernel_raw.")}
+    for path, mixer in mixers.items():
+        torch.testing.assert_close(mixer.kernel(), data[f"kernel_raw.{path}"], atol=1e-4, rtol=0)
+    for key in (key for key in data if key.startswith("impulse.")):
+        mixer = mixers[key.split(".", 1)[1]]
+        channels, length = mixer.kernel().shape[:2]
+        basis = torch.eye(length * length).reshape(-1, 1, length, length).expand(-1, channels, -1, -1)
+        response = mixer.convolve(basis).permute(1, 2, 3, 0).reshape(channels, length, length, length, length)
+        torch.testing.assert_close(response, data[key], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("manifest", HND_MANIFESTS, ids=lambda p: p.stem)
+def test_manifest_loads_strictly_with_exact_parameter_count(manifest):
+    spec = json.loads(manifest.read_text())
+    with torch.device("meta"):
+        model = timm.create_model(spec["model"])
+    state_dict = {key: torch.empty(shape, device="meta") for key, shape in spec["state_dict"]}
+    assert list(model.state_dict()) == list(state_dict)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) == spec["num_params"]
+    assert model.block_kinds == spec["block_kinds"]
+
+
+def test_all_three_registered_without_weights():
+    names = hyena_nd.model_names()
+    assert sorted(names) == ["hyena_deit_small_patch16_224", "hyena_deit_tiny_hybrid_patch16_224",
+                             "hyena_deit_tiny_patch16_224"]
+    assert all(timm.is_model(name) for name in names) and not any(timm.is_model_pretrained(name) for name in names)
+    with pytest.raises(HpxError, match="no published weights"):
+        load_model("hyena_deit_tiny_patch16_224", "pretrained")
+
+
+def test_causal_conv2d_equals_the_direct_sum():
+    torch.manual_seed(0)
+    v, kernel = torch.randn(2, 3, 5, 5), torch.randn(3, 5, 5)
+    direct = torch.zeros_like(v)
+    for i in range(5):
+        for j in range(5):
+            for a in range(i + 1):
+                for b in range(j + 1):
+                    direct[:, :, i, j] += kernel[:, i - a, j - b] * v[:, :, a, b]
+    torch.testing.assert_close(causal_conv2d(v, kernel), direct, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_seq_blocks_are_anti_causal_and_scaled_by_one_over_2l():
+    """A unit kernel tap at offset (0, 0) passes v through times 1/(2L); ``seq`` reaches only taps a >= i, b >= j."""
+    model = timm.create_model("hyena_deit_tiny_patch16_224", img_size=64, patch_size=8, **TINY_DIMS)
+    seq, standard = model.blocks[0].attn, model.blocks[1].attn
+    assert (seq.direction, standard.direction) == ("seq", "standard")
+    delta = torch.zeros(32, 8, 8)
+    delta[:, 0, 0] = 1.0
+    v = torch.randn(1, 32, 8, 8)
+    torch.testing.assert_close(seq.convolve(v, delta), v / 16)
+    impulse = torch.zeros(1, 32, 8, 8)
+    impulse[..., 3, 5] = 1.0
+    ones = torch.ones(32, 8, 8)
+    reached = seq.convolve(impulse, ones).abs().amax(dim=(0, 1)) > 1e-4
+    assert reached[:4, :6].all() and not reached[4:].any() and not reached[:, 6:].any()
+    reached = standard.convolve(impulse, ones).abs().amax(dim=(0, 1)) > 1e-4
+    assert reached[3:, 5:].all() and not reached[:3].any() and not reached[:, :5].any()
+
+
+@pytest.mark.parametrize("option, value", [("directions", "symettric"), ("directions", "parallel"),
+                                           ("parameterisation", "direct"), ("hyena_order", 3)])
+def test_reference_options_without_sense_here_are_one_line_errors(option, value):
+    with pytest.raises(HpxError) as err:
+        timm.create_model("hyena_deit_tiny_patch16_224", **{option: value})
+    assert option in str(err.value) and repr(value) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_other_input_size_names_the_build_size(golden):
+    _, _, model, data = golden
+    with pytest.raises(HpxError, match="64x64") as err:
+        model(torch.zeros(1, 3, 96, 96))
+    assert "\n" not in str(err.value)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny_hnd_seq", "tiny_hnd_hybrid", "tiny_hnd_4dir", "tiny_hnd_product"])
+def test_official_training_checkpoint_configures_the_model(tmp_path, name):
+    config, data = _config(name), load_file(str(HND / "tiny" / f"{name}.safetensors"))
+    path = _official_checkpoint(tmp_path / "best_checkpoint.pth", golden_state_dict(data), _training_args(config))
+    model = load_model("hyena_deit_tiny_patch16_224", path, **TINY_DIMS)
+    assert model.block_kinds == config["block_kinds"]
+    torch.testing.assert_close(model(data["input"]), data["logits"], atol=1e-4, rtol=0)
+    provenance = model.hpx_provenance
+    assert provenance["weights_key"] == "model" and provenance["options_given"] == TINY_DIMS
+    assert provenance["checkpoint_args"]["directional_mode"] == config["directional_mode"]
+    assert provenance["options_from_checkpoint"]["embed_dim"] == 192  # args say DeiT tiny; the caller wins
+    json.dumps(provenance)
+
+
+@torch.no_grad()
+def test_given_options_win_over_args_and_ema_weights_by_key(tmp_path):
+    config, data = _config("tiny_hnd_seq"), load_file(str(HND / "tiny" / "tiny_hnd_seq.safetensors"))
+    golden_weights = golden_state_dict(data)
+    perturbed = {key: value + 0.05 for key, value in golden_weights.items()}
+    path = _official_checkpoint(tmp_path / "checkpoint.pth", perturbed, _training_args(config), golden_weights)
+    ema = load_model("hyena_deit_tiny_patch16_224", path, weights_key="model_ema", **TINY_DIMS)
+    torch.testing.assert_close(ema(data["input"]), data["logits"], atol=1e-4, rtol=0)
+    assert ema.hpx_provenance["weights_key"] == "model_ema"
+    plain = load_model("hyena_deit_tiny_patch16_224", path, **TINY_DIMS)
+    assert (plain(data["input"]) - data["logits"]).abs().max() > 1e-2
+    causal = load_model("hyena_deit_tiny_patch16_224", path, weights_key="model_ema", directions="standard",
+                        **TINY_DIMS)
+    assert causal.block_kinds == ["hyena_nd:standard"] * 4
+    assert causal.hpx_provenance["options_from_checkpoint"]["directions"] == "seq"
+    with pytest.raises(HpxError, match="no state dict under 'state_dict_ema'"):
+        load_model("hyena_deit_tiny_patch16_224", path, weights_key="state_dict_ema", **TINY_DIMS)
+
+
+@pytest.mark.parametrize("changes, message", [(dict(method="hyena"), "method='hyena'"),
+                                              (dict(hyena_order=3), "hyena_order=3"),
+                                              (dict(model="vit_large_patch16_224"), "DeiT tiny/small/base"),
+                                              (dict(directional_mode="symettric"), "symettric")])
+def test_checkpoint_args_that_cannot_be_loaded_are_one_line_errors(tmp_path, changes, message):
+    config, data = _config("tiny_hnd_seq"), load_file(str(HND / "tiny" / "tiny_hnd_seq.safetensors"))
+    path = _official_checkpoint(tmp_path / "c.pth", golden_state_dict(data), _training_args(config, **changes))
+    with pytest.raises(HpxError, match=message) as err:
+        load_model("hyena_deit_tiny_patch16_224", path, **TINY_DIMS)
+    assert "\n" not in str(err.value)
+
+
+class _Foreign:
+    """A class no checkpoint may unpickle."""
+
+
+def test_checkpoint_with_another_pickled_object_is_refused(tmp_path):
+    config, data = _config("tiny_hnd_seq"), load_file(str(HND / "tiny" / "tiny_hnd_seq.safetensors"))
+    path = tmp_path / "c.pth"
+    torch.save({"model": golden_state_dict(data), "args": _training_args(config), "extra": _Foreign()}, str(path))
+    with pytest.raises(HpxError, match="not a readable checkpoint"):
+        load_model("hyena_deit_tiny_patch16_224", str(path), **TINY_DIMS)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, given", [("tiny_hnd_seq", {}), ("tiny_hnd_4dir", {}),
+                                         ("tiny_hnd_product", {"directions": "standard"})])
+def test_bare_state_dict_gives_classes_filter_form_and_window(tmp_path, name, given):
+    """No ``args``: class count, size, filter form, window (and 4dir's ``linear_mix``) come from the weights;
+    the directions otherwise from the model name's default, ``seq``, or an option."""
+    data = load_file(str(HND / "tiny" / f"{name}.safetensors"))
+    path = tmp_path / "weights.safetensors"
+    save_file(golden_state_dict(data), str(path))
+    model = load_model("hyena_deit_tiny_patch16_224", str(path), **TINY_DIMS, **given)
+    assert model.block_kinds == _config(name)["block_kinds"]
+    assert model.num_classes == 10
+    torch.testing.assert_close(model(data["input"]), data["logits"], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_deit_tiny_checkpoint_loads_through_the_cli(tmp_path):
+    """A CelebA-style run (40 classes, ``hyena2dattn``) at DeiT-tiny size: the CLI and Python load it from ``args``."""
+    torch.manual_seed(0)
+    trained = timm.create_model("hyena_deit_tiny_patch16_224", hybrid=True, num_classes=40).eval()
+    args = argparse.Namespace(model="deit_tiny_patch16_224", method="hyena2dattn", directional_mode="seq",
+                              hyena2d_filter=True, window_mode="standard", hyena2d_sqrt_decay=False,
+                              hyena_filter_order=64, hyena_order=2, patch_size=16, input_size=224, nb_classes=40)
+    path = _official_checkpoint(tmp_path / "best_checkpoint.pth", trained.state_dict(), args)
+    result = CliRunner().invoke(app, ["inspect", "--model", "hyena_deit_tiny_patch16_224", "--checkpoint", path])
+    assert result.exit_code == 0, result.output
+    loaded = load_model("hyena_deit_tiny_patch16_224", path)
+    assert loaded.block_kinds[6:8] == ["hyena_nd:seq", "attention"] and loaded.num_classes == 40
+    image = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(loaded(image), trained(image), atol=1e-5, rtol=0)
+    assert loaded.head.weight.shape == (40, 192)
