@@ -20,6 +20,8 @@ def coverage(
     model: Models,
     weights: Weights = DEFAULT_WEIGHTS,
     threshold: Annotated[float, typer.Option(help="Window value below which a tap counts as switched off.")] = 0.05,
+    energy_share: Annotated[float, typer.Option(help="Share of a long kernel's absolute weight that its energy-coverage "
+                                                     "disc holds.")] = 0.95,
     input_size: InputSize = None,
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
@@ -41,15 +43,15 @@ def coverage(
     results = []
     for name in tqdm(model, desc="coverage", unit="model"):
         result = compute_coverage(load_model(name, weights, seed=seed, device=target), threshold=threshold,
-                                  input_size=input_size)
+                                  energy_share=energy_share, input_size=input_size)
         result.save(out / f"coverage_{model_label(name)}")
         results.append(result)
     stem = out / "coverage"
     table = write_table(results, stem.with_suffix(".csv"))
-    summary = {"threshold": threshold, "models": [r.meta["model"] for r in results],
+    summary = {"threshold": threshold, "energy_share": energy_share, "models": [r.meta["model"] for r in results],
                "layers": [row for r in results for row in r.rows()]}
     stem.with_suffix(".json").write_text(json.dumps(to_jsonable(summary), indent=2))
-    written = save_figure(plot_coverage(results), stem, metadata={"threshold": threshold, "input_size": input_size,
+    written = save_figure(plot_coverage(results), stem, metadata={"threshold": threshold, "energy_share": energy_share, "input_size": input_size,
                                                                   "models": summary["models"]})
     for path in [table, stem.with_suffix(".json"), *written]:
         typer.echo(str(path))

@@ -3,7 +3,9 @@
 ``list_mixers(model, input_size)`` enumerates a model's token mixers in forward order with stage
 (0-based, as in module paths; the paper numbers stages 1-4), block, module path, kind and the
 feature-map size at a given input resolution. For long filters ``kernel(info)`` returns the kernel
-actually applied, (C, S, S) or (C, T), and ``window(info)`` HyenaPixel's window.
+actually applied, (C, S, S) or (C, T), and ``window(info)`` HyenaPixel's window. SLaK / RepLKNet large kernels
+(kind ``large_conv``) count as long filters: their kernel is the block's effective single depthwise kernel
+(C, K, K), and while it is modified the block runs as one convolution (``models.large_kernel.EffectiveKernelFilter``).
 ``modify_kernels`` applies a function to chosen layers' kernels and restores them afterwards;
 ``cut_short_convs`` keeps only the centre tap of chosen stages' short (5x5) depthwise kernels, likewise.
 
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import HpxError
+from .models.large_kernel import LargeKernelConv
 from .models.long_filters import HyenaFilter1D, HyenaPixelFilter, LongFilterBase
 from .models.mixers import HyenaMixer, HyenaPixelMixer
 
@@ -33,8 +36,9 @@ HYENA_1D = "hyena_1d"
 SEPARABLE_LONG_CONV = "separable_long_conv"
 ATTENTION = "attention"
 LOCAL_CONV = "local_conv"
+LARGE_CONV = "large_conv"
 OTHER = "other"
-MIXER_ATTRIBUTES = ("token_mixer", "conv_dw", "conv2")  # a block's token mixer, first found wins
+MIXER_ATTRIBUTES = ("token_mixer", "conv_dw", "conv2", "large_kernel")  # a block's token mixer, first found wins
 
 LAYER_SYNTAX = "S3, S3B2, 3, 3.2, stages.2 or stages.2.blocks.1"
 _PAPER_LABEL = re.compile(r"s(\d+)(?:\s*b(\d+))?", re.IGNORECASE)   # numbered from 1, as in the paper
@@ -123,7 +127,10 @@ class MixerInfo:
 
     @property
     def long_filter(self) -> Optional[LongFilterBase]:
-        """The implicit long filter of a HyenaPixel / Hyena layer, else None."""
+        """The implicit long filter of a HyenaPixel / Hyena layer, the effective-kernel view of a SLaK / RepLKNet
+        large kernel (``large_conv``), else None."""
+        if isinstance(self.module, LargeKernelConv):
+            return self.module.effective_filter
         if isinstance(self.module, HyenaPixelMixer) and not self.module.use_separable_conv:
             return self.module.long_conv
         if isinstance(self.module, HyenaMixer):
@@ -132,8 +139,8 @@ class MixerInfo:
 
     @property
     def filter_path(self) -> Optional[str]:
-        """Module path of the long filter (``...long_conv`` / ``...filter_fn``), else None."""
-        suffix = {HYENAPIXEL_2D: "long_conv", HYENA_1D: "filter_fn"}.get(self.kind)
+        """Module path of the long filter (``...long_conv`` / ``...filter_fn`` / ``...effective_filter``), else None."""
+        suffix = {HYENAPIXEL_2D: "long_conv", HYENA_1D: "filter_fn", LARGE_CONV: "effective_filter"}.get(self.kind)
         return f"{self.path}.{suffix}" if suffix else None
 
     @property
@@ -156,6 +163,8 @@ class MixerInfo:
 
 def _classify(module: nn.Module) -> Tuple[str, Optional[Tuple[int, ...]]]:
     """Kind and kernel size of a token mixer."""
+    if isinstance(module, LargeKernelConv):
+        return LARGE_CONV, (module.kernel_size, module.kernel_size)
     if isinstance(module, HyenaPixelMixer):
         size = module.long_horizontal_conv.kernel_size[0] if module.use_separable_conv else module.long_conv.size
         return (SEPARABLE_LONG_CONV if module.use_separable_conv else HYENAPIXEL_2D), (size, size)
@@ -170,7 +179,8 @@ def _classify(module: nn.Module) -> Tuple[str, Optional[Tuple[int, ...]]]:
 
 
 def _block_mixers(model: nn.Module) -> Iterator[Tuple[int, int, str, nn.Module]]:
-    """(stage, block, path, mixer) for MetaFormer/ConvNeXt-style ``stages``, ResNet ``layerN``, VGG ``features``."""
+    """(stage, block, path, mixer) for MetaFormer/ConvNeXt-style ``stages``, ResNet ``layerN``, VGG ``features``.
+    Blocks without a mixer (RepLKNet's ConvFFN) are skipped; block numbers stay the module indices."""
     if hasattr(model, "stages"):
         for s, stage in enumerate(model.stages):
             blocks = getattr(stage, "blocks", stage)
@@ -247,7 +257,7 @@ def list_mixers(model: nn.Module, input_size: Union[int, Sequence[int], None] = 
 
 
 def long_filter_layers(model: nn.Module, input_size: Union[int, Sequence[int], None] = None) -> List[MixerInfo]:
-    """Only the layers with an implicit long filter (HyenaPixel 2D and Hyena 1D)."""
+    """Only the layers with a long filter (HyenaPixel 2D, Hyena 1D, SLaK / RepLKNet ``large_conv``)."""
     return [info for info in list_mixers(model, input_size) if info.long_filter is not None]
 
 
@@ -282,6 +292,34 @@ def window_parameters(layer: Union[MixerInfo, LongFilterBase]) -> Dict[str, Tens
     channels = filt.modulation.deltas.numel()
     return {"delta": filt.modulation.deltas.flatten().abs().clone(), "shift": torch.zeros(channels),
             "t": filt.pos_emb.t.flatten().clone()}
+
+
+def nearest_displacement(offsets: Tensor, width: int) -> Tuple[Tensor, Tensor]:
+    """Nearest 2D displacement (rows a, columns b), each shaped like the integer 1D ``offsets`` d, on
+    rows of ``width`` W: a * W + b = d with |b| <= W / 2; on a tie |b| = W / 2 the smaller |a|."""
+    half = width // 2
+    cols = torch.remainder(offsets + half, width) - half  # in [-half, W - half - 1]
+    rows = torch.div(offsets - cols, width, rounding_mode="floor")
+    tie = (2 * cols.abs() == width) & (rows > 0)  # (a, -W/2) with a > 0: (a - 1, W/2) is nearer the centre row
+    return rows - tie.long(), torch.where(tie, -cols, cols)
+
+
+def tap_offsets(layer: MixerInfo) -> List[Tensor]:
+    """Integer offset of each tap from the kernel centre per kernel axis: [(S,), (S,)] or [(T,)]."""
+    filt = _filter_of(layer)
+    return [torch.arange(n) - c for n, c in zip(filt.kernel_size, filt.centre)]
+
+
+def tap_displacements(layer: MixerInfo) -> Tuple[Tensor, Tensor]:
+    """2D displacement (rows, columns) in pixels of each tap on the feature map: broadcastable (S, 1) and (1, S)
+    for 2D kernels; (T,) each for a Hyena 1D kernel, its offsets' :func:`nearest_displacement` on rows of the
+    map's width."""
+    offsets = tap_offsets(layer)
+    if len(offsets) == 2:
+        return offsets[0][:, None], offsets[1][None, :]
+    if layer.feature_size is None:
+        raise ValueError("layer info lacks feature_size: list the layers with an input_size")
+    return nearest_displacement(offsets[0], layer.feature_size[1])
 
 
 def _paper_numbers(indices: Iterable[int]) -> str:
@@ -327,7 +365,7 @@ def select_mixers(infos: Sequence[MixerInfo], layers: Optional[Iterable[LayerLik
         kept = [info for info in found if info.index in allowed]
         if not kept:
             where = (f"layers with one are in stages {_paper_numbers(i.stage for i in candidates)}" if candidates
-                     else "the model has no HyenaPixel or Hyena long-filter layers")
+                     else "the model has no long-filter layers (HyenaPixel, Hyena, large kernels)")
             raise HpxError(f"{ref} has no long filter (its mixer is {found[0].kind}); {where}")
         for info in kept:
             chosen.setdefault(info.index, info)
@@ -347,7 +385,8 @@ def modify_kernels(model: nn.Module, modifier: Callable[[Tensor, MixerInfo], Ten
     for all of stage 3, ``[(2, 0)]``, ``["S3 B1"]``; :func:`select_mixers`), or a predicate on MixerInfo.
     input_size: resolution for ``info.feature_size`` (needed by size-dependent modifiers).
     Yields the modified layers. On exit every filter gets its previous modifier back, so the
-    model computes exactly what it computed before; cached kernel FFTs are refreshed.
+    model computes exactly what it computed before; cached kernel FFTs are refreshed. A modified
+    ``large_conv`` block runs as one convolution with its effective kernel and bias (its branches again on exit).
     """
     if callable(layers):
         chosen = [info for info in long_filter_layers(model, input_size) if layers(info)]

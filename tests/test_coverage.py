@@ -135,3 +135,84 @@ def test_cli_writes_figure_table_and_results(tmp_path, tiny_config, tiny_weights
     saved = CoverageResult.load(tmp_path / "coverage_tiny_hb.npz")
     assert [layer["kind"] for layer in saved.layers] == ["hyena_1d"] * 4
     assert float(rows[4]["mean"]) == pytest.approx(saved.arrays["mean"][0])
+
+
+# -- energy coverage ------------------------------------------------------------------------------------------------
+
+def _smallest_disc_extent(weights: np.ndarray, share: float) -> float:
+    """Brute force: 2 r + 1 for the smallest tap distance r from the centre of an odd (S, S) array whose disc
+    holds ``share`` of the absolute weight."""
+    half = weights.shape[0] // 2
+    taps = [(math.hypot(i - half, j - half), abs(weights[i, j])) for i in range(weights.shape[0])
+            for j in range(weights.shape[1])]
+    total = sum(w for _, w in taps)
+    for radius in sorted({d for d, _ in taps}):
+        if sum(w for d, w in taps if d <= radius) >= share * total:
+            return 2 * radius + 1
+    raise AssertionError("unreachable")
+
+
+def test_uniform_seven_by_seven_block_energy_extent_is_the_smallest_disc_holding_95_percent():
+    from hpx_analysis.analyzers.coverage import energy_extent
+    from hpx_analysis.models.long_filters import centre_distance_map
+    canvas = torch.zeros(2, 15, 15)
+    canvas[:, 4:11, 4:11] = 1.0
+    canvas[1] *= -3.0  # absolute weight: the sign and scale do not matter
+    expected = _smallest_disc_extent(canvas[0].numpy(), 0.95)
+    assert expected == pytest.approx(2 * math.sqrt(18) + 1)  # 47 of 49 taps need the corners' ring (45 inside sqrt 13)
+    extent = energy_extent(canvas, centre_distance_map(15), 0.95, max_extent=15)
+    np.testing.assert_allclose((extent / 7).numpy(), [expected / 7] * 2, rtol=1e-6)  # float32 distances
+    assert energy_extent(canvas, centre_distance_map(15), 45 / 49, 15)[0] == pytest.approx(2 * math.sqrt(13) + 1)
+    assert energy_extent(torch.zeros(1, 15, 15), centre_distance_map(15), 0.95, 15).tolist() == [0.0]
+
+
+def _centre_only(kernel: torch.Tensor, _info) -> torch.Tensor:
+    mask = torch.zeros_like(kernel)
+    mask[(slice(None), *(n // 2 for n in kernel.shape[1:]))] = 1
+    return kernel * mask
+
+
+def test_kernels_with_all_weight_on_the_centre_tap_cover_one_over_f(tiny_config, tiny_weights):
+    """HyenaPixel and SLaK / RepLKNet effective kernels cut to their centre tap: energy coverage 1 / F per channel;
+    SLaK and RepLKNet window coverage is K / F."""
+    import timm
+
+    from hpx_analysis.inspection import modify_kernels
+    hpx = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    slak = timm.create_model("slak_tiny", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), kernel_sizes=(13, 11, 9, 5),
+                             small_kernel=3, num_classes=4).eval()
+    replknet = timm.create_model("replknet_31b", layers=(1, 1, 1, 1), channels=(8, 8, 8, 8),
+                                 large_kernel_sizes=(13, 11, 9, 5), small_kernel=3, num_classes=4).eval()
+    for model in (hpx, slak, replknet):
+        with modify_kernels(model, _centre_only):
+            result = compute_coverage(model, input_size=64)
+        sides = result.arrays["feature_side"]
+        for j in range(len(result.layers)):
+            np.testing.assert_allclose(result.arrays[f"energy_channels_{j}"], 1 / sides[j], rtol=1e-12)
+        assert result.meta["energy_share"] == 0.95
+    assert [layer["kind"] for layer in result.layers] == ["large_conv"] * 4
+    np.testing.assert_allclose(result.arrays["mean"], np.array([13, 11, 9, 5]) / np.array([16, 8, 4, 2]))
+    untouched = compute_coverage(slak, input_size=64)  # an unmodified cross reaches at least its strip width
+    assert np.all(untouched.arrays["energy_mean"] > 1 / untouched.arrays["feature_side"])
+
+
+def test_hyena_kernel_wrapped_onto_the_map_covers_like_the_2d_block(tiny_config):
+    """A 1D kernel whose taps are the offsets a * W + b of a uniform 7 x 7 block (|a|, |b| <= 3) wraps back onto
+    that block, so its energy coverage equals the 2D one on the same map; mixers without a long filter get NaN."""
+    from hpx_analysis.analyzers.coverage import energy_coverage
+    from hpx_analysis.inspection import list_mixers
+    info = next(i for i in list_mixers(load_model(tiny_config("tiny_hb"), "random"), 64) if i.kind == "hyena_1d")
+    height, width = info.feature_size
+    filt = info.long_filter
+    planted = torch.zeros(filt.channels, filt.num_taps)
+    centre = filt.centre[0]
+    for a in range(-3, 4):
+        for b in range(-3, 4):
+            planted[:, centre + a * width + b] = 1.0
+    block = np.zeros((15, 15))
+    block[4:11, 4:11] = 1.0
+    with filt.override_kernel(planted):
+        values = energy_coverage(info, 0.95)
+    np.testing.assert_allclose(values, _smallest_disc_extent(block, 0.95) / max(height, width), rtol=1e-6)
+    attention = compute_coverage(load_model(tiny_config("tiny_hpx_a"), "random"), input_size=64)
+    assert np.isnan(attention.arrays["energy_mean"][2:]).all() and not np.isnan(attention.arrays["energy_mean"][:2]).any()

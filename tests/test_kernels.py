@@ -266,3 +266,30 @@ def test_cli_bad_layers_say_what_exists(tmp_path, tiny_config, tiny_weights):
                           ("S3x", "write S3, S3B2")):
         outcome = CliRunner().invoke(app, args + [text])
         assert isinstance(outcome.exception, HpxError) and message in str(outcome.exception), (text, outcome.output)
+
+
+def test_large_kernel_panels_are_the_effective_kernel_a_forward_pass_gives():
+    """Known answer on a tiny SLaK (random weights): the panel of S1 B1, channel 0, is its effective kernel, a cross
+    (13 x 13, strips 3 wide); the ``response`` panel holds the weight of input p + e at cell 6 + e, which an impulse
+    through the module's branches shows at output p (minus the effective bias)."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("slak_tiny", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), kernel_sizes=(13, 11, 9, 5),
+                              small_kernel=3, num_classes=4).eval()
+    module = model.stages[0][0].large_kernel
+    weight, bias = module.effective_kernel()
+    views = {orientation: compute_kernels(model, layers=[(0, 0)], reduction=0, normalisation="none", input_size=64,
+                                          orientation=orientation) for orientation in ("kernel", "response")}
+    assert views["kernel"].layers[0]["kind"] == "large_conv"
+    response = views["response"].panels(0)[0]
+    np.testing.assert_allclose(views["kernel"].panels(0)[0], response[::-1, ::-1], rtol=0, atol=0)
+    np.testing.assert_allclose(response, weight[0, 0].detach().double().numpy(), rtol=1e-6, atol=1e-7)
+    cross = np.zeros((13, 13), dtype=bool)
+    cross[5:8, :] = cross[:, 5:8] = True
+    assert np.all(response[~cross] == 0) and np.all(response[cross] != 0)
+    impulses = torch.zeros(13 * 13, module.channels, 16, 16)
+    for index in range(13 * 13):                      # input pixel q = p + e, p = (8, 8), e in [-6, 6]^2
+        impulses[index, :, 2 + index // 13, 2 + index % 13] = 1
+    with torch.no_grad():
+        shown = (module(impulses)[:, 0, 8, 8] - bias[0]).reshape(13, 13)
+    np.testing.assert_allclose(response, shown.double().numpy(), atol=1e-6)

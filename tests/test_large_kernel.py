@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Dict
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -252,3 +253,96 @@ def test_cli_pretrained_is_one_line_error_with_exit_2():
     assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
     assert "drive.google.com/file/d/1azQUiCxK9feYVkkrPqwVPBtNsTzDrX7S" in run.stderr
     assert "--checkpoint PATH" in run.stderr
+
+
+# -- the effective kernel as a long filter (inspection kind ``large_conv``) ------------------------------------------
+
+def _centre_only(kernel: torch.Tensor, _info) -> torch.Tensor:
+    """Keep only the centre tap of a (C, K, K) kernel."""
+    mask = torch.zeros_like(kernel)
+    mask[:, kernel.shape[-2] // 2, kernel.shape[-1] // 2] = 1
+    return kernel * mask
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_list_mixers_finds_every_large_kernel_as_large_conv(name):
+    from hpx_analysis.inspection import LARGE_CONV, kernel, list_mixers
+    model = _tiny_model(name, golden_state_dict(_golden(name)))
+    infos = list_mixers(model, 64)
+    modules = large_kernel_modules(model)
+    assert [info.path for info in infos] == list(modules)
+    assert {info.kind for info in infos} == {LARGE_CONV}
+    sides = {0: 16, 1: 8, 2: 4, 3: 2}  # SLaK: stride 4 stem then 2; RepLKNet: stride 4 stem then 2 (64 px)
+    for info in infos:
+        module = modules[info.path]
+        assert info.kernel_size == (module.kernel_size,) * 2 and info.feature_size == (sides[info.stage],) * 2
+        assert info.long_filter is module.effective_filter and info.filter_path == f"{info.path}.effective_filter"
+        weight, _ = module.effective_kernel()
+        torch.testing.assert_close(kernel(info), weight[:, 0].flip(-2, -1).detach(), rtol=0, atol=0)
+    blocks = sorted({(info.stage, info.block) for info in infos})
+    assert blocks == ([(s, b) for s in range(4) for b in (0, 1)] if name == "slak" else
+                      [(s, b) for s in range(4) for b in (0, 2)])  # RepLKNet: ConvFFN blocks have no mixer
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_modified_large_kernels_run_as_one_convolution_and_are_restored(name):
+    from hpx_analysis.inspection import modify_kernels
+    data = _golden(name)
+    model = _tiny_model(name, golden_state_dict(data))
+    x = data["input"]
+    before = _logits(model, x)
+    # the unmodified round trip: one convolution instead of the branches, equal up to float rounding
+    with modify_kernels(model, lambda k, info: k) as chosen:
+        assert len(chosen) == len(large_kernel_modules(model))
+        torch.testing.assert_close(_logits(model, x), before, atol=1e-4, rtol=0)
+    # by hand: the deploy form whose large kernels keep only their centre tap (x * w_centre + bias per channel)
+    import copy
+    by_hand = copy.deepcopy(model).reparameterize()
+    with torch.no_grad():
+        for module in large_kernel_modules(by_hand).values():
+            weight = module.lkb_reparam.weight
+            weight.copy_(_centre_only(weight[:, 0], None)[:, None])
+    with modify_kernels(model, _centre_only):
+        cut = _logits(model, x)
+    torch.testing.assert_close(cut, _logits(by_hand, x), atol=1e-4, rtol=0)
+    assert not torch.allclose(cut, before, atol=1e-3)
+    assert torch.equal(_logits(model, x), before)  # exactly restored: the branches run again
+    assert not any(m.effective_filter.active for m in large_kernel_modules(model).values())
+
+
+def test_override_runs_one_convolution_with_the_given_kernel_and_bias():
+    module = timm.create_model("slak_tiny", **TINY_SLAK).eval().stages[0][0].large_kernel
+    x = torch.randn(2, module.channels, 9, 9)
+    given = torch.randn(module.channels, module.kernel_size, module.kernel_size)
+    with torch.no_grad(), module.effective_filter.override_kernel(given):
+        out = module(x)
+    bias = module.effective_kernel()[1]
+    # a true convolution with ``given`` is a cross-correlation with it point-reflected
+    expected = F.conv2d(x, given.flip(-2, -1)[:, None], bias, padding=module.kernel_size // 2, groups=module.channels)
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["slak", "replknet"])
+def test_erf_runs_and_the_first_block_sees_only_its_effective_kernel(name):
+    """ERF smoke test at 64 px. Known answer: the output of S1 B1 at token (8, 8) of the 16 x 16 map depends only
+    on the tokens 2..14 its effective kernel reaches (per-pixel LN / MLP / 1x1 convs around it): a cross of arms
+    13 x 3 tokens for SLaK (13 x 13, strips 3 wide), each token its 4 x 4 stem patch; the 13 x 13 square for
+    RepLKNet, each token the 11 x 11 pixels its stem sees. The ERF map is zero outside that and reaches the arms."""
+    from hpx_analysis.analyzers.erf import effective_receptive_field
+    from hpx_analysis.inspection import LayerRef
+    data = _golden(name)
+    model = _tiny_model(name, golden_state_dict(data))
+    images = torch.cat([data["input"], torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    whole = effective_receptive_field(model, images, progress=False)
+    assert whole.meta["models"][0]["layer"] == "stages.3" and whole.arrays["maps"].shape == (1, 64, 64)
+    assert np.isfinite(whole.arrays["maps"]).all() and whole.arrays["maps"].sum() > 0
+    first = effective_receptive_field(model, images, layer=LayerRef(0, 0), progress=False).arrays["maps"][0]
+    if name == "slak":
+        tokens = np.zeros((16, 16), dtype=bool)
+        tokens[2:15, 7:10] = tokens[7:10, 2:15] = True
+        support = np.kron(tokens, np.ones((4, 4), dtype=bool))
+    else:  # RepLKNet's stem (3x3 s2, dw 3x3, 1x1, dw 3x3 s2, padding 1) gives token t the pixels 4t - 5 .. 4t + 5
+        support = np.zeros((64, 64), dtype=bool)
+        support[4 * 2 - 5:4 * 14 + 6, 4 * 2 - 5:4 * 14 + 6] = True
+    assert np.all(first[~support] == 0)
+    assert first[:12].sum() > 0 and first[52:].sum() > 0 and first[:, :12].sum() > 0 and first[:, 52:].sum() > 0

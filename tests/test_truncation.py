@@ -437,3 +437,59 @@ def test_torchrun_strict_failure_stops_every_rank(tiny_config, tiny_weights, ima
     done = torchrun(_dist_args(tiny_config, tiny_weights, image_folder) + ["--strict"], tmp_path, timeout=180)
     assert done.returncode != 0
     assert "error: unreadable image" in done.stderr and "error: rank 0 failed" in done.stderr
+
+
+# -- SLaK / RepLKNet: truncation of the effective large kernels -----------------------------------------------------
+
+@pytest.fixture
+def large_kernel_net():
+    """name -> the golden tiny SLaK / RepLKNet (10 classes, 64 px: maps 16, 8, 4, 2, kernels 13, 11, 9, 5)."""
+    from .test_large_kernel import _golden, _tiny_model
+    from .conftest import golden_state_dict
+    return lambda name: _tiny_model(name, golden_state_dict(_golden(name)))
+
+
+@pytest.mark.parametrize("name, stage", [("slak", 0), ("replknet", 1), ("replknet_deploy", 2)])
+def test_large_kernels_cut_at_every_tap_or_at_the_centre(large_kernel_net, name, stage):
+    """Every tap kept: the untruncated logits (one convolution instead of the branches, to 1e-5). r = 0: the deploy
+    form whose large kernels of that stage keep only their centre tap, built by hand; the model is restored exactly."""
+    import copy
+
+    from hpx_analysis.models.large_kernel import large_kernel_modules
+    model, x = large_kernel_net(name), _batch(1)
+    by_hand = copy.deepcopy(model).reparameterize()
+    with torch.no_grad():
+        for path, module in large_kernel_modules(by_hand).items():
+            if path.startswith(f"stages.{stage}."):
+                centre = module.kernel_size // 2
+                weight = module.lkb_reparam.weight
+                kept = weight[..., centre, centre].clone()
+                weight.zero_()
+                weight[..., centre, centre] = kept
+        before = model(x)
+        every = default_sizes(model, [stage], input_size=SIZE)[-1]
+        with truncate_kernels(model, [stage], every, input_size=SIZE) as chosen:
+            full = model(x)
+        assert {info.kind for info in chosen} == {"large_conv"} and len(chosen) == 2
+        with truncate_kernels(model, [stage], 0.0, input_size=SIZE):
+            cut = model(x)
+        expected = by_hand(x)
+        after = model(x)
+    torch.testing.assert_close(full, before, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cut, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(cut, before, atol=1e-3)
+    assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("name, shape", [("slak", "disc"), ("replknet", "square")])
+def test_large_kernel_sweep_matches_naive_loop(large_kernel_net, image_folder, name, shape):
+    """The sweep (stem and stage steps with the downsampling between SLaK / RepLKNet stages) counts what a full
+    forward per (stage, size) counts; every-tap columns equal the untruncated model."""
+    model, sizes = large_kernel_net(name), [0.0, 0.5, 50.0]
+    result = truncation_sweep(model, labelled_images(image_folder), [0, 3], sizes, shape, batch_size=4,
+                              input_size=SIZE, n_resamples=200, progress=False)
+    naive = _naive_counts(model, image_folder, sizes, [0, 3], shape, 4)
+    assert np.array_equal(result.arrays["top1_correct"], naive)
+    assert result.meta["layer_kinds"] == {"S1": ["large_conv"], "S4": ["large_conv"]}
+    assert result.arrays["kept_fraction"][:, -1].tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(result.arrays["coverage"], [13 / 16, 5 / 2])  # K / F, on the r axis

@@ -21,8 +21,17 @@ as a k x k convolution spans k pixels, so a window kept on 7 taps across at F = 
   bidirectional filter, truncating the offsets at r = coverage (``hb_cut="offset"``: |d| <= r * L / 2
   = reach + 1/2) keeps exactly the window's taps; a causal one's taps lie on one side, so that takes
   r = (2 * reach + 1) / L, about twice its coverage.
-- Attention: 2 (global). Local and separable long convolutions: k / F (no window, fixed size).
+- Attention: 2 (global). Local and separable long convolutions, and the large kernels of SLaK / RepLKNet
+  (``large_conv``): k / F (no window, fixed size).
 Other mixers (pooling, identity) are skipped.
+
+Energy coverage, beside the window coverage for every long-filter layer (HyenaPixel 2D, Hyena 1D, ``large_conv``):
+per channel, the extent 2 * radius + 1 (taps) of the smallest centred disc holding a share (default 0.95) of the
+kernel's absolute weight, over F, radius being a tap distance in pixels; capped at the kernel extent S for 2D
+kernels (as the window extent), 0 for an all-zero kernel. 2D kernels (HyenaPixel, the effective kernel of a large
+convolution) use the Euclidean tap distance from the kernel centre; a Hyena 1D kernel is wrapped onto the 2D map,
+each offset d at its nearest 2D displacement (``inspection.nearest_displacement``, the wrap cut), so all kinds
+share one axis (1D extents are not capped).
 """
 
 from __future__ import annotations
@@ -35,14 +44,16 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HpxError
-from ..inspection import (ATTENTION, HYENA_1D, HYENAPIXEL_2D, LOCAL_CONV, SEPARABLE_LONG_CONV, MixerInfo,
-                          list_mixers, window, window_parameters)
+from ..inspection import (ATTENTION, HYENA_1D, HYENAPIXEL_2D, LARGE_CONV, LOCAL_CONV, SEPARABLE_LONG_CONV, MixerInfo,
+                          kernel, list_mixers, tap_displacements, window, window_parameters)
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata, write_rows_csv
 
 DEFAULT_THRESHOLD = 0.05
+DEFAULT_ENERGY_SHARE = 0.95
 ATTENTION_COVERAGE = 2.0
 SUMMARY_COLUMNS = ("mean", "median", "p10", "p90")
+ENERGY_COLUMNS = tuple(f"energy_{column}" for column in SUMMARY_COLUMNS)
 
 
 def window_diameter_2d(windows: Tensor, distance: Tensor, threshold: float) -> Tensor:
@@ -64,6 +75,37 @@ def window_coverage_1d(windows: Tensor, sequence_length: int, threshold: float) 
     return (last - first + 1).clamp_min(0).to(windows.dtype) / sequence_length
 
 
+def energy_extent(kernels: Tensor, distance: Tensor, share: float, max_extent: Optional[float] = None) -> Tensor:
+    """Extent (C,) in taps, 2 * radius + 1, of the smallest centred disc holding ``share`` of each kernel's absolute
+    weight; kernels (C, *S), distance (*S) the tap distances from the centre in pixels. At most ``max_extent``
+    (None: no cap); 0 for an all-zero kernel."""
+    weights = kernels.abs().flatten(1).double()
+    distances, order = torch.sort(distance.flatten().double().to(weights.device))
+    cumulative = weights[:, order].cumsum(1)
+    total = cumulative[:, -1:]
+    holds = cumulative >= share * total * (1 - 1e-12)  # taps at one distance enter together: any of them decides
+    extent = 2 * distances[holds.int().argmax(1)] + 1
+    if max_extent is not None:
+        extent = extent.clamp(max=max_extent)
+    return torch.where(total[:, 0] > 0, extent, torch.zeros_like(extent))
+
+
+def tap_distance(info: MixerInfo) -> Tensor:
+    """Distance in pixels of each tap of a long filter from its centre: (S, S) Euclidean for 2D kernels; (T,) for a
+    Hyena 1D kernel, the length of each offset's nearest 2D displacement on the feature map (module docstring)."""
+    rows, cols = tap_displacements(info)
+    return torch.sqrt(rows.double() ** 2 + cols.double() ** 2)
+
+
+def energy_coverage(info: MixerInfo, share: float) -> Optional[np.ndarray]:
+    """Energy coverage per channel (C,) of a long-filter layer (module docstring); None for other mixers."""
+    if info.long_filter is None:
+        return None
+    kernels = kernel(info).float()
+    cap = float(max(info.kernel_size)) if kernels.dim() == 3 else None
+    return (energy_extent(kernels, tap_distance(info), share, cap) / max(info.feature_size)).cpu().numpy()
+
+
 def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:
     """Relative coverage per channel (C,) or a single value (1,) of one mixer; None for mixers without a size."""
     height, width = info.feature_size
@@ -76,7 +118,7 @@ def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:
         return coverage.cpu().numpy()
     if info.kind == ATTENTION:
         return np.array([ATTENTION_COVERAGE])
-    if info.kind in (LOCAL_CONV, SEPARABLE_LONG_CONV):
+    if info.kind in (LOCAL_CONV, SEPARABLE_LONG_CONV, LARGE_CONV):
         return np.array([max(info.kernel_size) / side])
     return None
 
@@ -86,8 +128,10 @@ class CoverageResult(Result):
 
     arrays (one entry per covered mixer): ``mean``, ``median``, ``p10``, ``p90`` over channels,
     ``stage`` (0-based), ``block`` (0-based), ``index`` (block index through the network),
-    ``feature_side`` (F); ``channels_<j>``: per-channel coverage of the j-th entry.
-    meta ``layers``: name, path, kind per entry; ``threshold``; ``input_size``.
+    ``feature_side`` (F); ``channels_<j>``: per-channel coverage of the j-th entry; energy coverage
+    ``energy_mean``, ``energy_median``, ``energy_p10``, ``energy_p90`` (NaN for mixers without a long filter) and
+    ``energy_channels_<j>`` (long-filter entries only).
+    meta ``layers``: name, path, kind per entry; ``threshold``; ``energy_share``; ``input_size``.
     """
 
     kind = "coverage"
@@ -103,12 +147,13 @@ class CoverageResult(Result):
         return self.meta["layers"]
 
     def stage_coverage(self, stage: int, statistic: str = "mean", kinds: Optional[Sequence[str]] = None) -> float:
-        """Average over the layers of a 0-based stage of one per-layer statistic (mean/median/p10/p90).
+        """Average over the layers of a 0-based stage of one per-layer statistic (mean/median/p10/p90, or the
+        energy coverage's ``energy_mean`` ...).
 
         kinds: only layers of these mixer kinds (e.g. ``("hyenapixel_2d",)``); NaN if none match.
         """
-        if statistic not in SUMMARY_COLUMNS:
-            raise HpxError(f"unknown statistic {statistic!r}; use {', '.join(SUMMARY_COLUMNS)}")
+        if statistic not in SUMMARY_COLUMNS + ENERGY_COLUMNS:
+            raise HpxError(f"unknown statistic {statistic!r}; use {', '.join(SUMMARY_COLUMNS + ENERGY_COLUMNS)}")
         chosen = [j for j, layer in enumerate(self.layers)
                   if int(self.arrays["stage"][j]) == stage and (kinds is None or layer["kind"] in kinds)]
         return float(np.mean(self.arrays[statistic][chosen])) if chosen else float("nan")
@@ -118,21 +163,34 @@ class CoverageResult(Result):
         return [{"model": self.model_name, "index": int(self.arrays["index"][j]),
                  "stage": int(self.arrays["stage"][j]), "block": int(self.arrays["block"][j]),
                  "name": layer["name"], "kind": layer["kind"], "feature_side": int(self.arrays["feature_side"][j]),
-                 **{column: float(self.arrays[column][j]) for column in SUMMARY_COLUMNS}}
+                 **{column: float(self.arrays[column][j]) for column in SUMMARY_COLUMNS + ENERGY_COLUMNS
+                    if column in self.arrays}}
                 for j, layer in enumerate(self.layers)]
 
 
+def _summary(values: Optional[np.ndarray], prefix: str = "") -> Dict[str, float]:
+    """Mean, median, p10, p90 of per-channel values (all NaN for None), keys with ``prefix``."""
+    if values is None:
+        return {prefix + column: float("nan") for column in SUMMARY_COLUMNS}
+    p10, median, p90 = np.percentile(values, [10, 50, 90])
+    return {prefix + "mean": values.mean(), prefix + "median": median, prefix + "p10": p10, prefix + "p90": p90}
+
+
 def compute_coverage(model: nn.Module, *, threshold: float = DEFAULT_THRESHOLD,
+                     energy_share: float = DEFAULT_ENERGY_SHARE,
                      input_size: Optional[Union[int, Tuple[int, int]]] = None) -> CoverageResult:
     """Relative feature-map coverage of every token mixer (see the module docstring for the conventions).
 
+    energy_share: share of a long kernel's absolute weight its energy-coverage disc holds.
     input_size: resolution defining F (default the model's training resolution, 224 -> F = 56, 28, 14, 7).
     """
     if not 0 < threshold < 1:
         raise HpxError(f"threshold must lie in (0, 1), got {threshold}")
+    if not 0 < energy_share <= 1:
+        raise HpxError(f"energy share must lie in (0, 1], got {energy_share}")
     size = input_size if input_size is not None else default_input_size(model)
-    summaries: Dict[str, List[float]] = {key: [] for key in SUMMARY_COLUMNS + ("stage", "block", "index",
-                                                                             "feature_side")}
+    summaries: Dict[str, List[float]] = {key: [] for key in SUMMARY_COLUMNS + ENERGY_COLUMNS + (
+        "stage", "block", "index", "feature_side")}
     arrays: Dict[str, np.ndarray] = {}
     layers = []
     with torch.no_grad():
@@ -141,18 +199,20 @@ def compute_coverage(model: nn.Module, *, threshold: float = DEFAULT_THRESHOLD,
         values = channel_coverage(info, threshold)
         if values is None:
             continue
+        energy = energy_coverage(info, energy_share)
         arrays[f"channels_{len(layers)}"] = values
-        p10, median, p90 = np.percentile(values, [10, 50, 90])
-        for key, value in (("mean", values.mean()), ("median", median), ("p10", p10), ("p90", p90),
-                           ("stage", info.stage), ("block", info.block), ("index", info.index),
-                           ("feature_side", max(info.feature_size))):
+        if energy is not None:
+            arrays[f"energy_channels_{len(layers)}"] = energy
+        entry = {**_summary(values), **_summary(energy, "energy_"), "stage": info.stage, "block": info.block,
+                 "index": info.index, "feature_side": max(info.feature_size)}
+        for key, value in entry.items():
             summaries[key].append(value)
         layers.append({"name": info.name, "path": info.path, "kind": info.kind,
                        "feature_size": list(info.feature_size)})
     if not layers:
         raise HpxError("the model has no token mixers with a filter size (HyenaPixel, Hyena, attention, convolution)")
     arrays.update({key: np.asarray(values) for key, values in summaries.items()})
-    meta = {"model": model_metadata(model), "threshold": threshold,
+    meta = {"model": model_metadata(model), "threshold": threshold, "energy_share": energy_share,
             "input_size": list(np.broadcast_to(size, (2,)).tolist()), "layers": layers}
     return CoverageResult(arrays=arrays, meta=meta)
 

@@ -1,7 +1,8 @@
 """Learned long-filter kernels as pictures (paper Fig. 7, 11, 12).
 
 HyenaPixel (2D) layers give one (S, S) panel per layer: the kernel reduced over channels and
-normalised. Hyena (1D) layers run on the row-major flattened feature map, so their 2L-1 taps are
+normalised; SLaK / RepLKNet large kernels (``large_conv``) likewise, their effective single depthwise kernel
+(K, K) (BN-fused sum of the branches; a cross for SLaK), read as a true convolution like HyenaPixel's. Hyena (1D) layers run on the row-major flattened feature map, so their 2L-1 taps are
 laid out on rows of width F around one evaluation pixel p; taps whose input pixel lies outside the
 image for that p are flagged (``outside``): the layer does not use them at p.
 
@@ -177,7 +178,7 @@ def select_layers(infos: List[MixerInfo], layers: Optional[Sequence[LayerLike]])
     """The long-filter layers among a model's mixers ``infos`` at the stages / blocks ``layers``, numbered
     from 0 (:func:`select_mixers`), in the given order (all when None)."""
     if not any(info.long_filter is not None for info in infos):
-        raise HpxError("the model has no HyenaPixel or Hyena long-filter layers")
+        raise HpxError("the model has no long-filter layers (HyenaPixel, Hyena, SLaK / RepLKNet large kernels)")
     return select_mixers(infos, layers, long_filters_only=True)
 
 

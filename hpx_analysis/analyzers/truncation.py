@@ -8,6 +8,11 @@ r = coverage keeps every tap the learned window keeps (square map, extent not ca
 size: r * F / 2 = d + 1/2 for the window's largest kept distance d), plus the taps with
 d < distance <= d + 1/2 the window drops.
 
+SLaK and RepLKNet large kernels (``large_conv``) are cut the same way on their effective kernel (K x K, the
+BN-fused sum of the branches), so a truncated block runs as one depthwise convolution with the masked kernel and
+its effective bias (``models.large_kernel.EffectiveKernelFilter``); their coverage K / F keeps every tap at r = K / F
+with ``shape="square"``, the inscribed disc with a disc.
+
 Hyena 1D layers convolve the row-major flattened map (L = H * W), and their cut is chosen with
 ``hb_cut``:
 
@@ -47,7 +52,8 @@ from ..datasets import LabelledImage
 from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, RunStore, inputs_digest, run_batches, run_key
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform
-from ..inspection import HYENA_1D, HYENAPIXEL_2D, MixerInfo, kernel, long_filter_layers, modify_kernels
+from ..inspection import (HYENA_1D, HYENAPIXEL_2D, LARGE_CONV, MixerInfo, kernel, long_filter_layers, modify_kernels,
+                          tap_displacements, tap_offsets)
 from ..results import Result, model_metadata, write_rows_csv
 
 if TYPE_CHECKING:
@@ -95,16 +101,6 @@ class TruncationResult(Result):
         return write_rows_csv(self.rows(), path)
 
 
-def nearest_displacement(offsets: Tensor, width: int) -> Tuple[Tensor, Tensor]:
-    """Nearest 2D displacement (rows a, columns b), each shaped like the integer 1D ``offsets`` d, on
-    rows of ``width`` W: a * W + b = d with |b| <= W / 2; on a tie |b| = W / 2 the smaller |a|."""
-    half = width // 2
-    cols = torch.remainder(offsets + half, width) - half  # in [-half, W - half - 1]
-    rows = torch.div(offsets - cols, width, rounding_mode="floor")
-    tie = (2 * cols.abs() == width) & (rows > 0)  # (a, -W/2) with a > 0: (a - 1, W/2) is nearer the centre row
-    return rows - tie.long(), torch.where(tie, -cols, cols)
-
-
 def check_cut(shape: str, hb_cut: str) -> None:
     """HpxError unless ``shape`` is one of SHAPES and ``hb_cut`` one of HB_CUTS."""
     if shape not in SHAPES:
@@ -116,24 +112,19 @@ def check_cut(shape: str, hb_cut: str) -> None:
 def relative_tap_distance(info: MixerInfo, shape: str = "disc", hb_cut: str = "wrap") -> Tensor:
     """Distance of each tap from the kernel centre relative to half the feature map: (S, S) or (T,).
 
-    HyenaPixel: Euclidean (``disc``) or Chebyshev (``square``) offset over (H/2, W/2). Hyena 1D with
-    ``hb_cut="wrap"``: the same for each offset's :func:`nearest_displacement`; with ``"offset"``:
+    HyenaPixel and the effective kernels of SLaK / RepLKNet (``large_conv``): Euclidean (``disc``) or Chebyshev (``square``) offset over (H/2, W/2). Hyena 1D with
+    ``hb_cut="wrap"``: the same for each offset's nearest 2D displacement (:func:`..inspection.tap_displacements`); with ``"offset"``:
     |offset| / (L/2) with L = H * W (``disc`` only). A tap is kept at relative size r when this is <= r.
     """
     check_cut(shape, hb_cut)
     if info.feature_size is None:
         raise ValueError("layer info lacks feature_size: list the layers with an input_size")
-    filt = info.long_filter
     height, width = info.feature_size
-    offsets = [torch.arange(n) - c for n, c in zip(filt.kernel_size, filt.centre)]
-    if info.kind == HYENAPIXEL_2D:
-        rows, cols = offsets[0][:, None], offsets[1][None, :]
-    elif hb_cut == "wrap":
-        rows, cols = nearest_displacement(offsets[0], width)
-    elif shape == "square":
-        raise HpxError("the offset cut of Hyena 1D layers has no square shape; use the wrap cut or a disc")
-    else:
-        return offsets[0].abs().double() / (height * width / 2)
+    if info.kind == HYENA_1D and hb_cut == "offset":
+        if shape == "square":
+            raise HpxError("the offset cut of Hyena 1D layers has no square shape; use the wrap cut or a disc")
+        return tap_offsets(info)[0].abs().double() / (height * width / 2)
+    rows, cols = tap_displacements(info)
     dy, dx = rows.abs().double() / (height / 2), cols.abs().double() / (width / 2)
     return torch.sqrt(dy ** 2 + dx ** 2) if shape == "disc" else torch.maximum(dy, dx)
 
@@ -235,8 +226,8 @@ class _StagePlan:
                 mask = masks[info.index].to(base.device, base.dtype)
                 overrides.enter_context(info.long_filter.override_kernel(base * mask))
             x = entering
-            for stage in model.stages[self.stage:]:
-                x = stage(x)
+            for step in _stage_steps(model)[1][self.stage:]:
+                x = step(x)
             return model.forward_head(x)
 
 
@@ -251,11 +242,12 @@ def _correct(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
 def _evaluate_batch(model: nn.Module, images: Tensor, labels: Tensor, plans: Sequence[_StagePlan]
                     ) -> Tuple[np.ndarray, np.ndarray]:
     """Correctness (B, 1 + stages * sizes) for top-1 and top-5: column 0 the untruncated model."""
-    x = model.stem(images)
+    stem, steps = _stage_steps(model)
+    x = stem(images)
     entering = []
-    for stage in model.stages:
+    for step in steps:
         entering.append(x)
-        x = stage(x)
+        x = step(x)
     reference = _correct(model.forward_head(x), labels)
     top1, top5 = [reference[0]], [reference[1]]
     for plan in plans:
@@ -265,6 +257,14 @@ def _evaluate_batch(model: nn.Module, images: Tensor, labels: Tensor, plans: Seq
         top1 += [distinct[d][0] for d in plan.column]
         top5 += [distinct[d][1] for d in plan.column]
     return torch.stack(top1, 1).cpu().numpy(), torch.stack(top5, 1).cpu().numpy()
+
+
+def _stage_steps(model: nn.Module) -> Tuple[nn.Module, List[nn.Module]]:
+    """(stem, one module per stage) run in turn: the model's ``stage_steps()`` where it has one (SLaK and RepLKNet
+    downsample between their ``stages``), else ``stem`` and ``stages``."""
+    if hasattr(model, "stage_steps"):
+        return model.stage_steps()
+    return model.stem, list(model.stages)
 
 
 def _swept_layers(model: nn.Module, stages: Optional[Sequence[int]], input_size: Union[int, Sequence[int]]
@@ -340,11 +340,11 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
 
 
 def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str) -> float:
-    """The stage's mean learned coverage where it is a relative size of the cut (HyenaPixel layers;
+    """The stage's mean learned coverage where it is a relative size of the cut (HyenaPixel and large-kernel layers;
     bidirectional Hyena 1D layers under the offset cut), else NaN."""
     if any(info.kind == HYENA_1D and (hb_cut == "wrap" or info.long_filter.causal) for info in plan.layers):
         return float("nan")
-    return coverage.stage_coverage(plan.stage, kinds=(HYENAPIXEL_2D, HYENA_1D))
+    return coverage.stage_coverage(plan.stage, kinds=(HYENAPIXEL_2D, HYENA_1D, LARGE_CONV))
 
 
 def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequence[_StagePlan], sizes: Sequence[float],

@@ -31,6 +31,8 @@ from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, list_models, register_model
 from torch import nn
 
+from .long_filters import LongFilterBase
+
 BN_EPS = 1e-5
 LN_EPS = 1e-6
 LAYOUTS = ("decomposed", "square", "fused")
@@ -61,11 +63,50 @@ def embed_kernel(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, (pad_w, pad_w, pad_h, pad_h))
 
 
+class EffectiveKernelFilter(LongFilterBase):
+    """The long-filter view of a :class:`LargeKernelConv` (``module.effective_filter``), for the analyzers.
+
+    ``kernel()`` is the module's effective kernel (C, K, K) as a true convolution, like HyenaPixel's: the conv2d
+    weight of :meth:`LargeKernelConv.effective_kernel` point-reflected (a cross for SLaK). While a kernel modifier
+    or an override is set the module runs as ONE depthwise convolution with this kernel plus the effective bias,
+    not as its branches (in eval mode, the same function when the kernel is unchanged). It holds no tensors.
+    """
+
+    def __init__(self, module: "LargeKernelConv") -> None:
+        super().__init__()
+        self.channels, self.size = module.channels, module.kernel_size
+        self._effective = module.effective_kernel  # a bound method, so the module is no child of its filter
+
+    @property
+    def kernel_size(self) -> Tuple[int, int]:
+        return (self.size, self.size)
+
+    @property
+    def centre(self) -> Tuple[int, int]:
+        return (self.size // 2, self.size // 2)
+
+    @property
+    def active(self) -> bool:
+        """Whether a modifier or override is set (the module then runs as one convolution)."""
+        return self.kernel_modifier is not None or self._override is not None
+
+    def base_kernel(self) -> torch.Tensor:
+        """The effective kernel (C, K, K), true-convolution orientation."""
+        return self._effective()[0][:, 0].flip(-2, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W): one depthwise conv with ``kernel()`` and the effective bias."""
+        weight = self.kernel().flip(-2, -1)[:, None].to(x.dtype)
+        return F.conv2d(x, weight, self._effective()[1], padding=self.size // 2, groups=self.channels)
+
+
 class LargeKernelConv(nn.Module):
     """Depthwise large-kernel module (C -> C, stride 1, same size) in one of :data:`LAYOUTS`.
 
     kernel_size: K; small_kernel: s of the ``small_conv`` branch (None: no such branch); strip_width: the short side
-    of SLaK's K x s / s x K strips (``decomposed`` only).
+    of SLaK's K x s / s x K strips (``decomposed`` only). ``effective_filter`` (:class:`EffectiveKernelFilter`) is
+    the long-filter view of the module: while its kernel is modified or overridden, the module runs as one
+    convolution with that kernel and its effective bias instead of its branches.
     """
 
     def __init__(self, channels: int, kernel_size: int, small_kernel: Optional[int] = None,
@@ -75,6 +116,7 @@ class LargeKernelConv(nn.Module):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.channels, self.kernel_size, self.small_kernel, self.layout = channels, kernel_size, small_kernel, layout
         self.strip_width = strip_width
+        self.effective_filter = EffectiveKernelFilter(self)
         if layout == "fused":
             self.lkb_reparam = nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels)
             return
@@ -92,7 +134,9 @@ class LargeKernelConv(nn.Module):
         return [getattr(self, name) for name in names[self.layout] if hasattr(self, name)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, H, W)."""
+        """(N, C, H, W) -> (N, C, H, W); one convolution with the effective kernel while it is modified."""
+        if self.effective_filter.active:
+            return self.effective_filter(x)
         if self.layout == "fused":
             return self.lkb_reparam(x)
         return sum(branch(x) for branch in self.branches())
@@ -143,6 +187,11 @@ def large_kernel_modules(model: nn.Module) -> Dict[str, LargeKernelConv]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LargeKernelConv)}
 
 
+def stage_feature_info(widths: Sequence[int]) -> List[Dict[str, Any]]:
+    """timm ``feature_info`` of the stage outputs ``stages.i`` (strides 4, 8, 16, ...), e.g. the ERF output."""
+    return [{"num_chs": width, "reduction": 4 * 2 ** i, "module": f"stages.{i}"} for i, width in enumerate(widths)]
+
+
 class _LargeKernelNet(nn.Module):
     """timm-style classifier interface shared by SLaK and RepLKNet."""
 
@@ -150,8 +199,18 @@ class _LargeKernelNet(nn.Module):
     num_features: int
     head: nn.Linear
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_steps(self) -> Tuple[nn.Module, List[nn.Module]]:
+        """(stem, one step per stage): the stem, then step i maps stage i's input to stage i + 1's, with the
+        downsampling between stages inside it (stage-wise analyzers such as truncation run them in turn)."""
         raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> last stage output (N, C3, h, w): the stem, then every stage step."""
+        stem, steps = self.stage_steps()
+        x = stem(x)
+        for step in steps:
+            x = step(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         raise NotImplementedError
@@ -214,12 +273,14 @@ class SLaK(_LargeKernelNet):
                                     for depth, width, kernel in zip(depths, widths, kernel_sizes))
         self.norm = nn.LayerNorm(widths[-1], eps=LN_EPS)
         self.head = nn.Linear(widths[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = stage_feature_info(widths)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> last stage output (N, C3, H/32, W/32) (floors)."""
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = stage(downsample(x))
-        return x
+    def stage_steps(self) -> Tuple[nn.Module, List[nn.Module]]:
+        """Stem ``downsample_layers.0``; step i > 0 is ``downsample_layers.i`` then ``stages.i`` (the last output
+        is (N, C3, H/32, W/32), floors)."""
+        steps = [self.stages[0]] + [nn.Sequential(downsample, stage)
+                                    for downsample, stage in zip(self.downsample_layers[1:], self.stages[1:])]
+        return self.downsample_layers[0], steps
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Mean over H, W, then the final LayerNorm, then the head: (N, C3, h, w) -> (N, num_classes)."""
@@ -295,18 +356,15 @@ class RepLKNet(_LargeKernelNet):
             for i in range(len(channels) - 1))
         self.norm = nn.BatchNorm2d(channels[-1], eps=BN_EPS)
         self.head = nn.Linear(channels[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = stage_feature_info(channels)
         if fused:
             self.reparameterize()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> last stage output (N, C3, h, w), every stride-2 step rounding up."""
-        for layer in self.stem:
-            x = layer(x)
-        for index, stage in enumerate(self.stages):
-            x = stage(x)
-            if index < len(self.transitions):
-                x = self.transitions[index](x)
-        return x
+    def stage_steps(self) -> Tuple[nn.Module, List[nn.Module]]:
+        """The ``stem`` layers in turn; step i is ``stages.i`` then ``transitions.i`` (none after the last stage;
+        every stride-2 step rounds up)."""
+        steps = [nn.Sequential(stage, transition) for stage, transition in zip(self.stages, self.transitions)]
+        return nn.Sequential(*self.stem), steps + list(self.stages[len(self.transitions):])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Final BN, mean over H, W, then the head: (N, C3, h, w) -> (N, num_classes)."""
@@ -414,5 +472,5 @@ def model_names() -> List[str]:
     return list_models(module=__name__.rsplit(".", 1)[-1])
 
 
-__all__ = ["LargeKernelConv", "SLaK", "RepLKNet", "checkpoint_filter_fn", "large_kernel_modules", "fuse_conv_bn",
+__all__ = ["LargeKernelConv", "EffectiveKernelFilter", "SLaK", "RepLKNet", "checkpoint_filter_fn", "large_kernel_modules", "fuse_conv_bn",
            "embed_kernel", "model_names"]

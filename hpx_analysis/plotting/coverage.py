@@ -6,6 +6,7 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
@@ -14,8 +15,9 @@ from .style import paper_style
 
 
 def plot_coverage(results: Sequence[CoverageResult]) -> plt.Figure:
-    """x: block index through the network; y: relative coverage (mean over channels, 10-90% band);
-    dotted verticals mark stage boundaries (of the first model)."""
+    """x: block index through the network; y: relative coverage (mean over channels, 10-90% band) and, dashed with
+    squares in the model's colour, the energy coverage (mean over channels) of its long-filter layers where the
+    result has one; dotted verticals mark stage boundaries (of the first model)."""
     with paper_style():
         fig, ax = plt.subplots(figsize=(5.5, 3.0), constrained_layout=True)
         for result in results:
@@ -23,6 +25,9 @@ def plot_coverage(results: Sequence[CoverageResult]) -> plt.Figure:
             line, = ax.plot(x, result.arrays["mean"], marker="o", markersize=3, label=result.model_name)
             ax.fill_between(x, result.arrays["p10"], result.arrays["p90"], color=line.get_color(), alpha=0.2,
                             linewidth=0)
+            if "energy_mean" in result.arrays:   # NaN (a gap) for mixers without a long filter
+                ax.plot(x, result.arrays["energy_mean"], marker="s", markersize=3, linestyle="--", linewidth=0.8,
+                        color=line.get_color())
         stages = results[0].arrays["stage"]
         index = results[0].arrays["index"] + 1
         for boundary in np.flatnonzero(np.diff(stages)):
@@ -38,5 +43,11 @@ def plot_coverage(results: Sequence[CoverageResult]) -> plt.Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         handles, labels = ax.get_legend_handles_labels()
         band = Patch(color="0.5", alpha=0.3, label="10-90% of channels")
-        ax.legend(handles + [band], labels + [band.get_label()], loc="upper left", frameon=False)
+        extra = [band]
+        shares = {r.meta["energy_share"] for r in results if "energy_mean" in r.arrays}
+        if shares:
+            share = ", ".join(f"{s:.0%}" for s in sorted(shares))
+            extra.append(Line2D([], [], color="0.4", marker="s", markersize=3, linestyle="--", linewidth=0.8,
+                                label=f"energy coverage (disc holding {share} of |kernel|)"))
+        ax.legend(handles + extra, labels + [h.get_label() for h in extra], loc="upper left", frameon=False)
     return fig
