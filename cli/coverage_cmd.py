@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from typing_extensions import Annotated
 
-from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Models, Out, Seed,
-                      Weights)
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, Device, InputSize, Models, Out, Seed, WeightsPerModel,
+                      weights_per_model)
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 def coverage(
     model: Models,
-    weights: Weights = DEFAULT_WEIGHTS,
+    weights: WeightsPerModel = None,
     threshold: Annotated[float, typer.Option(help="Window value below which a tap counts as switched off.")] = 0.05,
     energy_share: Annotated[float, typer.Option(help="Share of a long kernel's absolute weight that its energy-coverage "
                                                      "disc holds.")] = 0.95,
@@ -41,8 +41,8 @@ def coverage(
     target = resolve_device(device)
     out = Path(out)
     results = []
-    for name in tqdm(model, desc="coverage", unit="model"):
-        result = compute_coverage(load_model(name, weights, seed=seed, device=target), threshold=threshold,
+    for name, source in zip(tqdm(model, desc="coverage", unit="model"), weights_per_model(model, weights)):
+        result = compute_coverage(load_model(name, source, seed=seed, device=target), threshold=threshold,
                                   energy_share=energy_share, input_size=input_size)
         result.save(out / f"coverage_{model_label(name)}")
         results.append(result)
@@ -51,7 +51,7 @@ def coverage(
     summary = {"threshold": threshold, "energy_share": energy_share, "models": [r.meta["model"] for r in results],
                "layers": [row for r in results for row in r.rows()]}
     stem.with_suffix(".json").write_text(json.dumps(to_jsonable(summary), indent=2))
-    written = save_figure(plot_coverage(results), stem, metadata={"threshold": threshold, "energy_share": energy_share, "input_size": input_size,
-                                                                  "models": summary["models"]})
+    written = save_figure(plot_coverage(results), stem, metadata={"threshold": threshold, "energy_share": energy_share,
+                                                                  "input_size": input_size, "models": summary["models"]})
     for path in [table, stem.with_suffix(".json"), *written]:
         typer.echo(str(path))

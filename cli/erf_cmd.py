@@ -23,7 +23,7 @@ def _stem_name(models: List[str]) -> str:
 
 def erf(
     model: options.Models = None,
-    weights: options.Weights = options.DEFAULT_WEIGHTS,
+    weights: options.WeightsPerModel = None,
     images: options.Images = None,
     num_images: options.NumImages = 50,
     input_size: Annotated[Optional[int], typer.Option("--input-size", help="Input resolution in px. replknet: "
@@ -74,8 +74,8 @@ def erf(
     sources = image_sources(images, num_images, seed)
     output = LayerRef.parse(layer) if layer is not None and is_layer_syntax(layer) else layer
     results = []
-    for name in model:
-        net = load_model(name, weights, seed=seed, device=target)
+    for name, source in zip(model, options.weights_per_model(model, weights)):
+        net = load_model(name, source, seed=seed, device=target)
         results.append(effective_receptive_field(net, sources, input_size=input_size, layer=output,
                                                  convention=convention.value, batch_size=batch_size,
                                                  amp=amp.value if amp else None, label=model_label(name),

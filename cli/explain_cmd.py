@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 def explain(
     model: options.Models = None,
-    weights: options.Weights = options.DEFAULT_WEIGHTS,
+    weights: options.WeightsPerModel = None,
     method: Annotated[Optional[List[options.Method]], typer.Option("--method", help="fgvis, saliency, "
                       "integrated-gradients, occlusion or gradcam; repeat to compare several (default fgvis).")
                       ] = None,
@@ -75,8 +75,8 @@ def explain(
                    "weights": weights}
     resume_dir = Path(out) / "runs" if resume else None
     results: List[ExplanationResult] = []
-    for name in models:
-        net = load_model(name, weights, seed=seed, device=target_device)
+    for name, source in zip(models, options.weights_per_model(models, weights)):
+        net = load_model(name, source, seed=seed, device=target_device)
         mean, std = model_mean_std(net)
         transform, _ = eval_transform(net, input_size)
         inputs, names = load_inputs(sources, transform)

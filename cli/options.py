@@ -18,6 +18,10 @@ Models = Annotated[List[str], typer.Option("--model", "-m", help="Model name; re
 Weights = Annotated[str, typer.Option("--weights", "--checkpoint", "-w",
                                       help="'pretrained' (hub or local HF cache), 'random' (seeded), "
                                       "or a checkpoint file (.pth/.bin/.safetensors).")]
+WeightsPerModel = Annotated[Optional[List[str]], typer.Option(
+    "--weights", "--checkpoint", "-w", show_default=False,
+    help="'pretrained' (hub or local HF cache), 'random' (seeded), or a checkpoint file (.pth/.bin/.safetensors); "
+         "one for every model, or repeated once per --model in the same order. Default: pretrained.")]
 InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Input resolution in px (it sets the "
                                                  "feature-map sides F); default: the model's pretrained "
                                                  "resolution.")]
@@ -107,6 +111,17 @@ class Orientation(str, Enum):
 
     kernel = "kernel"
     response = "response"
+
+
+def weights_per_model(models: List[str], weights: Optional[List[str]]) -> List[str]:
+    """The weights source of each model: one given for all (default ``pretrained``), or one per model."""
+    chosen = weights or [DEFAULT_WEIGHTS]
+    if len(chosen) == 1:
+        return chosen * len(models)
+    if len(chosen) != len(models):
+        raise typer.BadParameter(f"give one --weights for all models or one per --model: got {len(chosen)} for "
+                                 f"{len(models)} models", param_hint="'--weights'")
+    return list(chosen)
 
 
 def safe_filename(text: str) -> str:

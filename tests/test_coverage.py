@@ -216,3 +216,23 @@ def test_hyena_kernel_wrapped_onto_the_map_covers_like_the_2d_block(tiny_config)
     np.testing.assert_allclose(values, _smallest_disc_extent(block, 0.95) / max(height, width), rtol=1e-6)
     attention = compute_coverage(load_model(tiny_config("tiny_hpx_a"), "random"), input_size=64)
     assert np.isnan(attention.arrays["energy_mean"][2:]).all() and not np.isnan(attention.arrays["energy_mean"][:2]).any()
+
+
+def test_cli_draws_several_models_each_with_its_own_weights(tiny_config, tiny_weights, tmp_path) -> None:
+    """One --weights per --model, in order (HyenaPixel and Hb files side by side); a count that fits neither
+    rule is a usage error."""
+    from typer.testing import CliRunner
+
+    from hpx_analysis.analyzers.coverage import CoverageResult
+    from hpx_analysis_cli.app import app
+
+    runner = CliRunner()
+    args = ["coverage", "-m", tiny_config("tiny_hpx"), "-m", tiny_config("tiny_hb"), "-w", tiny_weights("tiny_hpx"),
+            "-w", tiny_weights("tiny_hb"), "--input-size", "64", "--out", str(tmp_path)]
+    outcome = runner.invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    for name in ("tiny_hpx", "tiny_hb"):
+        meta = CoverageResult.load(tmp_path / f"coverage_{name}").meta["model"]
+        assert meta["weights_file"].endswith(f"{name}.safetensors") and meta["weights"] == "file"
+    bad = runner.invoke(app, args + ["-w", "random"])
+    assert bad.exit_code == 2 and "one --weights for all models or one per --model: got 3 for 2 models" in bad.output

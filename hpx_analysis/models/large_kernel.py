@@ -31,7 +31,7 @@ from timm.layers import LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, list_models, register_model
 from torch import nn
 
-from .long_filters import LongFilterBase
+from .long_filters import SquareFilter
 
 BN_EPS = 1e-5
 LN_EPS = 1e-6
@@ -63,7 +63,7 @@ def embed_kernel(kernel: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(kernel, (pad_w, pad_w, pad_h, pad_h))
 
 
-class EffectiveKernelFilter(LongFilterBase):
+class EffectiveKernelFilter(SquareFilter):
     """The long-filter view of a :class:`LargeKernelConv` (``module.effective_filter``), for the analyzers.
 
     ``kernel()`` is the module's effective kernel (C, K, K) as a true convolution, like HyenaPixel's: the conv2d
@@ -76,14 +76,6 @@ class EffectiveKernelFilter(LongFilterBase):
         super().__init__()
         self.channels, self.size = module.channels, module.kernel_size
         self._effective = module.effective_kernel  # a bound method, so the module is no child of its filter
-
-    @property
-    def kernel_size(self) -> Tuple[int, int]:
-        return (self.size, self.size)
-
-    @property
-    def centre(self) -> Tuple[int, int]:
-        return (self.size // 2, self.size // 2)
 
     @property
     def active(self) -> bool:

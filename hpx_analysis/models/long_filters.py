@@ -194,7 +194,21 @@ class LongFilterBase(nn.Module):
         raise NotImplementedError
 
 
-class HyenaPixelFilter(LongFilterBase):
+class SquareFilter(LongFilterBase):
+    """A long filter with an odd S x S kernel centred at (S // 2, S // 2); subclasses set ``size`` S."""
+
+    size: int
+
+    @property
+    def kernel_size(self) -> Tuple[int, int]:
+        return (self.size, self.size)
+
+    @property
+    def centre(self) -> Tuple[int, int]:
+        return (self.size // 2, self.size // 2)
+
+
+class HyenaPixelFilter(SquareFilter):
     """2D implicit long filter ``K = f(z) * (exp(-|delta| d) + shift)`` of HyenaPixel.
 
     Stored tensors (reference names): ``z`` (1, E, S, S) positional embedding, ``distance_map``
@@ -235,14 +249,6 @@ class HyenaPixelFilter(LongFilterBase):
     def apply_output_gain(self) -> None:
         """Multiply the last implicit-filter layer by ``output_gain`` (call once, after weight init)."""
         self.implicit_filter[-1].weight.mul_(self.output_gain)
-
-    @property
-    def kernel_size(self) -> Tuple[int, int]:
-        return (self.size, self.size)
-
-    @property
-    def centre(self) -> Tuple[int, int]:
-        return (self.size // 2, self.size // 2)
 
     def window(self) -> Tensor:
         """Window ``exp(-|delta_c| d) + shift_c``: (C, S, S)."""
