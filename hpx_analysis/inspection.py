@@ -6,6 +6,9 @@ feature-map size at a given input resolution. For long filters ``kernel(info)`` 
 actually applied, (C, S, S) or (C, T), and ``window(info)`` HyenaPixel's window. SLaK / RepLKNet large kernels
 (kind ``large_conv``) count as long filters: their kernel is the block's effective single depthwise kernel
 (C, K, K), and while it is modified the block runs as one convolution (``models.large_kernel.EffectiveKernelFilter``).
+Hyena N-D ViTs (kind ``hyena_nd``; ``blocks`` without stages: the whole ViT is stage 0, its attention blocks kind
+``attention``) likewise: the kernel ``k / (2L)`` each block applies, as one true convolution on a centred
+(2L-1) x (2L-1) canvas (a quadrant, or four for ``4dir``; ``models.hyena_nd.HyenaNDCanvasFilter``).
 ``modify_kernels`` applies a function to chosen layers' kernels and restores them afterwards;
 ``cut_short_convs`` keeps only the centre tap of chosen stages' short (5x5) depthwise kernels, likewise.
 
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import HpxError
+from .models.hyena_nd import HyenaNDMixer
 from .models.large_kernel import LargeKernelConv
 from .models.long_filters import HyenaFilter1D, HyenaPixelFilter, LongFilterBase
 from .models.mixers import HyenaMixer, HyenaPixelMixer
@@ -37,8 +41,10 @@ SEPARABLE_LONG_CONV = "separable_long_conv"
 ATTENTION = "attention"
 LOCAL_CONV = "local_conv"
 LARGE_CONV = "large_conv"
+HYENA_ND = "hyena_nd"
 OTHER = "other"
 MIXER_ATTRIBUTES = ("token_mixer", "conv_dw", "conv2", "large_kernel")  # a block's token mixer, first found wins
+VIT_MIXER = "attn"  # the token mixer of a ViT block (``blocks.<i>.attn``; Hyena N-D replaces the attention there)
 
 LAYER_SYNTAX = "S3, S3B2, 3, 3.2, stages.2 or stages.2.blocks.1"
 _PAPER_LABEL = re.compile(r"s(\d+)(?:\s*b(\d+))?", re.IGNORECASE)   # numbered from 1, as in the paper
@@ -128,8 +134,8 @@ class MixerInfo:
     @property
     def long_filter(self) -> Optional[LongFilterBase]:
         """The implicit long filter of a HyenaPixel / Hyena layer, the effective-kernel view of a SLaK / RepLKNet
-        large kernel (``large_conv``), else None."""
-        if isinstance(self.module, LargeKernelConv):
+        large kernel (``large_conv``) or the canvas-kernel view of a Hyena N-D mixer (``hyena_nd``), else None."""
+        if isinstance(self.module, (LargeKernelConv, HyenaNDMixer)):
             return self.module.effective_filter
         if isinstance(self.module, HyenaPixelMixer) and not self.module.use_separable_conv:
             return self.module.long_conv
@@ -140,7 +146,8 @@ class MixerInfo:
     @property
     def filter_path(self) -> Optional[str]:
         """Module path of the long filter (``...long_conv`` / ``...filter_fn`` / ``...effective_filter``), else None."""
-        suffix = {HYENAPIXEL_2D: "long_conv", HYENA_1D: "filter_fn", LARGE_CONV: "effective_filter"}.get(self.kind)
+        suffix = {HYENAPIXEL_2D: "long_conv", HYENA_1D: "filter_fn", LARGE_CONV: "effective_filter",
+                  HYENA_ND: "effective_filter"}.get(self.kind)
         return f"{self.path}.{suffix}" if suffix else None
 
     @property
@@ -158,7 +165,7 @@ class MixerInfo:
         """Module path of the block holding the mixer (``stages.2.blocks.1``); the mixer itself when it is
         the whole block (VGG's convolutions)."""
         parent, _, last = self.path.rpartition(".")
-        return parent if last in MIXER_ATTRIBUTES else self.path
+        return parent if last in MIXER_ATTRIBUTES or last == VIT_MIXER else self.path
 
 
 def _classify(module: nn.Module) -> Tuple[str, Optional[Tuple[int, ...]]]:
@@ -170,6 +177,8 @@ def _classify(module: nn.Module) -> Tuple[str, Optional[Tuple[int, ...]]]:
         return (SEPARABLE_LONG_CONV if module.use_separable_conv else HYENAPIXEL_2D), (size, size)
     if isinstance(module, HyenaMixer):
         return HYENA_1D, (module.filter_fn.num_taps,)
+    if isinstance(module, HyenaNDMixer):
+        return HYENA_ND, module.effective_filter.kernel_size
     if hasattr(module, "qkv") or isinstance(module, nn.MultiheadAttention):
         return ATTENTION, None
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
@@ -179,8 +188,9 @@ def _classify(module: nn.Module) -> Tuple[str, Optional[Tuple[int, ...]]]:
 
 
 def _block_mixers(model: nn.Module) -> Iterator[Tuple[int, int, str, nn.Module]]:
-    """(stage, block, path, mixer) for MetaFormer/ConvNeXt-style ``stages``, ResNet ``layerN``, VGG ``features``.
-    Blocks without a mixer (RepLKNet's ConvFFN) are skipped; block numbers stay the module indices."""
+    """(stage, block, path, mixer) for MetaFormer/ConvNeXt-style ``stages``, ResNet ``layerN``, VGG ``features``,
+    ViT ``blocks`` (all in stage 0, mixer ``attn``). Blocks without a mixer (RepLKNet's ConvFFN) are skipped; block
+    numbers stay the module indices."""
     if hasattr(model, "stages"):
         for s, stage in enumerate(model.stages):
             blocks = getattr(stage, "blocks", stage)
@@ -190,6 +200,10 @@ def _block_mixers(model: nn.Module) -> Iterator[Tuple[int, int, str, nn.Module]]
                     if hasattr(block, attr):
                         yield s, b, f"{prefix}.{b}.{attr}", getattr(block, attr)
                         break
+    elif hasattr(model, "blocks"):
+        for b, block in enumerate(model.blocks):
+            if hasattr(block, VIT_MIXER):
+                yield 0, b, f"blocks.{b}.{VIT_MIXER}", getattr(block, VIT_MIXER)
     elif hasattr(model, "layer1"):
         for s in range(4):
             for b, block in enumerate(getattr(model, f"layer{s + 1}", [])):
@@ -257,7 +271,7 @@ def list_mixers(model: nn.Module, input_size: Union[int, Sequence[int], None] = 
 
 
 def long_filter_layers(model: nn.Module, input_size: Union[int, Sequence[int], None] = None) -> List[MixerInfo]:
-    """Only the layers with a long filter (HyenaPixel 2D, Hyena 1D, SLaK / RepLKNet ``large_conv``)."""
+    """Only the layers with a long filter (HyenaPixel 2D, Hyena 1D, SLaK / RepLKNet ``large_conv``, ``hyena_nd``)."""
     return [info for info in list_mixers(model, input_size) if info.long_filter is not None]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,6 +15,10 @@ from typer.testing import CliRunner
 
 import hpx_analysis  # noqa: F401  (registers the models with timm)
 from hpx_analysis.errors import HpxError
+from hpx_analysis.analyzers.coverage import compute_coverage
+from hpx_analysis.analyzers.kernels import compute_kernels
+from hpx_analysis.analyzers.truncation import truncate_kernels
+from hpx_analysis.inspection import HYENA_ND, LayerRef, kernel, list_mixers, modify_kernels, select_mixers
 from hpx_analysis.models import HyenaNDMixer, hyena_nd
 from hpx_analysis.models.hyena_nd import causal_conv2d
 from hpx_analysis.models.zoo import load_model
@@ -249,3 +254,190 @@ def test_deit_tiny_checkpoint_loads_through_the_cli(tmp_path):
     image = torch.randn(1, 3, 224, 224)
     torch.testing.assert_close(loaded(image), trained(image), atol=1e-5, rtol=0)
     assert loaded.head.weight.shape == (40, 192)
+
+
+# -- the long-filter view for the analyzers (kind ``hyena_nd``) ------------------------------------------------------
+
+def _hyena_layers(model):
+    return [info for info in list_mixers(model, model.hyena_options["img_size"]) if info.kind == HYENA_ND]
+
+
+def _real_path_response(mixer: HyenaNDMixer) -> torch.Tensor:
+    """(C, L, L, L, L) the block's long convolution (no skip) through its directional causal path, as a linear map."""
+    channels, length = mixer.kernel().shape[:2]
+    basis = torch.eye(length * length).reshape(-1, 1, length, length).expand(-1, channels, -1, -1)
+    if mixer.direction == "4dir":
+        weights = mixer.linear_mix.weight[0]
+        response = sum(w * (mixer.convolve(basis.flip(axes)).flip(axes) if axes else mixer.convolve(basis))
+                       for w, axes in zip(weights, hyena_nd.FOUR_FLIPS))
+    else:
+        response = mixer.convolve(basis)
+    return response.permute(1, 2, 3, 0).reshape(channels, length, length, length, length)
+
+
+def _laid_out(canvas: torch.Tensor) -> torch.Tensor:
+    """(C, 2L-1, 2L-1) true-convolution kernel -> (C, L, L, L, L) map ``[c, i, j, a, b] = K[c, L-1+i-a, L-1+j-b]``."""
+    length = (canvas.shape[-1] + 1) // 2
+    offsets = length - 1 + torch.arange(length)[:, None] - torch.arange(length)[None, :]  # (i, a) -> L-1+i-a
+    return canvas[:, offsets[:, None, :, None], offsets[None, :, None, :]]
+
+
+def test_vit_blocks_are_stage_0_with_hyena_nd_and_attention_kinds(golden):
+    _, config, model, _ = golden
+    infos = list_mixers(model, config["img_size"])
+    kinds = [HYENA_ND if kind.startswith("hyena_nd") else kind for kind in config["block_kinds"]]
+    assert [(i.stage, i.block, i.kind) for i in infos] == [(0, b, kind) for b, kind in enumerate(kinds)]
+    length = config["img_size"] // config["patch_size"]
+    for info in _hyena_layers(model):
+        assert info.feature_size == (length, length) and info.kernel_size == (2 * length - 1,) * 2
+        assert info.block_path == f"blocks.{info.block}"
+        assert info.filter_path == f"blocks.{info.block}.attn.effective_filter"
+        assert kernel(info).shape == (config["embed_dim"], 2 * length - 1, 2 * length - 1)
+    assert [i.path for i in select_mixers(infos, [LayerRef.parse("S1 B3")])] == ["blocks.2.attn"]
+
+
+@torch.no_grad()
+def test_identity_modifier_runs_the_canvas_kernel_with_unchanged_logits(golden):
+    _, _, model, data = golden
+    with modify_kernels(model, lambda k, info: k) as modified:
+        assert modified and all(info.long_filter.active for info in modified)
+        logits = model(data["input"])
+    assert not any(info.long_filter.active for info in modified)
+    torch.testing.assert_close(logits, data["logits"], atol=1e-4, rtol=0)
+    first = modified[0]
+    with first.long_filter.override_kernel(kernel(first).clone()):
+        torch.testing.assert_close(model(data["input"]), data["logits"], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_canvas_kernel_laid_out_is_the_impulse_response_of_the_real_path(golden):
+    _, _, model, data = golden
+    for info in _hyena_layers(model):
+        mixer, canvas = info.module, kernel(info)
+        length = mixer.length
+        laid_out = _laid_out(canvas)
+        torch.testing.assert_close(laid_out, _real_path_response(mixer), atol=1e-5, rtol=0)
+        golden_impulse = data.get(f"impulse.{info.path}")
+        if golden_impulse is not None and mixer.direction != "4dir":
+            torch.testing.assert_close(laid_out, golden_impulse, atol=1e-4, rtol=0)
+        outside = torch.ones_like(canvas, dtype=torch.bool)  # 4dir: the four quadrants cover the canvas
+        if mixer.direction == "standard":
+            outside[:, length - 1:, length - 1:] = False
+        elif mixer.direction == "seq":
+            outside[:, :length, :length] = False
+        else:
+            outside[:] = False
+        assert not canvas[outside].any()
+
+
+@torch.no_grad()
+def test_centre_tap_only_leaves_the_skip_plus_centre_gain(golden):
+    _, config, model, _ = golden
+    info = _hyena_layers(model)[0]
+    mixer, length, dim = info.module, info.module.length, config["embed_dim"]
+    tokens = torch.randn(2, length * length, dim)
+    weights = mixer.linear_mix.weight[0] if mixer.linear_mix is not None else torch.ones(1)
+    gain = weights.sum() * (mixer.kernel()[:, 0, 0] / (2 * length) + mixer.filter_fn.bias)  # (D,)
+    u = mixer.in_proj(tokens).transpose(1, 2).reshape(2, 3 * dim, length, length)
+    x0, x1, v = mixer.short_filter(u).split(dim, dim=1)
+    gated = (gain[:, None, None] * v * x1 * x0).flatten(2).transpose(1, 2)
+    if mixer.linear_mix is not None:
+        gated = gated + mixer.linear_mix.bias
+    expected = mixer.out_proj(gated)
+
+    def centre_only(k: torch.Tensor, _info) -> torch.Tensor:
+        kept = torch.zeros_like(k)
+        kept[:, length - 1, length - 1] = k[:, length - 1, length - 1]
+        return kept
+
+    with modify_kernels(model, centre_only, [info.ref]):
+        torch.testing.assert_close(mixer(tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_kernel_panels_are_zero_outside_the_blocks_quadrant(golden):
+    _, config, model, _ = golden
+    length = config["img_size"] // config["patch_size"]
+    result = compute_kernels(model, reduction="mean", normalisation="none")
+    hyena_blocks = [info.block for info in _hyena_layers(model)]
+    assert [layer["block"] for layer in result.layers] == hyena_blocks
+    for i, block in enumerate(hyena_blocks):
+        panel, direction = result.panels(i)[0], model.blocks[block].attn.direction
+        assert panel.shape == (2 * length - 1, 2 * length - 1) and not result.outside(i).any()
+        kept = {"standard": (slice(length - 1, None),) * 2, "seq": (slice(None, length),) * 2}.get(direction)
+        if kept is not None:
+            assert (panel[kept] != 0).any()
+            panel = panel.copy()
+            panel[kept] = 0
+            assert not panel.any()
+
+
+@torch.no_grad()
+def test_energy_coverage_of_single_tap_kernels(golden):
+    _, config, model, _ = golden
+    length = config["img_size"] // config["patch_size"]
+    kinds = [HYENA_ND if kind.startswith("hyena_nd") else kind for kind in config["block_kinds"]]
+    result = compute_coverage(model)
+    assert [layer["kind"] for layer in result.layers] == kinds
+    hyena = [j for j, kind in enumerate(kinds) if kind == HYENA_ND]
+    assert np.isfinite(result.arrays["mean"][hyena]).all() and np.isfinite(result.arrays["energy_mean"][hyena]).all()
+    for tap, extent in (((0, 0), 1.0), ((length - 1, length - 1), 2 * length - 1.0), ((0, 3), 7.0)):
+        def single_tap(k: torch.Tensor, _info) -> torch.Tensor:
+            kept = torch.zeros_like(k)
+            kept[:, length - 1 + tap[0], length - 1 + tap[1]] = 1.0
+            return kept
+
+        with modify_kernels(model, single_tap):
+            modified = compute_coverage(model)
+        for j in hyena:
+            np.testing.assert_allclose(modified.arrays[f"energy_channels_{j}"], extent / length)
+
+
+@torch.no_grad()
+def test_truncation_keeps_every_tap_or_only_the_centre(golden):
+    _, config, model, data = golden
+    length = config["img_size"] // config["patch_size"]
+
+    def centre_only(k: torch.Tensor, _info) -> torch.Tensor:
+        kept = torch.zeros_like(k)
+        kept[:, length - 1, length - 1] = k[:, length - 1, length - 1]
+        return kept
+
+    with truncate_kernels(model, [0], (length - 1) / (length / 2), shape="square") as chosen:
+        assert [info.kind for info in chosen] == [HYENA_ND] * len(_hyena_layers(model))
+        torch.testing.assert_close(model(data["input"]), data["logits"], atol=1e-4, rtol=0)
+    with modify_kernels(model, centre_only):
+        expected = model(data["input"])
+    with truncate_kernels(model, [0], 0.5 / (length / 2)):  # adjacent taps lie at 1 / (L/2)
+        torch.testing.assert_close(model(data["input"]), expected, atol=1e-6, rtol=0)
+    assert (expected - data["logits"]).abs().max() > 1e-3  # the cut changes the model
+
+
+def _axis_windows_by_hand(mixer: HyenaNDMixer) -> list:
+    """[(deltas (D,), shift (D,))] of the row and column windows, read from the parameters."""
+    filt = mixer.filter_fn
+    if isinstance(filt, hyena_nd.HyenaNDFilter):
+        shift = filt.modulation.offset() * torch.ones(filt.bias.numel())
+        return [(getattr(filt.modulation, name).flatten(), shift) for name in ("Xdeltas", "Ydeltas")]
+    return [(window.deltas.flatten(), window.offset() * torch.ones(filt.bias.numel()))
+            for window in (filt.Xmodulation, filt.Ymodulation)]
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3])
+@torch.no_grad()
+def test_window_coverage_is_one_sided_per_axis(golden, threshold):
+    _, config, model, _ = golden
+    length = config["img_size"] // config["patch_size"]
+    result = compute_coverage(model, threshold=threshold)
+    t = torch.linspace(0, 1, length)[:, None]
+    for j, info in enumerate(list_mixers(model, config["img_size"])):
+        if info.kind != HYENA_ND:
+            continue
+        mixer, extents = info.module, []
+        for deltas, shift in _axis_windows_by_hand(mixer):  # along an axis the window peaks at the other axis' 0
+            kept = torch.exp(-t * deltas.abs()) + shift >= threshold  # (L, D)
+            reach = torch.where(kept, torch.arange(length)[:, None], -1).amax(0)
+            extents.append(2 * reach + 1 if mixer.direction == "4dir" else reach + 1)
+        expected = (torch.maximum(*extents).clamp_min(0) / length).numpy()
+        assert len(np.unique(expected)) > 1
+        np.testing.assert_allclose(result.arrays[f"channels_{j}"], expected, rtol=1e-6)

@@ -23,14 +23,22 @@ as a k x k convolution spans k pixels, so a window kept on 7 taps across at F = 
   r = (2 * reach + 1) / L, about twice its coverage.
 - Attention: 2 (global). Local and separable long convolutions, and the large kernels of SLaK / RepLKNet
   (``large_conv``): k / F (no window, fixed size).
+- Hyena N-D (``hyena_nd``, F = L tokens per side): the window (``exp(-t_i |dx|) exp(-t_j |dy|) + shift``, or the
+  product form's two 1D windows) laid on the block's quadrants of the centred (2L-1) x (2L-1) canvas, like its
+  kernel. Per axis, the 1D rule: taps from the first to the last row (column) holding a tap with
+  ``w >= threshold``, over L, so one-sided: reach + 1 for a quarter-plane (causal or anti-causal) block,
+  2 * reach + 1 for ``4dir``; the layer's coverage is the larger of the two axes. A full causal window gives 1,
+  a full ``4dir`` one (2L-1) / L, about 2.
 Other mixers (pooling, identity) are skipped.
 
-Energy coverage, beside the window coverage for every long-filter layer (HyenaPixel 2D, Hyena 1D, ``large_conv``):
+Energy coverage, beside the window coverage for every long-filter layer (HyenaPixel 2D, Hyena 1D, ``large_conv``,
+``hyena_nd``):
 per channel, the extent 2 * radius + 1 (taps) of the smallest centred disc holding a share (default 0.95) of the
 kernel's absolute weight, over F, radius being a tap distance in pixels; capped at the kernel extent S for 2D
 kernels (as the window extent), 0 for an all-zero kernel. 2D kernels (HyenaPixel, the effective kernel of a large
-convolution) use the Euclidean tap distance from the kernel centre; a Hyena 1D kernel is wrapped onto the 2D map,
-each offset d at its nearest 2D displacement (``inspection.nearest_displacement``, the wrap cut), so all kinds
+convolution, Hyena N-D's kernel on its centred (2L-1) x (2L-1) canvas, F = L) use the Euclidean tap distance from
+the kernel centre, so a quarter-plane kernel of reach r counts as a centred one of reach r; a Hyena 1D kernel is
+wrapped onto the 2D map, each offset d at its nearest 2D displacement (``inspection.nearest_displacement``, the wrap cut), so all kinds
 share one axis (1D extents are not capped).
 """
 
@@ -44,8 +52,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HpxError
-from ..inspection import (ATTENTION, HYENA_1D, HYENAPIXEL_2D, LARGE_CONV, LOCAL_CONV, SEPARABLE_LONG_CONV, MixerInfo,
-                          kernel, list_mixers, tap_displacements, window, window_parameters)
+from ..inspection import (ATTENTION, HYENA_1D, HYENA_ND, HYENAPIXEL_2D, LARGE_CONV, LOCAL_CONV, SEPARABLE_LONG_CONV,
+                          MixerInfo, kernel, list_mixers, tap_displacements, window, window_parameters)
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata, write_rows_csv
 
@@ -118,6 +126,10 @@ def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:
         return coverage.cpu().numpy()
     if info.kind == ATTENTION:
         return np.array([ATTENTION_COVERAGE])
+    if info.kind == HYENA_ND:  # per axis, one-sided on the block's quadrants (module docstring)
+        windows = info.module.canvas_window().detach().float()  # (C, 2L-1, 2L-1)
+        per_axis = [window_coverage_1d(windows.amax(dim), side, threshold) for dim in (-1, -2)]
+        return torch.maximum(*per_axis).cpu().numpy()
     if info.kind in (LOCAL_CONV, SEPARABLE_LONG_CONV, LARGE_CONV):
         return np.array([max(info.kernel_size) / side])
     return None

@@ -2,7 +2,10 @@
 
 HyenaPixel (2D) layers give one (S, S) panel per layer: the kernel reduced over channels and
 normalised; SLaK / RepLKNet large kernels (``large_conv``) likewise, their effective single depthwise kernel
-(K, K) (BN-fused sum of the branches; a cross for SLaK), read as a true convolution like HyenaPixel's. Hyena (1D) layers run on the row-major flattened feature map, so their 2L-1 taps are
+(K, K) (BN-fused sum of the branches; a cross for SLaK), read as a true convolution like HyenaPixel's. Hyena N-D
+layers (``hyena_nd``) likewise, their kernel ``k / (2L)`` on a centred (2L-1) x (2L-1) canvas: one quadrant for
+causal (offsets >= 0) and anti-causal blocks, the four flips mixed by ``linear_mix`` for ``4dir``.
+Hyena (1D) layers run on the row-major flattened feature map, so their 2L-1 taps are
 laid out on rows of width F around one evaluation pixel p; taps whose input pixel lies outside the
 image for that p are flagged (``outside``): the layer does not use them at p.
 

@@ -17,6 +17,10 @@ The computation and the state-dict layout follow the authors' official training 
   ``exp(-t_i |dx_c|) exp(-t_j |dy_c|) + shift_c``; product form, ``hx[i, c] * hy[j, c]`` of two 1D sine
   MLPs each times its own window ``exp(-t |d_c|) + shift_c``. The sine modules of a filter are one module.
 
+For the analyzers, ``mixer.effective_filter`` (:class:`HyenaNDCanvasFilter`) is the long-filter view of a block:
+the kernel it applies as one true convolution on a centred (2L-1) x (2L-1) canvas; while that kernel is modified or
+overridden the block convolves with it instead of its directional causal path.
+
 The model runs only at its build resolution, like the reference.
 """
 
@@ -34,6 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import HpxError
+from .long_filters import SquareFilter, fft_conv_same
 
 FILTER_FORMS = ("nd", "product")
 DIRECTIONS = ("standard", "seq", "4dir")
@@ -125,16 +130,19 @@ class HyenaNDFilter(_ImplicitFilter):
         self.modulation = (None if window == "no" else
                            Window(channels, ("Xdeltas", "Ydeltas"), window == "learn", sqrt_decay))
 
+    def window(self) -> torch.Tensor:
+        """(D, L, L) ``exp(-t_i |dx_c|) exp(-t_j |dy_c|) + shift_c``; ones without a window."""
+        if self.modulation is None:
+            return self.bias.new_ones(self.bias.numel(), self.length, self.length)
+        t = self.pos_emb.t
+        rows, cols = self.modulation.decay(t, "Xdeltas")[0], self.modulation.decay(t, "Ydeltas")[0]  # (L, D)
+        return (rows[:, None] * cols[None, :] + self.modulation.offset()).permute(2, 0, 1)
+
     def kernel(self) -> torch.Tensor:
         """(D, L, L) the filter network's output times the window, before the 1/(2L) scale."""
         z, length = self.pos_emb.z[0], self.length
         grid = torch.cat([z[:, None].expand(length, length, -1), z[None, :].expand(length, length, -1)], dim=-1)
-        k = self.implicit_filter(grid)  # (L, L, D)
-        if self.modulation is not None:
-            t = self.pos_emb.t
-            rows, cols = self.modulation.decay(t, "Xdeltas")[0], self.modulation.decay(t, "Ydeltas")[0]  # (L, D)
-            k = k * (rows[:, None] * cols[None, :] + self.modulation.offset())
-        return k.permute(2, 0, 1)
+        return self.implicit_filter(grid).permute(2, 0, 1) * self.window()
 
 
 class HyenaProductFilter(_ImplicitFilter):
@@ -150,15 +158,21 @@ class HyenaProductFilter(_ImplicitFilter):
             Window(channels, ("deltas",), window == "learn", sqrt_decay) for _ in range(2))
         self.Xmodulation, self.Ymodulation = windows
 
+    def _axis_windows(self) -> List[torch.Tensor]:
+        """[(L, D), (L, D)] the row and column windows ``exp(-t |d_c|) + shift_c``; ones without a window."""
+        ones = self.bias.new_ones(self.length, self.bias.numel())
+        return [ones if window is None else (window.decay(self.pos_emb.t, "deltas") + window.offset())[0]
+                for window in (self.Xmodulation, self.Ymodulation)]
+
+    def window(self) -> torch.Tensor:
+        """(D, L, L) the product of the row and column windows."""
+        rows, cols = self._axis_windows()
+        return (rows[:, None] * cols[None, :]).permute(2, 0, 1)
+
     def kernel(self) -> torch.Tensor:
         """(D, L, L) ``hx[i, c] * hy[j, c]``, before the 1/(2L) scale."""
-        factors = []
-        for mlp, window in ((self.Ximplicit_filter, self.Xmodulation), (self.Yimplicit_filter, self.Ymodulation)):
-            h = mlp(self.pos_emb.z)  # (1, L, D)
-            if window is not None:
-                h = h * (window.decay(self.pos_emb.t, "deltas") + window.offset())
-            factors.append(h[0])
-        hx, hy = factors
+        hx, hy = (mlp(self.pos_emb.z)[0] * window for mlp, window in
+                  zip((self.Ximplicit_filter, self.Yimplicit_filter), self._axis_windows()))
         return (hx[:, None] * hy[None, :]).permute(2, 0, 1)
 
 
@@ -171,6 +185,37 @@ def causal_conv2d(v: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     size = (2 * height, 2 * width)
     spectrum = torch.fft.rfft2(v.float(), s=size) * torch.fft.rfft2(kernel.float(), s=size)
     return torch.fft.irfft2(spectrum, s=size)[..., :height, :width].to(v.dtype)
+
+
+class HyenaNDCanvasFilter(SquareFilter):
+    """The long-filter view of a :class:`HyenaNDMixer` (``mixer.effective_filter``), for the analyzers.
+
+    ``kernel()`` (D, 2L-1, 2L-1) is the kernel the block applies as a true convolution centred at (L-1, L-1),
+    like HyenaPixel's: ``k / (2L)`` on the quadrant of non-negative offsets (``standard``), of non-positive
+    offsets (``seq``), or for ``4dir`` the four flipped quadrants weighted by ``linear_mix`` (the centre tap
+    holds all four). While a kernel modifier or an override is set, the mixer convolves ``v`` with this kernel
+    (zero padding) plus the skip ``skip_gain * v`` instead of its directional causal path: the same function
+    while the kernel is unchanged. It holds no tensors.
+    """
+
+    def __init__(self, mixer: "HyenaNDMixer") -> None:
+        super().__init__()
+        self.channels, self.size = mixer.out_proj.in_features, 2 * mixer.length - 1
+        self._canvas = mixer.canvas_kernel  # a bound method, so the mixer is no child of its filter
+        self._skip = mixer.skip_gain
+
+    @property
+    def active(self) -> bool:
+        """Whether a modifier or override is set (the mixer then runs with ``kernel()``)."""
+        return self.kernel_modifier is not None or self._override is not None
+
+    def base_kernel(self) -> torch.Tensor:
+        """(D, 2L-1, 2L-1) the applied kernel on its centred canvas, true-convolution orientation."""
+        return self._canvas()
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, D, L, L) -> (B, D, L, L): ``v`` convolved with ``kernel()`` (centred, zero padding) plus the skip."""
+        return fft_conv_same(v, self.kernel(), self.centre) + v * self._skip()[:, None, None].to(v.dtype)
 
 
 class HyenaNDMixer(nn.Module):
@@ -186,10 +231,40 @@ class HyenaNDMixer(nn.Module):
         filter_cls = HyenaNDFilter if filter_form == "nd" else HyenaProductFilter
         self.filter_fn = filter_cls(dim, length, filter_width, window, sqrt_decay)
         self.linear_mix = nn.Linear(4, 1) if direction == "4dir" else None
+        self.effective_filter = HyenaNDCanvasFilter(self)
 
     def kernel(self) -> torch.Tensor:
         """(D, L, L) the raw filter ``k`` (network times window); the layer applies ``k / (2L)``."""
         return self.filter_fn.kernel()
+
+    def _direction_weights(self) -> List[Tuple[Tuple[int, ...], torch.Tensor | float]]:
+        """(flipped axes, weight) of each causal convolution the block sums: one for standard/seq, four for 4dir."""
+        if self.linear_mix is not None:
+            return list(zip(FOUR_FLIPS, self.linear_mix.weight[0]))
+        return [((-2, -1), 1.0)] if self.direction == "seq" else [((), 1.0)]
+
+    def _on_canvas(self, quadrant: torch.Tensor, fill: float = 0.0) -> List[torch.Tensor]:
+        """(D, L, L) values at the causal offsets -> one (D, 2L-1, 2L-1) canvas per summed direction (centre
+        (L-1, L-1), flipped like that direction's convolution), ``fill`` elsewhere."""
+        pad = self.length - 1
+        causal = nn.functional.pad(quadrant, (pad, 0, pad, 0), value=fill)
+        return [causal.flip(axes) if axes else causal for axes, _ in self._direction_weights()]
+
+    def canvas_kernel(self) -> torch.Tensor:
+        """(D, 2L-1, 2L-1) the applied kernel as one true convolution centred at (L-1, L-1) (see
+        :class:`HyenaNDCanvasFilter`): the causal quadrant ``k / (2L)``, flipped per direction and weighted."""
+        canvases = self._on_canvas(self.kernel() / (2 * self.length))
+        return sum(weight * canvas for canvas, (_, weight) in zip(canvases, self._direction_weights()))
+
+    def canvas_window(self) -> torch.Tensor:
+        """(D, 2L-1, 2L-1) the filter's window laid out like :meth:`canvas_kernel` (the largest value where
+        directions overlap), -inf at offsets the block does not use."""
+        return torch.stack(self._on_canvas(self.filter_fn.window(), fill=-math.inf)).amax(0)
+
+    def skip_gain(self) -> torch.Tensor:
+        """(D,) the block's total skip gain on ``v``: ``filter_fn.bias``, times the summed ``linear_mix`` weights
+        for 4dir."""
+        return sum(weight * self.filter_fn.bias for _, weight in self._direction_weights())
 
     def convolve(self, v: torch.Tensor, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The long convolution alone (no skip) in the block's base direction: v (B, D, L, L) -> (B, D, L, L).
@@ -212,10 +287,14 @@ class HyenaNDMixer(nn.Module):
         u = self.in_proj(x).transpose(1, 2).reshape(batch, 3 * dim, length, length)
         x0, x1, v = self.short_filter(u).split(dim, dim=1)
         v = v * x1
-        kernel = self.kernel()
-        if self.linear_mix is None:
-            y = (self._long(v, kernel) * x0).flatten(2).transpose(1, 2)
+        if self.effective_filter.active:  # one centred convolution with the (modified) canvas kernel
+            y = (self.effective_filter(v) * x0).flatten(2).transpose(1, 2)
+            if self.linear_mix is not None:
+                y = y + self.linear_mix.bias
+        elif self.linear_mix is None:
+            y = (self._long(v, self.kernel()) * x0).flatten(2).transpose(1, 2)
         else:
+            kernel = self.kernel()
             flipped = [self._long(v.flip(axes), kernel).flip(axes) if axes else self._long(v, kernel)
                        for axes in FOUR_FLIPS]
             stacked = torch.stack([(f * x0).flatten(2).transpose(1, 2) for f in flipped], dim=-1)
