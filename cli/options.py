@@ -45,72 +45,22 @@ DEFAULT_SEED = 0
 DEFAULT_RESUME = True
 
 
-class Convention(str, Enum):
-    """ERF conventions (hpx_analysis.analyzers.erf.CONVENTIONS)."""
-
-    replknet = "replknet"
-    kim2023 = "kim2023"
+def choices(name: str, *values: str) -> type:
+    """A str Enum for a Typer option whose members are ``values`` (attribute names with ``-`` as ``_``)."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
 
 
-class Amp(str, Enum):
-    """Autocast dtypes (hpx_analysis.analyzers.erf.AMP_DTYPES)."""
-
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Method(str, Enum):
-    """Explanation methods (hpx_analysis.analyzers.attribution.METHODS)."""
-
-    fgvis = "fgvis"
-    saliency = "saliency"
-    integrated_gradients = "integrated-gradients"
-    occlusion = "occlusion"
-    gradcam = "gradcam"
-
-
-class Reference(str, Enum):
-    """Deleted / baseline images (hpx_analysis.analyzers.methods.REFERENCES)."""
-
-    black = "black"
-    blur = "blur"
-    mean = "mean"
-
-
-class BoundActivations(str, Enum):
-    """FGVis bound rules (hpx_analysis.analyzers.fgvis.BOUND_ACTIVATIONS)."""
-
-    relu = "relu"
-    all = "all"
-
-
-class Shape(str, Enum):
-    """Truncation shapes (hpx_analysis.analyzers.truncation.SHAPES)."""
-
-    disc = "disc"
-    square = "square"
-
-
-class HbCut(str, Enum):
-    """Cuts of Hyena 1D layers (hpx_analysis.analyzers.truncation.HB_CUTS)."""
-
-    wrap = "wrap"
-    offset = "offset"
-
-
-class Normalisation(str, Enum):
-    """Kernel panel normalisations (hpx_analysis.analyzers.kernels.NORMALISATIONS)."""
-
-    maxabs = "maxabs"
-    minmax = "minmax"
-    none = "none"
-
-
-class Orientation(str, Enum):
-    """Kernel panel layouts, the same for 2D and 1D layers (hpx_analysis.analyzers.kernels.ORIENTATIONS)."""
-
-    kernel = "kernel"
-    response = "response"
+# The choices of every command; each equals a library constant (checked by a test), spelled out here because
+# importing the library would import torch for ``--help``.
+Convention = choices("Convention", "replknet", "kim2023")                    # analyzers.erf.CONVENTIONS
+Amp = choices("Amp", "bf16", "fp16")                                         # analyzers.erf.AMP_DTYPES
+Method = choices("Method", "fgvis", "saliency", "integrated-gradients", "occlusion", "gradcam")  # attribution.METHODS
+Reference = choices("Reference", "black", "blur", "mean")                    # analyzers.methods.REFERENCES
+BoundActivations = choices("BoundActivations", "relu", "all")                # analyzers.fgvis.BOUND_ACTIVATIONS
+Shape = choices("Shape", "disc", "square")                                   # analyzers.truncation.SHAPES
+HbCut = choices("HbCut", "wrap", "offset")                                   # analyzers.truncation.HB_CUTS
+Normalisation = choices("Normalisation", "maxabs", "minmax", "none")         # analyzers.kernels.NORMALISATIONS
+Orientation = choices("Orientation", "kernel", "response")                   # analyzers.kernels.ORIENTATIONS
 
 
 def weights_per_model(models: List[str], weights: Optional[List[str]]) -> List[str]:
