@@ -441,3 +441,27 @@ def test_window_coverage_is_one_sided_per_axis(golden, threshold):
         expected = (torch.maximum(*extents).clamp_min(0) / length).numpy()
         assert len(np.unique(expected)) > 1
         np.testing.assert_allclose(result.arrays[f"channels_{j}"], expected, rtol=1e-6)
+
+
+def test_erf_runs_at_the_build_size_and_sees_only_the_causal_quadrant():
+    """A ViT runs only at its build size, so the replknet ERF uses it (not 1024 px) and says why. One causal
+    (``standard``) block: its long convolution reaches only tokens above and left of the output, and the 3x3
+    short filter before it one token further, so the centre token (4, 4) of the 8 x 8 grid sees tokens up to row
+    and column 5 (pixels < 48) and nothing beyond; the patches further out lie in the ERF of a 3-block model."""
+    from hpx_analysis.analyzers.erf import effective_receptive_field
+    from hpx_analysis.images import sample_images
+
+    def erf_of(depth: int):
+        torch.manual_seed(0)
+        model = timm.create_model("hyena_deit_tiny_patch16_224", img_size=64, patch_size=8, directions="standard",
+                                  **{**TINY_DIMS, "depth": depth}).eval()
+        return effective_receptive_field(model, sample_images(2), progress=False)
+
+    one = erf_of(1)
+    erf = one.arrays["maps"][0]
+    assert erf.shape == (64, 64) and one.meta["models"][0]["layer"] == "blocks.0"
+    assert "runs only at its build size" in one.meta["options"]["transform"]
+    assert erf[40:48, 40:48].sum() > 0 and erf[:8, :8].sum() > 0
+    outside = max(erf[48:, :].max(), erf[:, 48:].max())
+    assert outside < 1e-6 * erf.max()  # FFT round-off only (1e-11 of the maximum here)
+    assert erf_of(3).arrays["maps"][0][56:, 56:].sum() > 0

@@ -56,6 +56,7 @@ from ..engine import Batch, ImageDataset, RunStore, SumOutput, inputs_digest, ru
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform, model_mean_std
 from ..inspection import LAYER_SYNTAX, LayerRef, feature_layer, is_layer_syntax, layer_module
+from ..models.zoo import default_input_size
 from ..results import Result, model_metadata
 
 CONVENTIONS = ("replknet", "kim2023")
@@ -298,14 +299,17 @@ def _input_transform(model: nn.Module, convention: str, input_size: Optional[int
                      ) -> Tuple[Callable[[Any], Tensor], Tuple[int, int], str]:
     """The per-image preprocessing of ``convention``: PIL RGB image -> normalised (3, H, W), the
     (H, W) it gives, and a one-line description. replknet: bicubic resize to ``input_size`` (default
-    1024) squared, no crop; kim2023: timm's eval transform at the pretrained (or ``input_size``) size."""
+    1024, or the build size of a model that runs only there: timm's ``fixed_input_size``, e.g. ViTs) squared,
+    no crop; kim2023: timm's eval transform at the pretrained (or ``input_size``) size."""
     if convention == "kim2023":
         transform, size = eval_transform(model, input_size)
         return transform, size, " ".join(repr(transform).split())
-    side = input_size or REPLKNET_SIZE
+    fixed = bool((getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"))
+    side = input_size or (default_input_size(model)[0] if fixed else REPLKNET_SIZE)
     transform, size = eval_transform(model, side, crop=False, interpolation="bicubic")
     mean, std = model_mean_std(model)
-    return transform, size, f"bicubic resize to {side}x{side}, no crop, normalise mean={mean} std={std}"
+    why = f" (the model runs only at its build size, not at {REPLKNET_SIZE} px)" if fixed and not input_size else ""
+    return transform, size, f"bicubic resize to {side}x{side}{why}, no crop, normalise mean={mean} std={std}"
 
 
 def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSource], Tensor], *,
