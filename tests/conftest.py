@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Mapping, Set
+from typing import Dict, Mapping, Set, Tuple
 
 import pytest
 import torch
@@ -118,3 +118,11 @@ def library_imports() -> Dict[str, Set[str]]:
             imported |= {candidate for candidate in candidates if candidate in modules and candidate != name}
         graph[name] = imported
     return graph
+
+
+def meta_model_and_state_dict(arch: str, entries) -> Tuple[torch.nn.Module, Dict[str, torch.Tensor]]:
+    """The registered model ``arch`` on the meta device, and a meta state dict of a manifest's (key, shape) entries."""
+    import timm  # here: importing it at the top would load huggingface_hub before HF_HUB_OFFLINE is set
+    with torch.device("meta"):
+        model = timm.create_model(arch)
+    return model, {key: torch.empty(shape, device="meta") for key, shape in entries}

@@ -24,7 +24,7 @@ from hpx_analysis.models.hyena_nd import causal_conv2d
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
 
-from .conftest import GOLDEN, golden_state_dict
+from .conftest import GOLDEN, golden_state_dict, meta_model_and_state_dict
 
 HND = GOLDEN / "hyena_nd"
 HND_NAMES = sorted(p.stem for p in (HND / "tiny").glob("*.json"))
@@ -101,9 +101,7 @@ def test_golden_raw_kernels_and_impulse_responses(golden):
 @pytest.mark.parametrize("manifest", HND_MANIFESTS, ids=lambda p: p.stem)
 def test_manifest_loads_strictly_with_exact_parameter_count(manifest):
     spec = json.loads(manifest.read_text())
-    with torch.device("meta"):
-        model = timm.create_model(spec["model"])
-    state_dict = {key: torch.empty(shape, device="meta") for key, shape in spec["state_dict"]}
+    model, state_dict = meta_model_and_state_dict(spec["model"], spec["state_dict"])
     assert list(model.state_dict()) == list(state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     assert sum(p.numel() for p in model.parameters()) == spec["num_params"]

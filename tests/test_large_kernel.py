@@ -24,7 +24,7 @@ from hpx_analysis.models.large_kernel import (checkpoint_filter_fn, embed_kernel
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
 
-from .conftest import GOLDEN, golden_state_dict
+from .conftest import GOLDEN, golden_state_dict, meta_model_and_state_dict
 
 LARGE_KERNEL = GOLDEN / "large_kernel"
 TINY_SLAK = dict(depths=(2, 2, 2, 2), dims=(16, 32, 64, 128), kernel_sizes=(13, 11, 9, 5), small_kernel=3,
@@ -104,9 +104,7 @@ def test_block_equals_one_conv_with_its_effective_kernel_and_slak_kernels_are_cr
                                             ("replknet_31b_deploy", "replknet_31b")])
 def test_manifest_loads_strictly_with_exact_parameter_count(manifest, arch):
     spec = json.loads((LARGE_KERNEL / "manifests" / f"{manifest}.json").read_text())
-    with torch.device("meta"):
-        model = timm.create_model(arch)
-    state_dict = {key: torch.empty(shape, device="meta") for key, shape in spec["entries"]}
+    model, state_dict = meta_model_and_state_dict(arch, spec["entries"])
     mapped = checkpoint_filter_fn(state_dict, model)
     assert list(mapped) == list(model.state_dict())
     model.load_state_dict(mapped, strict=True, assign=True)

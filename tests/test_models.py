@@ -15,7 +15,7 @@ from hpx_analysis import inspection
 from hpx_analysis.models import PUBLISHED, checkpoint_filter_fn, fft_conv_same, model_names
 from hpx_analysis.models.zoo import REFERENCE_BACKBONES, load_model
 
-from .conftest import GOLDEN, TINY_NAMES, golden_state_dict
+from .conftest import GOLDEN, TINY_NAMES, golden_state_dict, meta_model_and_state_dict
 
 MANIFESTS = sorted((GOLDEN / "manifests").glob("*.json"))
 
@@ -71,9 +71,7 @@ def test_every_golden_tensor_lands_in_the_model(golden):
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem)
 def test_manifest_loads_strictly_with_exact_parameter_count(manifest):
     spec = json.loads(manifest.read_text())
-    with torch.device("meta"):
-        model = timm.create_model(spec["model"])
-    state_dict = {key: torch.empty(shape, device="meta") for key, shape in spec["state_dict"]}
+    model, state_dict = meta_model_and_state_dict(spec["model"], spec["state_dict"])
     model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True, assign=True)
     assert sum(t.numel() for t in model.state_dict().values()) == spec["num_params"]
 
