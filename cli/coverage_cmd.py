@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from typing_extensions import Annotated
 
-from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, Device, InputSize, Models, Out, Seed, WeightsPerModel,
-                      weights_per_model)
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, Device, InputSize, ModelKwargs, ModelLoader, Models,
+                      Out, Seed, WeightsKey, WeightsPerModel, weights_per_model)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +26,8 @@ def coverage(
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
     seed: Seed = DEFAULT_SEED,
+    weights_key: WeightsKey = None,
+    model_kwargs: ModelKwargs = None,
 ) -> None:
     """Relative coverage (window extent in taps / F, as k / F for a k x k conv) of every block of each model:
     figure, CSV and JSON."""
@@ -33,16 +35,17 @@ def coverage(
 
     from hpx_analysis.analyzers.coverage import compute_coverage, write_table
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.models.zoo import load_model, model_label
+    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting import save_figure
     from hpx_analysis.plotting.coverage import plot_coverage
     from hpx_analysis.results import to_jsonable
 
+    loader = ModelLoader.from_options(weights_key, model_kwargs)
     target = resolve_device(device)
     out = Path(out)
     results = []
     for name, source in zip(tqdm(model, desc="coverage", unit="model"), weights_per_model(model, weights)):
-        result = compute_coverage(load_model(name, source, seed=seed, device=target), threshold=threshold,
+        result = compute_coverage(loader.load(name, source, seed, target), threshold=threshold,
                                   energy_share=energy_share, input_size=input_size)
         result.save(out / f"coverage_{model_label(name)}")
         results.append(result)

@@ -25,14 +25,18 @@ def demo(
                                               "same-row task.")] = 800,
     local_steps: Annotated[int, typer.Option("--local-steps", help="Training steps on the local stripes "
                                              "task.")] = 300,
+    hyena_nd_steps: Annotated[int, typer.Option("--hyena-nd-steps", help="Training steps of the Hyena N-D proxy "
+                                                "on the global same-row task.")] = 800,
     seed: Seed = DEFAULT_SEED,
 ) -> None:
-    """Train (or reuse) a HyenaPixel and a ConvFormer proxy on synthetic tasks with known answers, then run
-    ERF, kernels, coverage, truncation and FGVis on them. Offline: 1.2-3.5 minutes on 2 CPU cores, 20-35 s
-    once cached. Each proxy is cached as soon as it is trained, so an interrupted run resumes from there."""
+    """Train (or reuse) a HyenaPixel, a ConvFormer and a Hyena N-D proxy on synthetic tasks with known answers,
+    then run ERF, kernels, coverage, truncation and FGVis on them. Offline: about 2 minutes on 2 CPU cores (up to
+    6 on slow ones), 20-35 s once cached. Each proxy is cached as soon as it is trained, so an interrupted run
+    resumes from there."""
     from hpx_analysis.demo.pipeline import DemoSettings, run_demo
 
-    summary = run_demo(out, cache, DemoSettings(global_steps=global_steps, local_steps=local_steps, seed=seed))
+    summary = run_demo(out, cache, DemoSettings(global_steps=global_steps, local_steps=local_steps,
+                                                hyena_nd_global_steps=hyena_nd_steps, seed=seed))
     for path in summary["written"]:
         typer.echo(path)
     typer.echo((Path(out) / "summary.md").read_text())

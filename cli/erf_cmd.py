@@ -45,6 +45,8 @@ def erf(
     device: options.Device = options.DEFAULT_DEVICE,
     out: options.Out = options.DEFAULT_OUT,
     seed: options.Seed = options.DEFAULT_SEED,
+    weights_key: options.WeightsKey = None,
+    model_kwargs: options.ModelKwargs = None,
 ) -> None:
     """Effective receptive field (mean input gradient of the centre output) per model, with the
     high-contribution area ratios (kim2023: OpenERF's Gaussian fit and radial masses, in px and relative
@@ -68,14 +70,15 @@ def erf(
 
     from hpx_analysis.devices import resolve_device
     from hpx_analysis.images import image_sources
-    from hpx_analysis.models.zoo import load_model, model_label
+    from hpx_analysis.models.zoo import model_label
 
+    loader = options.ModelLoader.from_options(weights_key, model_kwargs)
     target, rank, _ = distributed.setup(resolve_device(device))
     sources = image_sources(images, num_images, seed)
     output = LayerRef.parse(layer) if layer is not None and is_layer_syntax(layer) else layer
     results = []
     for name, source in zip(model, options.weights_per_model(model, weights)):
-        net = load_model(name, source, seed=seed, device=target)
+        net = loader.load(name, source, seed, target)
         results.append(effective_receptive_field(net, sources, input_size=input_size, layer=output,
                                                  convention=convention.value, batch_size=batch_size,
                                                  amp=amp.value if amp else None, label=model_label(name),

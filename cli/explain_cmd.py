@@ -46,6 +46,8 @@ def explain(
     device: options.Device = options.DEFAULT_DEVICE,
     out: options.Out = options.DEFAULT_OUT,
     seed: options.Seed = options.DEFAULT_SEED,
+    weights_key: options.WeightsKey = None,
+    model_kwargs: options.ModelKwargs = None,
 ) -> None:
     """Explain the models' decisions on the same images with FGVis and/or captum methods; one grid figure
     explain_<models>.pdf/.png, one .npz + .json per model and method. Runs are kept under OUT/runs, so a
@@ -62,9 +64,10 @@ def explain(
     from hpx_analysis.analyzers.sanity import sanity_check
     from hpx_analysis.devices import resolve_device
     from hpx_analysis.images import eval_transform, image_sources, model_mean_std
-    from hpx_analysis.models.zoo import load_model, model_label
+    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting.explain import plot_explanations, plot_sanity
 
+    loader = options.ModelLoader.from_options(weights_key, model_kwargs)
     target_device, rank, _ = distributed.setup(resolve_device(device))
     sources = image_sources(images, num_images, seed)
     settings = FgvisSettings(iterations=iterations, lambda_start=lambda_start, lambda_tries=lambda_tries,
@@ -76,7 +79,7 @@ def explain(
     resume_dir = Path(out) / "runs" if resume else None
     results: List[ExplanationResult] = []
     for name, source in zip(models, options.weights_per_model(models, weights)):
-        net = load_model(name, source, seed=seed, device=target_device)
+        net = loader.load(name, source, seed, target_device)
         mean, std = model_mean_std(net)
         transform, _ = eval_transform(net, input_size)
         inputs, names = load_inputs(sources, transform)

@@ -18,13 +18,15 @@ def inspect_model(
     input_size: options.InputSize = None,
     layers: options.Layers = None,
     seed: options.Seed = options.DEFAULT_SEED,
+    weights_key: options.WeightsKey = None,
+    model_kwargs: options.ModelKwargs = None,
 ) -> None:
     """List the token-mixing layers (stage and block numbered from 1 as in the paper), their kind,
     feature-map size at --input-size and kernel size. Weights only matter for the loading checks."""
     from hpx_analysis.inspection import list_mixers, parse_layers, select_mixers
-    from hpx_analysis.models.zoo import default_input_size, load_model
+    from hpx_analysis.models.zoo import default_input_size
 
-    net = load_model(model, weights, seed=seed)
+    net = options.ModelLoader.from_options(weights_key, model_kwargs).load(model, weights, seed)
     resolution = input_size or default_input_size(net)[0]
     chosen = select_mixers(list_mixers(net, resolution), parse_layers(layers))
     typer.echo(f"{'layer':<8}{'kind':<21}{'feature map':<13}{'kernel':<11}path")

@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Layers, Model,
-                      Normalisation, Orientation, Out, Seed, Weights)
+                      ModelKwargs, ModelLoader, Normalisation, Orientation, Out, Seed, Weights, WeightsKey)
 
 
 def register(app: typer.Typer) -> None:
@@ -45,17 +45,19 @@ def kernels(
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
     seed: Seed = DEFAULT_SEED,
+    weights_key: WeightsKey = None,
+    model_kwargs: ModelKwargs = None,
 ) -> None:
     """Plot each long-filter layer's kernel: 2D HyenaPixel kernels and reshaped, wrapped 1D Hyena kernels."""
     from hpx_analysis.analyzers.kernels import compute_kernels
     from hpx_analysis.devices import resolve_device
     from hpx_analysis.inspection import parse_layers
-    from hpx_analysis.models.zoo import load_model, model_label
+    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting import save_figure
     from hpx_analysis.plotting.kernels import plot_kernels
 
     chosen_reduction = int(reduction) if reduction.lstrip("-").isdigit() else reduction
-    net = load_model(model, weights, seed=seed, device=resolve_device(device))
+    net = ModelLoader.from_options(weights_key, model_kwargs).load(model, weights, seed, resolve_device(device))
     result = compute_kernels(net, reduction=chosen_reduction, normalisation=normalise.value, layers=parse_layers(layers),
                              top_k=top_k, position=_pair(position, "--position"), input_size=input_size,
                              orientation=orientation.value)

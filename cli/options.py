@@ -3,10 +3,12 @@ equal the library's constants, which a test checks). Types and plain helpers onl
 
 from __future__ import annotations
 
+import ast
 import re
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -37,6 +39,14 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an in
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder for figures and results.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (weights='random', image selection, noise).")]
+WeightsKey = Annotated[Optional[str], typer.Option("--weights-key", help="Entry of a training script's checkpoint "
+                                                   "that holds the weights, e.g. model_ema. Default: model for "
+                                                   "Hyena N-D checkpoints; timm's choice for other files.")]
+ModelKwargs = Annotated[Optional[List[str]], typer.Option(
+    "--model-kwargs", metavar="KEY=VALUE", show_default=False,
+    help="Model constructor option, e.g. directions=4dir or embed_dim=32 (the value read as a Python literal, "
+         "else as text, as timm's train.py); repeat for several; they apply to every --model and win over a "
+         "checkpoint's saved args.")]
 
 DEFAULT_WEIGHTS = "pretrained"
 DEFAULT_DEVICE = "auto"
@@ -72,6 +82,40 @@ def weights_per_model(models: List[str], weights: Optional[List[str]]) -> List[s
         raise typer.BadParameter(f"give one --weights for all models or one per --model: got {len(chosen)} for "
                                  f"{len(models)} models", param_hint="'--weights'")
     return list(chosen)
+
+
+def parse_model_kwargs(values: Optional[List[str]]) -> Dict[str, Any]:
+    """Constructor options from ``KEY=VALUE`` texts, each value a Python literal (``32``, ``True``, ``(8, 8)``) or
+    else the text itself (timm's ``--model-kwargs`` convention); a later key wins."""
+    parsed: Dict[str, Any] = {}
+    for text in values or []:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise typer.BadParameter(f"expected KEY=VALUE with KEY a Python name, got '{text}'",
+                                     param_hint="'--model-kwargs'")
+        try:
+            parsed[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            parsed[key.strip()] = value
+    return parsed
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """What every model-loading command passes to ``load_model`` beside the name and weights: the checkpoint entry
+    (``--weights-key``) and the constructor options (``--model-kwargs``), parsed once."""
+
+    weights_key: Optional[str]
+    kwargs: Dict[str, Any]
+
+    @classmethod
+    def from_options(cls, weights_key: Optional[str], model_kwargs: Optional[List[str]]) -> "ModelLoader":
+        return cls(weights_key, parse_model_kwargs(model_kwargs))
+
+    def load(self, name: str, weights: str, seed: int, device: Any = "cpu") -> Any:
+        """``hpx_analysis.models.zoo.load_model`` with these options: an eval-mode model on ``device``."""
+        from hpx_analysis.models.zoo import load_model
+        return load_model(name, weights, seed=seed, device=device, weights_key=self.weights_key, **self.kwargs)
 
 
 def safe_filename(text: str) -> str:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_RESUME, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, HbCut, InputSize,
-                      Model, Out, Resume, Seed, Shape, Weights)
+                      Model, ModelKwargs, ModelLoader, Out, Resume, Seed, Shape, Weights, WeightsKey)
 
+if TYPE_CHECKING:
+    from hpx_analysis.inspection import LayerRef
 
 def register(app: typer.Typer) -> None:
     app.command("truncate")(truncate)
@@ -33,18 +35,14 @@ def parse_sizes(text: Optional[str]) -> Optional[List[float]]:
         raise HpxError(f"--sizes must be 'start:stop:step' or a comma list such as '0,0.5,1', got '{text}'") from None
 
 
-def parse_stages(values: List[str]) -> Optional[List[int]]:
-    """0-based stages from the paper's 1-based ``3`` or ``S3`` (or the module path ``stages.2``,
-    :meth:`~hpx_analysis.inspection.LayerRef.parse`); None for ``all``."""
-    from hpx_analysis.errors import HpxError
-    from hpx_analysis.inspection import LayerRef
+def parse_stages(values: List[str]) -> Optional[List[List["LayerRef"]]]:
+    """The swept groups, numbered from 1 as in the paper: a stage (``3``, ``S3``, or the module path
+    ``stages.2``), a block (``S1B4``) or a block range (``S1B1-6``, ``1.1-6``) each
+    (:func:`~hpx_analysis.inspection.parse_layer_group`); None for ``all``."""
+    from hpx_analysis.inspection import parse_layer_group
     if not values or "all" in values:
         return None
-    refs = [LayerRef.parse(v) for v in values]
-    blocks = [str(ref) for ref in refs if ref.block is not None]
-    if blocks:
-        raise HpxError(f"--stage takes whole stages (S3 or 3) or 'all', got the block(s) {', '.join(blocks)}")
-    return [ref.stage for ref in refs]
+    return [parse_layer_group(value) for value in values]
 
 
 def truncate(
@@ -54,8 +52,10 @@ def truncate(
     model: Model = "hpx_former_s18",
     weights: Weights = DEFAULT_WEIGHTS,
     stage: Annotated[List[str], typer.Option("--stage", help="Stage to truncate, numbered from 1 as in the paper "
-                                             "(3 or S3); repeat for several; 'all' (default): every stage with long "
-                                             "filters, one curve each.")] = ["all"],
+                                             "(3 or S3), or a block (S1B4) or block range (S1B1-6, 1.1-6) of one "
+                                             "stage, the way to pick blocks of a ViT (one stage); repeat for one "
+                                             "curve each; 'all' (default): every stage with long filters, for a "
+                                             "ViT all its Hyena N-D blocks together.")] = ["all"],
     sizes: Annotated[Optional[str], typer.Option("--sizes", help="Relative filter sizes r: 'start:stop:step' or "
                                                  "'0,0.5,1'. Taps farther than r*F/2 from the centre are zeroed. "
                                                  "Default: 0 to the smallest r that keeps every tap of the swept "
@@ -86,6 +86,8 @@ def truncate(
     device: Device = DEFAULT_DEVICE,
     out: Out = DEFAULT_OUT,
     seed: Seed = DEFAULT_SEED,
+    weights_key: WeightsKey = None,
+    model_kwargs: ModelKwargs = None,
 ) -> None:
     """Top-1/top-5 accuracy when the long kernels of a stage are truncated to relative size r (paper Fig. 6).
 
@@ -95,13 +97,13 @@ def truncate(
     from hpx_analysis.analyzers.truncation import truncation_sweep
     from hpx_analysis.datasets import labelled_images, stratified_subset
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.models.zoo import load_model, model_label
+    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting.truncation import plot_truncation
 
     target, rank, _ = distributed.setup(resolve_device(device))
     stages = parse_stages(stage)
     samples = stratified_subset(labelled_images(data, labels), limit, seed)
-    net = load_model(model, weights, seed=seed, device=target)
+    net = ModelLoader.from_options(weights_key, model_kwargs).load(model, weights, seed, target)
     result = truncation_sweep(net, samples, stages, parse_sizes(sizes), shape.value, hb_cut=hb_cut.value,
                               batch_size=batch_size, input_size=input_size,
                               resume_dir=Path(out) / "runs" if resume else None, strict=strict,

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import HpxError
-from .models.hyena_nd import HyenaNDMixer
+from .models.hyena_nd import HyenaNDCanvasFilter, HyenaNDMixer
 from .models.large_kernel import LargeKernelConv
 from .models.long_filters import HyenaFilter1D, HyenaPixelFilter, LongFilterBase
 from .models.mixers import HyenaMixer, HyenaPixelMixer
@@ -111,6 +111,36 @@ def parse_layers(text: Optional[str], one_based: bool = True) -> Optional[List[L
     if not text:
         return None
     return [LayerRef.parse(item, one_based) for item in text.split(",")]
+
+
+_BLOCK_RANGE = re.compile(r"(.+?)\s*-\s*(\d+)")  # a block form, then the last block of the range
+
+
+def parse_layer_group(text: str, one_based: bool = True) -> List[LayerRef]:
+    """One :meth:`LayerRef.parse` form as a one-element list, or a range of blocks of one stage, its end numbered
+    like its start: ``S1B1-6`` (blocks 1 to 6 of stage 1, from 1), ``1.1-6`` (from 1 when ``one_based``, else
+    from 0), ``stages.0.blocks.0-5`` (from 0)."""
+    match = _BLOCK_RANGE.fullmatch(text.strip())
+    if match is None:
+        return [LayerRef.parse(text, one_based)]
+    first = LayerRef.parse(match[1], one_based)
+    if first.block is None:
+        raise HpxError(f"layer range '{text.strip()}' must start at a block, as in S1B1-6 or 1.1-6")
+    start = match[1].strip()  # the end is numbered like the start: paper labels from 1, module paths from 0
+    last = int(match[2]) - bool(_PAPER_LABEL.fullmatch(start) or (one_based and _NUMBERS.fullmatch(start)))
+    if last < first.block:
+        raise HpxError(f"layer range '{text.strip()}' ends before it starts")
+    return [LayerRef(first.stage, block) for block in range(first.block, last + 1)]
+
+
+def group_label(refs: Sequence[LayerRef]) -> str:
+    """The paper's label of refs taken together: ``S3``, ``S1 B3``, ``S1 B1-6`` for consecutive blocks of one
+    stage, else the labels joined by ``+``."""
+    blocks = [ref.block for ref in refs]
+    if len(refs) > 1 and len({ref.stage for ref in refs}) == 1 and None not in blocks and (
+            blocks == list(range(blocks[0], blocks[0] + len(blocks)))):
+        return f"{refs[0]}-{blocks[-1] + 1}"
+    return "+".join(map(str, refs))
 
 
 def is_layer_syntax(text: str) -> bool:
@@ -288,21 +318,32 @@ def kernel(layer: Union[MixerInfo, LongFilterBase]) -> Tensor:
     return _filter_of(layer).kernel().detach()
 
 
+def _windowed_filter(layer: Union[MixerInfo, LongFilterBase]) -> LongFilterBase:
+    """The layer's long filter when it has a decay window; HpxError for the explicit large kernels."""
+    filt = _filter_of(layer)
+    if not isinstance(filt, (HyenaPixelFilter, HyenaFilter1D, HyenaNDCanvasFilter)):
+        raise HpxError(f"{type(filt).__name__} has no decay window (a large convolution's kernel is explicit)")
+    return filt
+
+
 @torch.no_grad()
 def window(layer: Union[MixerInfo, LongFilterBase]) -> Tensor:
-    """The decay window: HyenaPixel ``exp(-|delta| d) + shift`` (C, S, S); Hyena ``exp(-t|delta|)`` (C, T)."""
-    return _filter_of(layer).window().detach()
+    """The decay window: HyenaPixel ``exp(-|delta| d) + shift`` (C, S, S); Hyena ``exp(-t|delta|)`` (C, T); Hyena N-D
+    its 2D window on the block's canvas (C, 2L-1, 2L-1), 0 where the block applies no tap."""
+    return _windowed_filter(layer).window().detach()
 
 
 @torch.no_grad()
 def window_parameters(layer: Union[MixerInfo, LongFilterBase]) -> Dict[str, Tensor]:
     """Per-channel window parameters: ``delta`` (C,), ``shift`` (C,) (zero for Hyena 1D), and the
-    tap distances ``distance`` (S, S) in pixels or ``t`` (T,) normalised time."""
-    filt = _filter_of(layer)
+    tap distances ``distance`` (S, S) in pixels or ``t`` (T,) normalised time; Hyena N-D: ``delta`` (2, C) along
+    rows and columns, ``shift`` (C,) or (2, C), ``t`` (L,) (:meth:`..models.hyena_nd.HyenaNDMixer.window_parameters`)."""
+    filt = _windowed_filter(layer)
     if isinstance(filt, HyenaPixelFilter):
         return {"delta": filt.deltas.flatten().abs().clone(), "shift": filt.shift.flatten().clone(),
                 "distance": filt.distance_map[0, 0].clone()}
-    assert isinstance(filt, HyenaFilter1D)
+    if isinstance(filt, HyenaNDCanvasFilter):
+        return filt.window_parameters()
     channels = filt.modulation.deltas.numel()
     return {"delta": filt.modulation.deltas.flatten().abs().clone(), "shift": torch.zeros(channels),
             "t": filt.pos_emb.t.flatten().clone()}

@@ -236,3 +236,23 @@ def test_cli_draws_several_models_each_with_its_own_weights(tiny_config, tiny_we
         assert meta["weights_file"].endswith(f"{name}.safetensors") and meta["weights"] == "file"
     bad = runner.invoke(app, args + ["-w", "random"])
     assert bad.exit_code == 2 and "one --weights for all models or one per --model: got 3 for 2 models" in bad.output
+
+
+def test_models_with_other_blocks_and_stages_are_drawn_over_relative_depth(tiny_config, tiny_weights) -> None:
+    """tiny_hpx (4 stages of 1 block) beside a 4-block ViT (one stage): block indices would put unlike stages
+    side by side, so both are drawn at (block + 1/2) / blocks; a shared layout keeps block indices."""
+    import timm
+
+    from hpx_analysis.plotting.coverage import plot_coverage
+
+    hpx = compute_coverage(load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx")), input_size=64)
+    torch.manual_seed(0)
+    vit = compute_coverage(timm.create_model("hyena_deit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=32,
+                                             depth=4, num_heads=2))
+    figure = plot_coverage([hpx, vit])
+    axes = figure.axes[0]
+    assert axes.get_xlabel().startswith("relative depth")
+    means = [line for line in axes.get_lines() if line.get_marker() == "o"]
+    for line in means:
+        np.testing.assert_allclose(line.get_xdata(), [0.125, 0.375, 0.625, 0.875])
+    assert plot_coverage([hpx, hpx]).axes[0].get_xlabel() == "block index through the network"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hpx_analysis.demo.pipeline import (CONV_PROXY, GLOBAL_TASK, HPX_PROXY, LOCAL_TASK, DemoSettings,
-                                        deleted_mass_on_marks)
+from hpx_analysis.demo.pipeline import (CONV_PROXY, GLOBAL_TASK, HPX_PROXY, HYENA_ND_PROXY, LOCAL_TASK, DemoSettings,
+                                        deleted_mass_on_marks, known_answers)
 from hpx_analysis.demo.tasks import GRID, IMAGE_SIZE, MARK, MIN_GAP, ROW_GAP, sample_task
 from hpx_analysis.demo.training import TrainingConfig, load_or_train, task_accuracy
 from hpx_analysis.models.proxies import PROXY_NAMES
@@ -49,26 +49,49 @@ def test_tasks_have_the_geometry_their_labels_say():
 
 
 def test_proxies_have_equal_parameter_budgets():
-    counts = [count_parameters(load_model(name, "random")) for name in PROXY_NAMES]
-    assert abs(counts[0] - counts[1]) / max(counts) < 0.03
+    """HyenaPixel, ConvFormer and Hyena N-D proxies within 3% of one another (53,892 / 52,814 / 53,390)."""
+    counts = {name: count_parameters(load_model(name, "random")) for name in PROXY_NAMES}
+    assert list(counts) == [HPX_PROXY, CONV_PROXY, HYENA_ND_PROXY]
+    assert (max(counts.values()) - min(counts.values())) / max(counts.values()) < 0.03, counts
+
+
+def test_hyena_nd_proxy_reads_the_whole_image_at_token_0():
+    """The Hyena N-D proxy's head reads token 0 (top-left of 16 x 16); its first block is anti-causal, so a mark
+    anywhere changes token 0 after block 1, and only through the long kernels: cut to the centre tap, a mark
+    beyond the 3x3 short filter's reach leaves token 0 as it was."""
+    from hpx_analysis.analyzers.truncation import truncate_kernels
+    from hpx_analysis.models.hyena_nd import HyenaNDViT
+    model = load_model(HYENA_ND_PROXY, "random")
+    assert isinstance(model, HyenaNDViT) and model.block_kinds == ["hyena_nd:seq", "hyena_nd:standard", "hyena_nd:seq"]
+    assert model.patch_embed.grid_size == (16, 16) and model.num_classes == 2
+    blank, marked = torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)
+    marked[..., 48:56, 40:48] = 1.0  # a mark at token rows/columns 12-13, 10-11
+
+    def token0_after_block1(images):
+        return model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(images))))[:, 0]
+    with torch.no_grad():
+        assert (token0_after_block1(marked) - token0_after_block1(blank)).abs().max() > 1e-4
+        with truncate_kernels(model, stages=[0], size=0.0, input_size=IMAGE_SIZE):
+            torch.testing.assert_close(token0_after_block1(marked), token0_after_block1(blank))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The demo's four proxies, trained once with the demo's settings into a module cache."""
+    """The demo's six proxies, trained once with the demo's settings into a module cache."""
     cache = tmp_path_factory.mktemp("demo_cache")
     runs = {}
-    for task, steps in ((GLOBAL_TASK, DEFAULTS.global_steps), (LOCAL_TASK, DEFAULTS.local_steps)):
+    for task in (GLOBAL_TASK, LOCAL_TASK):
         for name in PROXY_NAMES:
-            runs[name, task] = load_or_train(TrainingConfig(name, task, steps), cache, progress=False)
+            runs[name, task] = load_or_train(DEFAULTS.training(name, task), cache, progress=False)
     return cache, runs
 
 
 def test_known_answers_of_the_trained_proxies(trained):
-    """HyenaPixel solves the global task, the equal-size ConvFormer stays far below, both solve the local one."""
+    """HyenaPixel and Hyena N-D solve the global task, the equal-size ConvFormer stays far below, all solve the
+    local one."""
     _, runs = trained
     accuracy = {key: record["accuracy"] for key, (_, record, _) in runs.items()}
-    assert accuracy[HPX_PROXY, GLOBAL_TASK] >= 0.9
+    assert accuracy[HPX_PROXY, GLOBAL_TASK] >= 0.9 and accuracy[HYENA_ND_PROXY, GLOBAL_TASK] >= 0.9
     assert accuracy[CONV_PROXY, GLOBAL_TASK] <= accuracy[HPX_PROXY, GLOBAL_TASK] - 0.2
     assert min(accuracy[name, LOCAL_TASK] for name in PROXY_NAMES) >= 0.9
 
@@ -95,18 +118,20 @@ def test_erf_of_the_global_proxy_is_larger(trained):
     assert ratio[HPX_PROXY] > 2 * ratio[CONV_PROXY]
 
 
-def test_global_proxy_needs_its_long_kernels(trained):
+@pytest.mark.parametrize("name", [HPX_PROXY, HYENA_ND_PROXY])
+def test_global_proxy_needs_its_long_kernels(trained, name):
     """Cutting the trained proxy's long kernels to their centre tap leaves chance, keeping every tap changes
-    nothing."""
+    nothing (the Hyena N-D proxy's three blocks are all stage 0)."""
     from hpx_analysis.analyzers.truncation import truncate_kernels
     from hpx_analysis.images import model_mean_std, normalise
     _, runs = trained
-    model = runs[HPX_PROXY, GLOBAL_TASK][0]
+    model = runs[name, GLOBAL_TASK][0]
     inputs = normalise(sample_task(GLOBAL_TASK, 256, seed=9).images, *model_mean_std(model))
     logits = model(inputs)
     with truncate_kernels(model, stages=[0], size=0.0, input_size=IMAGE_SIZE):
         assert abs(task_accuracy(model, GLOBAL_TASK, 512, 0) - 0.5) <= 0.1
-    # every tap: the disc's corner taps lie at 15 * sqrt(2) / 8 = 2.65 half feature maps (r = 2 keeps 793 of 961)
+    # every tap: the disc's corner taps lie at 15 * sqrt(2) / 8 = 2.65 half feature maps (r = 2 keeps 793 of 961);
+    # for Hyena N-D the (modified) canvas kernel then replaces the causal path, the same function
     with truncate_kernels(model, stages=[0], size=3.0, input_size=IMAGE_SIZE):
         torch.testing.assert_close(model(inputs), logits)
 
@@ -127,6 +152,35 @@ def test_cli_defaults_are_the_demo_settings():
     parameters = inspect.signature(demo).parameters
     assert parameters["global_steps"].default == DEFAULTS.global_steps
     assert parameters["local_steps"].default == DEFAULTS.local_steps
+    assert parameters["hyena_nd_steps"].default == DEFAULTS.hyena_nd_global_steps
+
+
+def test_hyena_nd_filter_networks_learn_at_their_own_rate():
+    """Per block: positions z, the sine MLP's four layers (7 tensors, the shared sine frequency once) go to the slow
+    group; the skip gain ``bias`` and everything else stay at the full rate; models without Hyena N-D: one group."""
+    from hpx_analysis.demo.training import parameter_groups
+    config = TrainingConfig(HYENA_ND_PROXY, GLOBAL_TASK, 1, lr=1e-3, filter_lr_scale=0.01)
+    model = load_model(HYENA_ND_PROXY, "random")
+    fast, slow = parameter_groups(model, config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    slow_names = {names[id(p)] for p in slow["params"]}
+    assert slow["lr"] == pytest.approx(1e-5) and len(slow_names) == 3 * 9
+    assert all(".filter_fn." in name and not name.endswith("filter_fn.bias") for name in slow_names)
+    assert len(fast["params"]) + len(slow["params"]) == len(names)
+    assert len(parameter_groups(load_model(HPX_PROXY, "random"), config)) == 1
+
+
+def test_known_answers_include_the_hyena_nd_proxy():
+    """Hand-made summary numbers: the two Hyena N-D checks read its global accuracy and its r = 0 cut."""
+    accuracy = {name: {GLOBAL_TASK: 1.0, LOCAL_TASK: 1.0} for name in PROXY_NAMES}
+    accuracy[CONV_PROXY][GLOBAL_TASK] = 0.5
+    accuracy[HYENA_ND_PROXY][GLOBAL_TASK] = 0.93
+    summary = {"accuracy": accuracy, "erf_area_ratio_t0.5": {HPX_PROXY: 0.07, CONV_PROXY: 0.01},
+               "truncation_all_stages": {"0.0": 0.5}, "fgvis_deleted_mass_on_marks": [1.0],
+               "hyena_nd_truncation_all_blocks": {"0.0": 0.61}}
+    checks = {c["expectation"]: (c["measured"], c["holds"]) for c in known_answers(summary)}
+    assert checks["Hyena N-D proxy solves the global task (>= 90%)"] == (0.93, True)
+    assert checks["its long kernels cut to the centre tap (r = 0): global task near chance (<= 60%)"] == (0.61, False)
 
 
 def test_deleted_mass_on_marks():
@@ -142,12 +196,16 @@ def test_cli_demo_end_to_end(trained, tmp_path):
     cache, _ = trained
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--cache", str(cache)])
     assert result.exit_code == 0, result.output
-    for stem in ("tasks", "accuracy", "erf", "kernels", "coverage", "truncation", "fgvis"):
+    for stem in ("tasks", "accuracy", "erf", "kernels", "kernels_hyena_nd", "coverage", "truncation", "fgvis"):
         assert (tmp_path / f"{stem}.png").is_file() and (tmp_path / f"{stem}.pdf").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(record["cached"] for record in summary["training"].values())  # nothing retrained
     checks = {c["expectation"]: c for c in summary["known_answers"]}
-    assert len(checks) == 6 and all(c["holds"] for c in checks.values()), checks
-    assert f"| {HPX_PROXY} |" in (tmp_path / "summary.md").read_text()
+    assert len(checks) == 8 and all(c["holds"] for c in checks.values()), checks
+    assert all(f"| {name} |" in (tmp_path / "summary.md").read_text() for name in PROXY_NAMES)
+    assert summary["hyena_nd_truncation_all_blocks"]["untruncated"] >= 0.9
+    # the sweep reads the stored 64 px PNGs whole (crop_pct 1): every tap kept is the untruncated model
+    every_tap = list(summary["hyena_nd_truncation_per_stage"]["S1"].values())[-1]
+    assert every_tap == pytest.approx(summary["hyena_nd_truncation_all_blocks"]["untruncated"], abs=0.02)
     loaded_acc = summary["accuracy"][HPX_PROXY][GLOBAL_TASK]
     assert summary["known_answers"][0]["measured"] == loaded_acc

@@ -200,7 +200,10 @@ def test_given_options_win_over_args_and_ema_weights_by_key(tmp_path):
 @pytest.mark.parametrize("changes, message", [(dict(method="hyena"), "method='hyena'"),
                                               (dict(hyena_order=3), "hyena_order=3"),
                                               (dict(model="vit_large_patch16_224"), "DeiT tiny/small/base"),
-                                              (dict(directional_mode="symettric"), "symettric")])
+                                              (dict(directional_mode="parallel"), "directions='parallel'"),
+                                              (dict(window_mode="symettric"), "window='symettric'"),
+                                              (dict(direct_paramtrization=True), "--direct_paramtrization"),
+                                              (dict(use_cls_token=True), "--use_cls_token")])
 def test_checkpoint_args_that_cannot_be_loaded_are_one_line_errors(tmp_path, changes, message):
     config, data = _config("tiny_hnd_seq"), load_file(str(HND / "tiny" / "tiny_hnd_seq.safetensors"))
     path = _official_checkpoint(tmp_path / "c.pth", golden_state_dict(data), _training_args(config, **changes))
@@ -234,6 +237,21 @@ def test_bare_state_dict_gives_classes_filter_form_and_window(tmp_path, name, gi
     assert model.block_kinds == _config(name)["block_kinds"]
     assert model.num_classes == 10
     torch.testing.assert_close(model(data["input"]), data["logits"], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_bare_state_dict_gives_the_filters_positional_features(tmp_path):
+    """A filter network reading 5 positional features per axis (not the reference's 3) loads from its bare state
+    dict without saying so: the width of ``pos_emb.z`` gives it."""
+    torch.manual_seed(0)
+    trained = timm.create_model("hyena_deit_tiny_patch16_224", img_size=32, patch_size=8, filter_width=16,
+                                filter_emb_dim=5, **TINY_DIMS).eval()
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.clone() for k, v in trained.state_dict().items()}, str(path))
+    loaded = load_model("hyena_deit_tiny_patch16_224", str(path), **TINY_DIMS)
+    assert loaded.hpx_provenance["options_from_checkpoint"]["filter_emb_dim"] == 5
+    image = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(image), trained(image))
 
 
 @torch.no_grad()
@@ -463,3 +481,86 @@ def test_erf_runs_at_the_build_size_and_sees_only_the_causal_quadrant():
     outside = max(erf[48:, :].max(), erf[:, 48:].max())
     assert outside < 1e-6 * erf.max()  # FFT round-off only (1e-11 of the maximum here)
     assert erf_of(3).arrays["maps"][0][56:, 56:].sum() > 0
+
+
+@torch.no_grad()
+def test_truncation_sweep_over_block_ranges_counts_what_full_forwards_count(golden, tmp_path):
+    """A ViT has one stage, so the sweep's groups are blocks and block ranges: each entry's column counts what a
+    full forward with that group cut counts (the activations entering the group's first block are shared); the
+    default group is every Hyena N-D block; the coverage line is drawn only for centred (4dir) kernels."""
+    from PIL import Image
+
+    from hpx_analysis.analyzers.truncation import truncation_sweep
+    from hpx_analysis.datasets import labelled_images
+
+    from .test_truncation import _naive_counts
+
+    _, config, model, _ = golden
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    samples, groups, sizes = labelled_images(tmp_path), ["S1B1-2", "S1B3"], [0.0, 0.3, 3.0]
+    result = truncation_sweep(model, samples, groups, sizes, batch_size=4, n_resamples=50, progress=False)
+    assert result.groups == ["S1 B1-2", "S1 B3"] and result.arrays["stages"].tolist() == [0, 0]
+    assert np.array_equal(result.arrays["top1_correct"], _naive_counts(model, tmp_path, sizes, groups, "disc", 4))
+    assert result.arrays["kept_fraction"][:, -1].tolist() == [1.0, 1.0]  # 3 > sqrt(2) (L-1) / (L/2) keeps all
+    assert result.arrays["top1"][:, -1].tolist() == [result.arrays["reference"][0]] * 2
+    assert np.isfinite(result.arrays["coverage"]).tolist() == [config["directional_mode"] == "4dir"] * 2
+    default = truncation_sweep(model, samples, None, [0.0], n_resamples=50, progress=False)
+    hyena_blocks = [f"S1 B{b + 1}" for b, kind in enumerate(config["block_kinds"]) if kind.startswith("hyena_nd")]
+    assert default.groups == ["S1"] and default.meta["layers"] == {"S1": hyena_blocks}
+
+
+@torch.no_grad()
+def test_window_and_its_parameters_on_the_canvas(golden):
+    """``window(info)`` lays the filter's window on the kernel's canvas (0 where the block applies no tap), and
+    ``window_parameters`` rebuilds it: exp(-t |delta_rows|) exp(-t |delta_cols|) + shift (N-D form) or the product
+    of the two shifted axis windows (product form), as read from the parameters by hand."""
+    from hpx_analysis.inspection import window, window_parameters
+
+    _, config, model, _ = golden
+    length = config["img_size"] // config["patch_size"]
+    for info in _hyena_layers(model):
+        mixer, canvas = info.module, window(info)
+        params = window_parameters(info)
+        by_hand = _axis_windows_by_hand(mixer)
+        np.testing.assert_allclose(params["delta"], torch.stack([d.abs() for d, _ in by_hand]))
+        t = params["t"][None, :]
+        rows, cols = (torch.exp(-t * delta[:, None]) for delta in params["delta"])  # (D, L) each
+        if config["hyena2d_filter"]:
+            quadrant = rows[:, :, None] * cols[:, None, :] + params["shift"][:, None, None]
+        else:
+            shift = params["shift"][:, :, None]
+            quadrant = (rows + shift[0])[:, :, None] * (cols + shift[1])[:, None, :]
+        centre = length - 1
+        if mixer.direction == "seq":
+            torch.testing.assert_close(canvas[:, :length, :length], quadrant.flip((-2, -1)))
+            assert canvas[:, length:, :].abs().sum() == 0 and canvas[:, :, length:].abs().sum() == 0
+        else:
+            torch.testing.assert_close(canvas[:, centre:, centre:], quadrant)
+            if mixer.direction == "standard":
+                assert canvas[:, :centre, :].abs().sum() == 0 and canvas[:, :, :centre].abs().sum() == 0
+            else:  # 4dir: every quadrant holds the window, mirrored
+                torch.testing.assert_close(canvas[:, :length, :length], quadrant.flip((-2, -1)))
+
+
+@pytest.mark.parametrize("window_mode", ["standard", "learn"])
+@torch.no_grad()
+def test_sqrt_decay_takes_the_root_of_the_nd_decay_product_and_leaves_the_product_form(window_mode):
+    """The reference's ``hyena2d_sqrt_decay``: the N-D window is sqrt(exp(-t_i |dx|) exp(-t_j |dy|)) + shift; the
+    product form's windows ignore it."""
+    def windows(filter_form: str, sqrt_decay: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        mixer = HyenaNDMixer(8, 6, filter_form=filter_form, filter_width=16, window=window_mode,
+                             sqrt_decay=sqrt_decay).double()
+        if window_mode == "learn":
+            for module in mixer.modules():
+                if isinstance(module, hyena_nd.Window):
+                    module.shift.fill_(0.25)
+        return mixer.filter_fn.window()
+
+    shift = 0.25 if window_mode == "learn" else 0.0
+    torch.testing.assert_close(windows("nd", True), (windows("nd", False) - shift).sqrt() + shift)
+    torch.testing.assert_close(windows("product", True), windows("product", False))

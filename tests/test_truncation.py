@@ -337,9 +337,14 @@ def test_bad_stage_and_classes(tiny, image_folder):
     samples = labelled_images(image_folder)
     with pytest.raises(HpxError, match="stage 5 does not exist"):
         truncation_sweep(tiny("tiny_hpx"), samples, [4], [0.0], input_size=SIZE)
-    with pytest.raises(HpxError, match="stage 1 has no long-filter layers"):
+    with pytest.raises(HpxError, match=r"S1 has no long filter \(its mixer is local_conv\); layers with one are "
+                                       "in stages 3-4"):
         truncation_sweep(tiny("tiny_c_hpx"), samples, [0], [0.0], input_size=SIZE)
-    with pytest.raises(HpxError, match="no implicit long filters"):
+    with pytest.raises(HpxError, match="block 2 of stage 3 does not exist; stage 3 has blocks 1$"):
+        truncation_sweep(tiny("tiny_hpx"), samples, ["S3B1-2"], [0.0], input_size=SIZE)
+    with pytest.raises(HpxError, match=r"S2\+S3 spans several stages"):
+        truncation_sweep(tiny("tiny_hpx"), samples, [[1, 2]], [0.0], input_size=SIZE)
+    with pytest.raises(HpxError, match="no long filters"):
         truncation_sweep(tiny("tiny_hpx_sc"), samples, None, [0.0], input_size=SIZE)
 
 
@@ -364,11 +369,18 @@ def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
 
 
 def test_cli_stage_is_numbered_from_one_in_any_layer_form():
-    """``--stage S2`` equals ``--stage 2`` (and ``stages.1``, numbered like the module); blocks are refused."""
+    """``--stage S2`` equals ``--stage 2`` (and ``stages.1``, numbered like the module); a block or a block range
+    of one stage is a group of its own."""
+    from hpx_analysis.inspection import LayerRef
     from hpx_analysis_cli.truncate_cmd import parse_stages
-    assert parse_stages(["S2"]) == parse_stages(["2"]) == parse_stages(["s2"]) == parse_stages(["stages.1"]) == [1]
-    assert parse_stages(["S2", "4"]) == [1, 3] and parse_stages(["all"]) is None
-    for bad, message in (("S2B1", "whole stages"), ("0", "numbered from 1"), ("two", "names no stage")):
+    assert parse_stages(["S2"]) == parse_stages(["2"]) == parse_stages(["s2"]) == parse_stages(["stages.1"]) == [
+        [LayerRef(1)]]
+    assert parse_stages(["S2", "4"]) == [[LayerRef(1)], [LayerRef(3)]] and parse_stages(["all"]) is None
+    blocks = [[LayerRef(0, b) for b in range(6)]]
+    assert parse_stages(["S1B1-6"]) == parse_stages(["1.1-6"]) == parse_stages(["stages.0.blocks.0-5"]) == blocks
+    assert parse_stages(["S3B2"]) == [[LayerRef(2, 1)]]
+    for bad, message in (("S2-3", "must start at a block"), ("S1B4-2", "ends before it starts"),
+                         ("0", "numbered from 1"), ("two", "names no stage")):
         with pytest.raises(HpxError, match=message):
             parse_stages([bad])
 

@@ -127,7 +127,7 @@ def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:
     if info.kind == ATTENTION:
         return np.array([ATTENTION_COVERAGE])
     if info.kind == HYENA_ND:  # per axis, one-sided on the block's quadrants (module docstring)
-        windows = info.module.canvas_window().detach().float()  # (C, 2L-1, 2L-1)
+        windows = window(info).float()  # (C, 2L-1, 2L-1)
         per_axis = [window_coverage_1d(windows.amax(dim), side, threshold) for dim in (-1, -2)]
         return torch.maximum(*per_axis).cpu().numpy()
     if info.kind in (LOCAL_CONV, SEPARABLE_LONG_CONV, LARGE_CONV):

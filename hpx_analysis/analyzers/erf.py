@@ -3,7 +3,8 @@
 Two conventions:
 
 * ``replknet`` (the paper's Fig. 4/8, after RepLKNet): inputs resized bicubic to ``input_size``
-  squared (default 1024 px), no crop; scalar = sum over channels of ``relu(feature[:, :, H//2, W//2])``;
+  squared (default 1024 px), no crop; scalar = sum over channels of ``relu(feature[:, :, H//2, W//2])``
+  ((B, N, C) tokens: the leading class/register tokens dropped, the rest a square grid);
   per-image map = ``relu(d scalar / d input)`` summed over RGB; mean over images. Display map
   ``log10(map + 1) / max``; high-contribution area ratios at t = 0.2, 0.3, 0.5, 0.99 are the smallest
   centred squares holding more than t of the display map.
@@ -285,7 +286,8 @@ def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: 
     if feature.dim() == 3 and convention == "kim2023":
         centre = _centre_token(feature, _prefix_tokens(model))
     else:
-        if feature.dim() == 3:  # (B, N, C) tokens -> (B, C, h, w) on a square grid
+        if feature.dim() == 3:  # (B, N, C) tokens -> (B, C, h, w) on a square grid, without class/register tokens
+            feature = feature[:, _prefix_tokens(model):]
             side = int(round(feature.shape[1] ** 0.5))
             feature = feature.transpose(1, 2).reshape(feature.shape[0], -1, side, feature.shape[1] // side)
         centre = feature[:, :, feature.shape[-2] // 2, feature.shape[-1] // 2]

@@ -13,6 +13,11 @@ BN-fused sum of the branches), so a truncated block runs as one depthwise convol
 its effective bias (``models.large_kernel.EffectiveKernelFilter``); their coverage K / F keeps every tap at r = K / F
 with ``shape="square"``, the inscribed disc with a disc.
 
+Hyena N-D ViTs (``hyena_nd``) are cut the same way on the kernel each block applies, laid on its centred
+(2L-1) x (2L-1) canvas (F = L tokens per side; a quadrant, or four for ``4dir``), so r = 0 keeps the centre tap
+and the skip. A ViT has one stage: a swept group is then a block or a range of blocks (``S1B1-6``), by default all
+its Hyena N-D blocks together, and the activations entering the group's first block are shared.
+
 Hyena 1D layers convolve the row-major flattened map (L = H * W), and their cut is chosen with
 ``hb_cut``:
 
@@ -40,20 +45,23 @@ the flags are all-reduced.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..datasets import LabelledImage
 from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, RunStore, inputs_digest, run_batches, run_key
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform
-from ..inspection import (HYENA_1D, HYENAPIXEL_2D, LARGE_CONV, MixerInfo, kernel, long_filter_layers, modify_kernels,
-                          tap_displacements, tap_offsets)
+from ..inspection import (HYENA_1D, HYENA_ND, LayerLike, LayerRef, MixerInfo, group_label, kernel, list_mixers,
+                          modify_kernels, parse_layer_group, select_mixers, tap_displacements, tap_offsets)
 from ..results import Result, model_metadata, write_rows_csv
 
 if TYPE_CHECKING:
@@ -68,26 +76,32 @@ TOLERANCE = 1e-9  # sizes given in decimals (0.3 = 0.30000000000000004) keep tap
 class TruncationResult(Result):
     """Accuracy per (stage, relative size) and of the untruncated model, with 95% bootstrap intervals.
 
-    arrays: ``stages`` (S,) 0-based, ``sizes`` (R,), ``top1``/``top5`` (S, R), ``top1_ci``/``top5_ci``
-    (S, R, 2), ``kept_fraction`` (S, R) share of the stage's long-kernel taps kept,
+    One curve per swept group: a stage, a block or a range of blocks (a ViT has one stage, its blocks).
+    arrays: ``stages`` (S,) each group's 0-based stage, ``sizes`` (R,), ``top1``/``top5`` (S, R), ``top1_ci``/``top5_ci``
+    (S, R, 2), ``kept_fraction`` (S, R) share of the group's long-kernel taps kept,
     ``reference`` (2,) untruncated top-1/top-5 and ``reference_ci`` (2, 2), ``coverage`` (S,) the
-    stage's mean learned coverage (coverage analyzer; NaN for a stage with Hyena 1D layers unless
-    they are bidirectional and cut by offset: otherwise their coverage is no r of the cut),
+    group's mean learned coverage (coverage analyzer; NaN for a group with Hyena 1D layers unless
+    they are bidirectional and cut by offset, or with one-sided Hyena N-D blocks: their coverage is no r of the cut),
     ``top1_correct`` / ``top5_correct`` (1 + S * R,) correct counts, column 0 untruncated, then
     stage-major.
-    meta: ``shape``, ``hb_cut``, ``every_tap_size`` per stage (the smallest r keeping every tap),
-    ``layer_kinds`` per stage, and the evaluation details.
+    meta: ``groups`` (labels), ``shape``, ``hb_cut``, ``every_tap_size`` per group (the smallest r keeping every
+    tap), ``layer_kinds`` per group, and the evaluation details.
     """
 
     kind = "truncation"
 
+    @property
+    def groups(self) -> List[str]:
+        """The swept groups' labels in the paper's numbering (``S3``, ``S1 B1-6``), one per curve."""
+        return self.meta.get("groups") or [f"S{int(stage) + 1}" for stage in self.arrays["stages"]]
+
     def rows(self) -> List[Dict[str, float]]:
-        """One row per (stage, size), stages numbered from 1 as in the paper."""
+        """One row per (group, size), stages numbered from 1 as in the paper."""
         a = self.arrays
         rows = []
-        for i, stage in enumerate(a["stages"]):
+        for i, (stage, group) in enumerate(zip(a["stages"], self.groups)):
             for j, size in enumerate(a["sizes"]):
-                rows.append({"stage": int(stage) + 1, "relative_size": float(size),
+                rows.append({"stage": int(stage) + 1, "layers": group, "relative_size": float(size),
                              "top1": float(a["top1"][i, j]), "top1_low": float(a["top1_ci"][i, j, 0]),
                              "top1_high": float(a["top1_ci"][i, j, 1]), "top5": float(a["top5"][i, j]),
                              "top5_low": float(a["top5_ci"][i, j, 0]), "top5_high": float(a["top5_ci"][i, j, 1]),
@@ -140,32 +154,32 @@ def sizes_up_to(every_tap: float, step: float = SIZE_STEP) -> List[float]:
     return [size for size in grid if size < every_tap - TOLERANCE] + [every_tap]
 
 
-def default_sizes(model: nn.Module, stages: Optional[Sequence[int]] = None, shape: str = "disc",
+def default_sizes(model: nn.Module, stages: Optional[Sequence[GroupLike]] = None, shape: str = "disc",
                   hb_cut: str = "wrap", input_size: Union[int, Sequence[int], None] = None) -> List[float]:
-    """The sweep's default sizes: 0 to the smallest r that keeps every tap of the 0-based ``stages``
-    (None: every stage with long filters) in steps of 0.1, that r being the last point. input_size:
-    evaluation resolution (the model's default when None)."""
+    """The sweep's default sizes: 0 to the smallest r that keeps every tap of the swept ``stages`` (0-based stages,
+    blocks or block ranges, :data:`GroupLike`; None: every stage with long filters) in steps of 0.1, that r being
+    the last point. input_size: evaluation resolution (the model's default when None)."""
     from ..models.zoo import default_input_size
     size = input_size if input_size is not None else default_input_size(model)
     swept = _swept_layers(model, stages, size)
     return sizes_up_to(max(float(relative_tap_distance(info, shape, hb_cut).max())
-                           for _, layers in swept for info in layers))
+                           for group in swept for info in group.layers))
 
 
 @contextlib.contextmanager
-def truncate_kernels(model: nn.Module, stages: Sequence[int], size: float, shape: str = "disc",
+def truncate_kernels(model: nn.Module, stages: Sequence[GroupLike], size: float, shape: str = "disc",
                      input_size: Union[int, Sequence[int], None] = None, hb_cut: str = "wrap"
                      ) -> Iterator[List[MixerInfo]]:
-    """Inside the block the long kernels of the 0-based ``stages`` keep only the taps within relative
-    size ``size`` at resolution ``input_size`` (the model's default when None); restored on exit.
-    hb_cut: ``"wrap"`` or ``"offset"`` for Hyena 1D layers (module docstring)."""
+    """Inside the block the long kernels of ``stages`` (0-based stages, blocks or block ranges, :data:`GroupLike`)
+    keep only the taps within relative size ``size`` at resolution ``input_size`` (the model's default when None);
+    restored on exit. hb_cut: ``"wrap"`` or ``"offset"`` for Hyena 1D layers (module docstring)."""
     from ..models.zoo import default_input_size
 
     def cut(k: Tensor, info: MixerInfo) -> Tensor:
         return k * kept_taps(relative_tap_distance(info, shape, hb_cut), size).to(k.device, k.dtype)
 
-    wanted = set(stages)
-    with modify_kernels(model, cut, layers=lambda info: info.stage in wanted,
+    wanted = [ref for group in stages for ref in _group_refs(group)]
+    with modify_kernels(model, cut, layers=lambda info: any(ref.matches(info) for ref in wanted),
                         input_size=input_size if input_size is not None else default_input_size(model)) as chosen:
         yield chosen
 
@@ -200,25 +214,27 @@ def _bootstrap_ci(flags: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
 
 
 class _StagePlan:
-    """The long-filter layers of one stage, their masks per distinct truncation and their base kernels."""
+    """The long-filter layers of one swept group (a stage, a block, a range of blocks), their masks per distinct
+    truncation and their base kernels. ``stage``: the group's 0-based stage; ``entry``: the index of the step
+    (:func:`_model_steps`) the group's activations enter; ``label``: the group's name in the paper's numbering."""
 
-    def __init__(self, stage: int, layers: List[MixerInfo], sizes: Sequence[float], shape: str, hb_cut: str):
-        self.stage, self.layers = stage, layers
-        distances = [relative_tap_distance(info, shape, hb_cut) for info in layers]
+    def __init__(self, group: "_Group", sizes: Sequence[float], shape: str, hb_cut: str):
+        self.label, self.stage, self.entry, self.layers = group.label, group.stage, group.entry, group.layers
+        distances = [relative_tap_distance(info, shape, hb_cut) for info in self.layers]
         self.every_tap = max(float(d.max()) for d in distances)  # the smallest size keeping every tap
         self.column, keys = _distinct_truncations(distances, sizes)
         self.full = keys.index(None) if None in keys else None
         self.masks: List[Optional[Dict[int, Tensor]]] = [
             None if key is None else {info.index: kept_taps(d, sizes[self.column.index(k)])
-                                      for info, d in zip(layers, distances)}
+                                      for info, d in zip(self.layers, distances)}
             for k, key in enumerate(keys)]
         total = sum(d.numel() for d in distances)
         self.kept_fraction = [1.0 if self.masks[k] is None else
                               sum(int(m.sum()) for m in self.masks[k].values()) / total for k in self.column]
-        self.base = {info.index: kernel(info) for info in layers}
+        self.base = {info.index: kernel(info) for info in self.layers}
 
     def masked_forward(self, model: nn.Module, entering: Tensor, distinct: int) -> Tensor:
-        """Logits (B, classes) with truncation ``distinct`` applied, from the activations entering the stage."""
+        """Logits (B, classes) with truncation ``distinct`` applied, from the activations entering the group."""
         masks = self.masks[distinct]
         with contextlib.ExitStack() as overrides:
             for info in self.layers:
@@ -226,7 +242,7 @@ class _StagePlan:
                 mask = masks[info.index].to(base.device, base.dtype)
                 overrides.enter_context(info.long_filter.override_kernel(base * mask))
             x = entering
-            for step in _stage_steps(model)[1][self.stage:]:
+            for step in _model_steps(model).steps[self.entry:]:
                 x = step(x)
             return model.forward_head(x)
 
@@ -242,64 +258,116 @@ def _correct(logits: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
 def _evaluate_batch(model: nn.Module, images: Tensor, labels: Tensor, plans: Sequence[_StagePlan]
                     ) -> Tuple[np.ndarray, np.ndarray]:
     """Correctness (B, 1 + stages * sizes) for top-1 and top-5: column 0 the untruncated model."""
-    stem, steps = _stage_steps(model)
-    x = stem(images)
+    steps = _model_steps(model)
+    x = steps.stem(images)
     entering = []
-    for step in steps:
+    for step in steps.steps:
         entering.append(x)
         x = step(x)
     reference = _correct(model.forward_head(x), labels)
     top1, top5 = [reference[0]], [reference[1]]
     for plan in plans:
         distinct = [reference if d == plan.full else
-                    _correct(plan.masked_forward(model, entering[plan.stage], d), labels)
+                    _correct(plan.masked_forward(model, entering[plan.entry], d), labels)
                     for d in range(len(plan.masks))]
         top1 += [distinct[d][0] for d in plan.column]
         top5 += [distinct[d][1] for d in plan.column]
     return torch.stack(top1, 1).cpu().numpy(), torch.stack(top5, 1).cpu().numpy()
 
 
-def _stage_steps(model: nn.Module) -> Tuple[nn.Module, List[nn.Module]]:
-    """(stem, one module per stage) run in turn: the model's ``stage_steps()`` where it has one (SLaK and RepLKNet
-    downsample between their ``stages``), else ``stem`` and ``stages``."""
+@dataclass
+class _ModelSteps:
+    """How a model runs in turn: ``stem``, then ``steps``, then ``forward_head``; ``entry(info)`` is the index of
+    the step a layer's input enters (its stage, or its block in a ViT)."""
+
+    stem: Callable[[Tensor], Tensor]
+    steps: List[Callable[[Tensor], Tensor]]
+    entry: Callable[[MixerInfo], int]
+
+
+def _model_steps(model: nn.Module) -> _ModelSteps:
+    """The model's ``stage_steps()`` where it has one (SLaK and RepLKNet downsample between their ``stages``), else
+    ``stem`` and ``stages``; a timm ViT (the Hyena N-D models) steps block by block, the final norm after the last."""
     if hasattr(model, "stage_steps"):
-        return model.stage_steps()
-    return model.stem, list(model.stages)
+        stem, steps = model.stage_steps()
+        return _ModelSteps(stem, list(steps), lambda info: info.stage)
+    if hasattr(model, "stages") and hasattr(model, "stem"):
+        return _ModelSteps(model.stem, list(model.stages), lambda info: info.stage)
+    if isinstance(model, VisionTransformer):
+        def embed(x: Tensor) -> Tensor:  # forward_features up to the blocks
+            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+        def last_block(x: Tensor) -> Tensor:
+            return model.norm(model.blocks[-1](x))
+
+        return _ModelSteps(embed, [*model.blocks[:-1], last_block], lambda info: info.block)
+    raise HpxError(f"{type(model).__name__} is neither a model with stages nor a ViT; truncation needs one")
 
 
-def _swept_layers(model: nn.Module, stages: Optional[Sequence[int]], input_size: Union[int, Sequence[int]]
-                  ) -> List[Tuple[int, List[MixerInfo]]]:
-    """(stage, its long-filter layers) per 0-based stage to sweep (None: every stage with long filters)."""
-    if not hasattr(model, "stages") or not hasattr(model, "forward_head"):
-        raise HpxError(f"{type(model).__name__} is not a MetaFormer-style model with stages; truncation needs one")
-    layers = long_filter_layers(model, input_size)
-    with_filters = sorted({info.stage for info in layers})
-    if not with_filters:
-        raise HpxError("the model has no implicit long filters (HyenaPixel or Hyena layers) to truncate")
-    chosen = with_filters if stages is None else list(dict.fromkeys(stages))
-    for stage in chosen:
-        if not 0 <= stage < len(model.stages):
-            raise HpxError(f"stage {stage + 1} does not exist; the model has stages 1-{len(model.stages)}")
-        if stage not in with_filters:
-            raise HpxError(f"stage {stage + 1} has no long-filter layers; stages with them: "
-                           f"{', '.join(str(s + 1) for s in with_filters)}")
-    return [(stage, [i for i in layers if i.stage == stage]) for stage in chosen]
+@dataclass
+class _Group:
+    """One swept group: its label, 0-based stage, entry step and long-filter layers."""
+
+    label: str
+    stage: int
+    entry: int
+    layers: List[MixerInfo]
 
 
-def _stage_plans(model: nn.Module, stages: Optional[Sequence[int]], sizes: Sequence[float], shape: str,
+GroupLike = Union[LayerLike, Sequence[LayerLike]]
+"""A swept group in the Python API, numbered from 0: a stage, a block, a block range (``"S1B1-6"`` read as from 1
+as in the paper, ``"0.0-5"`` from 0, :func:`..inspection.parse_layer_group`) or a list of these taken together."""
+
+
+def _group_refs(group: GroupLike) -> List[LayerRef]:
+    if isinstance(group, str):
+        return parse_layer_group(group, one_based=False)
+    if isinstance(group, (LayerRef, numbers.Integral)) or (isinstance(group, tuple) and len(group) == 2
+                                                          and all(isinstance(v, numbers.Integral) for v in group)):
+        return [LayerRef.of(group)]
+    return [ref for item in group for ref in _group_refs(item)]
+
+
+def _swept_layers(model: nn.Module, stages: Optional[Sequence[GroupLike]], input_size: Union[int, Sequence[int]]
+                  ) -> List[_Group]:
+    """The groups to sweep: each entry of ``stages`` (:data:`GroupLike`), or None for every stage with long filters
+    (the whole network for a ViT)."""
+    steps = _model_steps(model)
+    infos = list_mixers(model, input_size)
+    layers = [info for info in infos if info.long_filter is not None]
+    if not layers:
+        raise HpxError("the model has no long filters (HyenaPixel, Hyena, Hyena N-D or large kernels) to truncate")
+    groups = [[LayerRef(stage)] for stage in sorted({info.stage for info in layers})] if stages is None else [
+        _group_refs(group) for group in stages]
+    swept = []
+    for refs in groups:
+        chosen = [info for info in layers if any(ref.matches(info) for ref in refs)]
+        select_mixers(infos, refs, long_filters_only=not chosen)  # HpxError: says what is missing
+        if len({info.stage for info in chosen}) > 1:
+            raise HpxError(f"{group_label(refs)} spans several stages; truncate one stage (or blocks of one) at a time")
+        swept.append(_Group(group_label(refs), chosen[0].stage, min(steps.entry(info) for info in chosen), chosen))
+    labels = [group.label for group in swept]
+    if len(set(labels)) < len(labels):
+        raise HpxError(f"a group is given twice: {', '.join(labels)}")
+    return swept
+
+
+def _stage_plans(model: nn.Module, stages: Optional[Sequence[GroupLike]], sizes: Sequence[float], shape: str,
                  input_hw: Tuple[int, int], hb_cut: str = "wrap") -> List[_StagePlan]:
-    """One plan per swept stage (see :func:`_swept_layers`)."""
-    return [_StagePlan(stage, layers, sizes, shape, hb_cut) for stage, layers in _swept_layers(model, stages, input_hw)]
+    """One plan per swept group (see :func:`_swept_layers`)."""
+    return [_StagePlan(group, sizes, shape, hb_cut) for group in _swept_layers(model, stages, input_hw)]
 
 
-def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages: Optional[Sequence[int]] = None,
+def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages: Optional[Sequence[GroupLike]] = None,
                      sizes: Optional[Sequence[float]] = None, shape: str = "disc", *, hb_cut: str = "wrap",
                      batch_size: int = 32, input_size: Optional[int] = None, resume_dir: Optional[Path | str] = None,
                      strict: bool = False, workers: int = 0, n_resamples: int = 1000, seed: int = 0,
                      progress: bool = True) -> TruncationResult:
     """Top-1/top-5 accuracy on ``samples`` for every relative size in ``sizes`` and stage in ``stages``.
 
-    stages: 0-based stage indices (None: every stage with long filters). sizes: relative sizes
+    stages: the groups swept, one curve each (:data:`GroupLike`, numbered from 0: stage indices, blocks such as
+    ``LayerRef(0, 3)``, block ranges such as ``"S1B1-6"``, or lists of these; None: every stage with long filters,
+    for a ViT all its Hyena N-D blocks together). sizes: relative sizes
     (None: :func:`default_sizes`, 0 to every tap kept). hb_cut: ``"wrap"`` (nearest-wrap disc) or
     ``"offset"`` for Hyena 1D layers (module docstring). The model runs on the device of its
     parameters. resume_dir: the run's state is kept under ``resume_dir/<run key>/`` (:mod:`..engine`),
@@ -327,7 +395,7 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
 
     dataset = ImageDataset([ImageSource(name=s.name, path=s.path) for s in samples], transform,
                            labels=[s.label for s in samples])
-    options = {"stages": [p.stage for p in plans], "sizes": sizes, "shape": shape, "hb_cut": hb_cut,
+    options = {"stages": [p.label for p in plans], "sizes": sizes, "shape": shape, "hb_cut": hb_cut,
                "batch_size": batch_size, "input": list(input_hw), "labels": [s.label for s in samples]}
     key = run_key(model, inputs_digest(dataset.images), options) if resume_dir is not None else None
     run = run_batches(model, dataset, step, {"top1": ItemOutput((settings,), "int32"),
@@ -340,11 +408,19 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
 
 
 def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str) -> float:
-    """The stage's mean learned coverage where it is a relative size of the cut (HyenaPixel and large-kernel layers;
-    bidirectional Hyena 1D layers under the offset cut), else NaN."""
-    if any(info.kind == HYENA_1D and (hb_cut == "wrap" or info.long_filter.causal) for info in plan.layers):
+    """The group's mean learned coverage where it is a relative size of the cut, else NaN: HyenaPixel, large-kernel
+    and ``4dir`` Hyena N-D layers; bidirectional Hyena 1D layers under the offset cut. A one-sided (causal) kernel's
+    coverage, reach + 1 taps over F, is no r of a centred disc."""
+    def on_axis(info: MixerInfo) -> bool:
+        if info.kind == HYENA_1D:
+            return hb_cut == "offset" and not info.long_filter.causal
+        return info.kind != HYENA_ND or info.module.direction == "4dir"
+
+    if not all(map(on_axis, plan.layers)):
         return float("nan")
-    return coverage.stage_coverage(plan.stage, kinds=(HYENAPIXEL_2D, HYENA_1D, LARGE_CONV))
+    wanted = {info.index for info in plan.layers}
+    return float(np.mean([value for index, value in zip(coverage.arrays["index"], coverage.arrays["mean"])
+                          if int(index) in wanted]))
 
 
 def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequence[_StagePlan], sizes: Sequence[float],
@@ -371,11 +447,11 @@ def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequen
     }
     skipped = [samples[i].name for i in run.unreadable]
     meta = {"model": model_metadata(model), "shape": shape, "hb_cut": hb_cut,
-            "stages_paper": [p.stage + 1 for p in plans],
-            "layers": {f"S{p.stage + 1}": [i.name for i in p.layers] for p in plans},
-            "layer_kinds": {f"S{p.stage + 1}": sorted({i.kind for i in p.layers}) for p in plans},
-            "every_tap_size": {f"S{p.stage + 1}": p.every_tap for p in plans},
-            "distinct_truncations": {f"S{p.stage + 1}": len(p.masks) for p in plans},
+            "stages_paper": [p.stage + 1 for p in plans], "groups": [p.label for p in plans],
+            "layers": {p.label: [i.name for i in p.layers] for p in plans},
+            "layer_kinds": {p.label: sorted({i.kind for i in p.layers}) for p in plans},
+            "every_tap_size": {p.label: p.every_tap for p in plans},
+            "distinct_truncations": {p.label: len(p.masks) for p in plans},
             "images_total": len(samples), "images_evaluated": int(evaluated.sum()),
             "images_skipped": len(skipped), "skipped": skipped, "classes": len({s.label for s in samples}),
             "model_classes": getattr(model, "num_classes", None),

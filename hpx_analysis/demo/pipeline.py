@@ -1,10 +1,11 @@
 """``hpx-analyze demo``: train (or reuse) the proxies, run every analyzer on them, write a gallery.
 
-The HyenaPixel and ConvFormer proxies are trained on the global ``same-row`` task and, for contrast,
-on the local ``stripes`` task. :func:`known_answers` then checks what the task design predicts (the
-HyenaPixel proxy solves the global task and the local baseline does not; its ERF is larger; cutting
-its long kernels to the centre tap brings it to chance; FGVis deletes the marks) against what the
-analyzers measure, and the summary reports each check, met or not.
+The HyenaPixel, ConvFormer and Hyena N-D proxies are trained on the global ``same-row`` task and, for
+contrast, on the local ``stripes`` task. :func:`known_answers` then checks what the task design predicts
+(the HyenaPixel proxy solves the global task and the local baseline does not; its ERF is larger; cutting
+its long kernels to the centre tap brings it to chance; FGVis deletes the marks; the Hyena N-D proxy also
+solves the global task and falls to chance without its long kernels) against what the analyzers measure,
+and the summary reports each check, met or not.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -20,25 +21,39 @@ from torch import nn
 
 from ..engine import content_key
 from ..images import model_mean_std, normalise
-from ..inspection import cut_short_convs
-from ..models.proxies import PROXY_NAMES
+from ..inspection import cut_short_convs, long_filter_layers
+from ..models.proxies import HYENA_ND_PROXY, PROXY_NAMES
 from .tasks import IMAGE_SIZE, TASKS, sample_task
 from .training import EVAL_SEED_OFFSET, TrainingConfig, load_or_train, task_accuracy
 
+if TYPE_CHECKING:
+    from ..analyzers.truncation import TruncationResult
+
 GLOBAL_TASK, LOCAL_TASK = "same-row", "stripes"
-HPX_PROXY, CONV_PROXY = PROXY_NAMES
+HPX_PROXY, CONV_PROXY = PROXY_NAMES[:2]
+HYENA_ND_FILTER_LR_SCALE = 0.01
+"""The Hyena N-D proxy's filter networks learn at 1/100 of the rate (README, "Run the demo")."""
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Training steps per task, images per analysis and the seed of everything."""
+    """Training steps per task (the Hyena N-D proxy's own on the global task), images per analysis and the seed
+    of everything."""
 
     global_steps: int = 800
     local_steps: int = 300
+    hyena_nd_global_steps: int = 800
     erf_images: int = 32
     truncation_images: int = 256
     fgvis_images: int = 4
     seed: int = 0
+
+    def training(self, model: str, task: str) -> TrainingConfig:
+        """The training run of proxy ``model`` on ``task``: its steps, the Hyena N-D proxy's filter rate, the seed."""
+        steps = self.local_steps if task != GLOBAL_TASK else (
+            self.hyena_nd_global_steps if model == HYENA_ND_PROXY else self.global_steps)
+        scale = HYENA_ND_FILTER_LR_SCALE if model == HYENA_ND_PROXY else 1.0
+        return TrainingConfig(model, task, steps, seed=self.seed, filter_lr_scale=scale)
 
 
 def write_task_folder(task: str, count: int, seed: int, root: Path) -> Path:
@@ -65,10 +80,19 @@ def deleted_mass_on_marks(maps: np.ndarray, marks: np.ndarray) -> np.ndarray:
 
 
 def _accuracy_under_truncation(model: nn.Module, size: float, images: int, seed: int) -> float:
-    """Global-task accuracy with every stage's long kernels cut to relative size ``size``."""
+    """Global-task accuracy with every long kernel cut to relative size ``size`` (all stages that have one; a
+    ViT's blocks are all stage 0)."""
     from ..analyzers.truncation import truncate_kernels
-    with truncate_kernels(model, stages=range(len(model.stages)), size=size, input_size=IMAGE_SIZE):
+    stages = sorted({info.stage for info in long_filter_layers(model, IMAGE_SIZE)})
+    with truncate_kernels(model, stages=stages, size=size, input_size=IMAGE_SIZE):
         return task_accuracy(model, GLOBAL_TASK, images, seed)
+
+
+def _accuracy_by_cut(model: nn.Module, images: int, seed: int) -> Dict[str, float]:
+    """Global-task accuracy with every long kernel cut to r = 0 (``"0.0"``) and r = 1 (``"1.0"``), and untruncated."""
+    cut = {str(size): _accuracy_under_truncation(model, size, images, seed) for size in (0.0, 1.0)}
+    cut["untruncated"] = task_accuracy(model, GLOBAL_TASK, images, seed)
+    return cut
 
 
 def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = DemoSettings(),
@@ -95,10 +119,9 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     seed = settings.seed
     models: Dict[Tuple[str, str], nn.Module] = {}
     records: Dict[str, Dict[str, Any]] = {}
-    for task, steps in ((GLOBAL_TASK, settings.global_steps), (LOCAL_TASK, settings.local_steps)):
+    for task in (GLOBAL_TASK, LOCAL_TASK):
         for name in PROXY_NAMES:
-            model, record, checkpoint = load_or_train(TrainingConfig(name, task, steps, seed=seed), cache_dir,
-                                                      progress)
+            model, record, checkpoint = load_or_train(settings.training(name, task), cache_dir, progress)
             models[name, task] = model
             records[f"{name}/{task}"] = {**record, "checkpoint": str(checkpoint)}
     written: List[Path] = []
@@ -114,19 +137,21 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
                                                        label=name, progress=progress) for name in PROXY_NAMES])
     written += [erf.save(out / "erf"), *save_erf_figure(erf, out / "erf")]
 
-    kernels = compute_kernels(hpx, input_size=IMAGE_SIZE)
-    written += [kernels.save(out / "kernels"), *save_figure(plot_kernels(kernels), out / "kernels",
-                                                            metadata=kernels.meta)]
+    hyena_nd = models[HYENA_ND_PROXY, GLOBAL_TASK]
+    for stem, model in (("kernels", hpx), ("kernels_hyena_nd", hyena_nd)):
+        kernels = compute_kernels(model, input_size=IMAGE_SIZE)
+        written += [kernels.save(out / stem), *save_figure(plot_kernels(kernels), out / stem, metadata=kernels.meta)]
     coverage = [compute_coverage(models[name, GLOBAL_TASK], input_size=IMAGE_SIZE) for name in PROXY_NAMES]
     written += save_figure(plot_coverage(coverage), out / "coverage",
                            metadata={"results": [c.meta for c in coverage]})
 
     data = write_task_folder(GLOBAL_TASK, settings.truncation_images, seed, cache_dir)
-    sweep = truncation_sweep(hpx, labelled_images(data), None, None,
-                             input_size=IMAGE_SIZE, batch_size=64, n_resamples=500, seed=seed, progress=progress)
-    written += [sweep.save(out / "truncation"), *plot_truncation(sweep, out / "truncation")]
-    cut = {str(size): _accuracy_under_truncation(hpx, size, settings.truncation_images, seed) for size in (0.0, 1.0)}
-    cut["untruncated"] = task_accuracy(hpx, GLOBAL_TASK, settings.truncation_images, seed)
+    sweeps = {}
+    for stem, model in (("truncation", hpx), ("truncation_hyena_nd", hyena_nd)):
+        sweeps[stem] = truncation_sweep(model, labelled_images(data), None, None, input_size=IMAGE_SIZE, batch_size=64,
+                                        n_resamples=500, seed=seed, progress=progress)
+        written += [sweeps[stem].save(out / stem), *plot_truncation(sweeps[stem], out / stem)]
+    cut, hyena_nd_cut = (_accuracy_by_cut(model, settings.truncation_images, seed) for model in (hpx, hyena_nd))
     short_cut = {}
     for stage in range(len(hpx.stages)):
         with cut_short_convs(hpx, [stage]):
@@ -145,9 +170,10 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
         "accuracy": accuracy,
         "erf_area_ratio_t0.5": {entry["label"]: entry["area_ratios"]["0.5"] for entry in erf.meta["models"]},
         "truncation_all_stages": cut,
+        "hyena_nd_truncation_all_blocks": hyena_nd_cut,
         "short_convs_cut_to_centre": short_cut,
-        "truncation_per_stage": {f"S{int(s) + 1}": dict(zip(map(str, sweep.arrays["sizes"]), map(float, row)))
-                                 for s, row in zip(sweep.arrays["stages"], sweep.arrays["top1"])},
+        "truncation_per_stage": _per_stage(sweeps["truncation"]),
+        "hyena_nd_truncation_per_stage": _per_stage(sweeps["truncation_hyena_nd"]),
         "coverage_mean": {c.model_name: [round(row["mean"], 4) for row in c.rows()] for c in coverage},
         "fgvis_deleted_mass_on_marks": on_marks.tolist(),
         "fgvis_success": [bool(r["success"]) for r in explanation.records],
@@ -161,24 +187,35 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     return summary
 
 
+def _per_stage(sweep: "TruncationResult") -> Dict[str, Dict[str, float]]:
+    """A truncation sweep's top-1 accuracy per swept stage (``S1``, ...) and relative size r (text)."""
+    return {f"S{int(s) + 1}": dict(zip(map(str, sweep.arrays["sizes"]), map(float, row)))
+            for s, row in zip(sweep.arrays["stages"], sweep.arrays["top1"])}
+
+
 def known_answers(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The task design's predictions, each with the measured numbers and whether it holds."""
     acc = summary["accuracy"]
     erf = summary["erf_area_ratio_t0.5"]
     cut = summary["truncation_all_stages"]
+    hyena_nd_cut = summary["hyena_nd_truncation_all_blocks"]
     on_marks = float(np.mean(summary["fgvis_deleted_mass_on_marks"]))
     checks = [
         ("HyenaPixel proxy solves the global task (>= 90%)", acc[HPX_PROXY][GLOBAL_TASK],
          acc[HPX_PROXY][GLOBAL_TASK] >= 0.9),
         ("local baseline does markedly worse on it (>= 20 points lower)", acc[CONV_PROXY][GLOBAL_TASK],
          acc[CONV_PROXY][GLOBAL_TASK] <= acc[HPX_PROXY][GLOBAL_TASK] - 0.2),
-        ("both solve the local task (>= 90%)", min(acc[name][LOCAL_TASK] for name in PROXY_NAMES),
+        ("all proxies solve the local task (>= 90%)", min(acc[name][LOCAL_TASK] for name in PROXY_NAMES),
          min(acc[name][LOCAL_TASK] for name in PROXY_NAMES) >= 0.9),
         ("HyenaPixel ERF area ratio at t = 0.5 larger", erf[HPX_PROXY],
          (erf[HPX_PROXY] or 0.0) > (erf[CONV_PROXY] or 0.0)),
         ("long kernels cut to the centre tap (r = 0): global task near chance (<= 60%)", cut["0.0"],
          cut["0.0"] <= 0.6),
         ("FGVis: most deleted mass on the marks (> 50%)", on_marks, on_marks > 0.5),
+        ("Hyena N-D proxy solves the global task (>= 90%)", acc[HYENA_ND_PROXY][GLOBAL_TASK],
+         acc[HYENA_ND_PROXY][GLOBAL_TASK] >= 0.9),
+        ("its long kernels cut to the centre tap (r = 0): global task near chance (<= 60%)", hyena_nd_cut["0.0"],
+         hyena_nd_cut["0.0"] <= 0.6),
     ]
     return [{"expectation": text, "measured": float(value) if value is not None else None, "holds": bool(holds)}
             for text, value, holds in checks]
@@ -193,6 +230,7 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     acc = summary["accuracy"]
     erf = summary["erf_area_ratio_t0.5"]
     cut = summary["truncation_all_stages"]
+    hyena_nd_cut = summary["hyena_nd_truncation_all_blocks"]
     shares = summary["fgvis_deleted_mass_on_marks"]
     lines = [
         "# hpx-analyze demo: proxy models with known answers", "",
@@ -205,9 +243,12 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {params} | {_percent(acc[name][GLOBAL_TASK])} | {_percent(acc[name][LOCAL_TASK])} |")
     lines += [
         "", "## What the analyses measure", "",
-        f"- ERF area ratio at t = 0.5: {HPX_PROXY} {_percent(erf[HPX_PROXY])}, {CONV_PROXY} {_percent(erf[CONV_PROXY])}.",
+        "- ERF area ratio at t = 0.5: " + ", ".join(f"{name} {_percent(erf[name])}" for name in PROXY_NAMES) + ".",
         f"- Every long kernel of {HPX_PROXY} cut to relative size r: same-row accuracy {_percent(cut['0.0'])} at "
         f"r = 0 (centre tap), {_percent(cut['1.0'])} at r = 1, {_percent(cut['untruncated'])} untruncated.",
+        f"- Every long kernel of {HYENA_ND_PROXY} (all three blocks) cut to r: same-row accuracy "
+        f"{_percent(hyena_nd_cut['0.0'])} at r = 0, {_percent(hyena_nd_cut['1.0'])} at r = 1, "
+        f"{_percent(hyena_nd_cut['untruncated'])} untruncated (r swept in the `truncation_hyena_nd` figure).",
         "- One stage at a time (the `truncation` figure), r = 0: " + "; ".join(
             f"{stage} {_percent(row['0.0'])}" for stage, row in summary["truncation_per_stage"].items()) + ".",
         "- The gated short path instead: the 5x5 depthwise kernels of one stage cut to their centre tap (long "
@@ -220,6 +261,6 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     ]
     lines += [f"| {check['expectation']} | {_percent(check['measured'])} | {'yes' if check['holds'] else 'no'} |"
               for check in summary["known_answers"]]
-    lines += ["", "Figures: `tasks`, `accuracy`, `erf`, `kernels`, `coverage`, `truncation`, `fgvis` (.png and .pdf, "
-              "metadata in .figure.json).", ""]
+    lines += ["", "Figures: `tasks`, `accuracy`, `erf`, `kernels`, `kernels_hyena_nd`, `coverage`, `truncation`, "
+              "`truncation_hyena_nd`, `fgvis` (.png and .pdf, metadata in .figure.json).", ""]
     return "\n".join(lines)

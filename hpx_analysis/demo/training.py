@@ -28,7 +28,8 @@ EVAL_SEED_OFFSET = 1_000_000  # held-out images come from seeds no training batc
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """One proxy training run: AdamW at a constant learning rate on freshly generated batches."""
+    """One proxy training run: AdamW at a constant learning rate on freshly generated batches; the Hyena N-D
+    filter networks at ``filter_lr_scale`` times that rate (:func:`parameter_groups`)."""
 
     model: str
     task: str
@@ -38,6 +39,7 @@ class TrainingConfig:
     weight_decay: float = 0.05
     seed: int = 0
     eval_images: int = 512
+    filter_lr_scale: float = 1.0
 
     def key(self) -> str:
         """Content key of the configuration (names the cached checkpoint; a new release retrains)."""
@@ -61,6 +63,19 @@ def task_accuracy(model: nn.Module, task: str, count: int, seed: int, batch_size
     return correct / count
 
 
+def parameter_groups(model: nn.Module, config: TrainingConfig) -> List[Dict[str, Any]]:
+    """AdamW parameter groups: the Hyena N-D mixers' filter networks (sine MLPs, positions, windows; not the skip
+    gain ``bias``) at ``config.filter_lr_scale`` times ``config.lr``, when the model has any, then the rest."""
+    from ..models.hyena_nd import HyenaNDMixer
+    slow = {id(p) for module in model.modules() if isinstance(module, HyenaNDMixer)
+            for name, p in module.filter_fn.named_parameters() if name != "bias"}
+    rest = [{"params": [p for p in model.parameters() if id(p) not in slow]}]
+    if not slow:
+        return rest
+    filters = [p for p in model.parameters() if id(p) in slow]
+    return rest + [{"params": filters, "lr": config.lr * config.filter_lr_scale}]
+
+
 def fit_on_task(model: nn.Module, config: TrainingConfig, desc: str = "train", progress: bool = True) -> List[float]:
     """Train ``model`` in place on freshly generated batches of ``config.task`` (``config``'s steps, batch
     size, AdamW settings and seed; ``config.model`` is not used); leaves it in eval mode. Returns the
@@ -69,7 +84,7 @@ def fit_on_task(model: nn.Module, config: TrainingConfig, desc: str = "train", p
 
     model.train()
     mean, std = model_mean_std(model)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     losses: List[float] = []
     bar = tqdm(range(config.steps), desc=desc, unit="step", disable=not progress, leave=False)
     for step in bar:
@@ -123,7 +138,9 @@ def load_or_train(config: TrainingConfig, cache_dir: Path | str, progress: bool 
         model, record = train_proxy(config, progress)
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = checkpoint.with_name(checkpoint.stem + ".tmp.safetensors")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
+        # one tensor per key: a Hyena N-D filter shares its sine module, which safetensors refuses as shared memory
+        save_file({k: v.clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()},
+                  str(partial))
         partial.replace(checkpoint)
         record_file.write_text(json.dumps(record, indent=1))
     record = json.loads(record_file.read_text())

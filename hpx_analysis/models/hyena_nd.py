@@ -84,7 +84,9 @@ class Window(nn.Module):
     """Exponential decay window ``exp(-t |delta_c|) + shift_c`` over one or two axes.
 
     ``deltas`` names the decay rates, (1, 1, D) each; with ``learnable`` they and ``shift`` are parameters,
-    otherwise buffers and the shift is 0 (the reference's frozen "standard" window).
+    otherwise buffers and the shift is 0 (the reference's frozen "standard" window). ``sqrt_decay``
+    (``hyena2d_sqrt_decay``): the reference takes the square root of the N-D filter's decay product before adding
+    the shift, i.e. every rate halved; its product-form windows ignore the option, so they get False here.
     """
 
     def __init__(self, channels: int, names: Tuple[str, ...], learnable: bool, sqrt_decay: bool,
@@ -99,11 +101,13 @@ class Window(nn.Module):
                 self.register_buffer(name, rates[None, None].clone())
         self.shift = nn.Parameter(torch.zeros(1, 1, channels)) if learnable else None
 
+    def rate(self, name: str) -> torch.Tensor:
+        """(1, 1, D) the decay rate applied: |delta|, halved under ``sqrt_decay`` (no golden file covers it)."""
+        return getattr(self, name).abs() * (0.5 if self.sqrt_decay else 1.0)
+
     def decay(self, t: torch.Tensor, name: str) -> torch.Tensor:
-        """(1, L, D) ``exp(-s |delta|)`` with s = t, or sqrt(t) under square-root decay (``hyena2d_sqrt_decay``;
-        no golden file covers this option)."""
-        s = t.sqrt() if self.sqrt_decay else t
-        return torch.exp(-s * getattr(self, name).abs())
+        """(1, L, D) ``exp(-t * rate)`` (:meth:`rate`)."""
+        return torch.exp(-t * self.rate(name))
 
     def offset(self) -> torch.Tensor | float:
         """(D,) the learned shift, or 0 for the frozen window."""
@@ -111,22 +115,33 @@ class Window(nn.Module):
 
 
 class _ImplicitFilter(nn.Module):
-    """What both filter forms hold first: the side ``length`` L, the skip gain ``bias`` (D,) and the positions."""
+    """What both filter forms hold first: the side ``length`` L, the skip gain ``bias`` (D,) and the positions
+    (``emb_dim`` features each, the reference's 3 by default)."""
 
-    def __init__(self, channels: int, length: int) -> None:
+    def __init__(self, channels: int, length: int, emb_dim: int = 3) -> None:
         super().__init__()
         self.length = length
         self.bias = nn.Parameter(torch.randn(channels))
-        self.pos_emb = PositionalEmbedding(length)
+        self.pos_emb = PositionalEmbedding(length, emb_dim)
+
+    @staticmethod
+    @torch.no_grad()
+    def _scale_outputs(mlps: Tuple[nn.Sequential, ...], gain: float) -> None:
+        """Multiply each sine MLP's last layer by ``gain`` (an initialisation option; 1 for the reference)."""
+        for mlp in mlps:
+            mlp[-1].weight.mul_(gain)
 
 
 class HyenaNDFilter(_ImplicitFilter):
-    """N-D implicit filter: ``k[c, i, j] = mlp([z_i, z_j])[c] * window[c, i, j]``; ``bias`` (D,) is the skip gain."""
+    """N-D implicit filter: ``k[c, i, j] = mlp([z_i, z_j])[c] * window[c, i, j]``; ``bias`` (D,) is the skip gain.
+    ``emb_dim`` (positional features) and ``output_gain`` (last layer's init scale) keep the reference's 3 and 1
+    by default."""
 
     def __init__(self, channels: int, length: int, width: int = 64, window: str = "standard",
-                 sqrt_decay: bool = False) -> None:
-        super().__init__(channels, length)
+                 sqrt_decay: bool = False, emb_dim: int = 3, output_gain: float = 1.0) -> None:
+        super().__init__(channels, length, emb_dim)
         self.implicit_filter = _sine_mlp(2 * self.pos_emb.z.shape[-1], width, channels, Sin(width))
+        self._scale_outputs((self.implicit_filter,), output_gain)
         self.modulation = (None if window == "no" else
                            Window(channels, ("Xdeltas", "Ydeltas"), window == "learn", sqrt_decay))
 
@@ -146,16 +161,18 @@ class HyenaNDFilter(_ImplicitFilter):
 
 
 class HyenaProductFilter(_ImplicitFilter):
-    """Product filter: ``k[c, i, j] = hx[i, c] hy[j, c]``, two 1D sine MLPs each times its own window."""
+    """Product filter: ``k[c, i, j] = hx[i, c] hy[j, c]``, two 1D sine MLPs each times its own window.
+    ``sqrt_decay`` is accepted and, as in the reference, has no effect on this form."""
 
     def __init__(self, channels: int, length: int, width: int = 64, window: str = "standard",
-                 sqrt_decay: bool = False) -> None:
-        super().__init__(channels, length)
-        sin, emb_dim = Sin(width), self.pos_emb.z.shape[-1]
+                 sqrt_decay: bool = False, emb_dim: int = 3, output_gain: float = 1.0) -> None:
+        super().__init__(channels, length, emb_dim)
+        sin = Sin(width)
         self.Ximplicit_filter = _sine_mlp(emb_dim, width, channels, sin)
         self.Yimplicit_filter = _sine_mlp(emb_dim, width, channels, sin)
+        self._scale_outputs((self.Ximplicit_filter, self.Yimplicit_filter), output_gain)
         windows = (None, None) if window == "no" else (
-            Window(channels, ("deltas",), window == "learn", sqrt_decay) for _ in range(2))
+            Window(channels, ("deltas",), window == "learn", sqrt_decay=False) for _ in range(2))
         self.Xmodulation, self.Ymodulation = windows
 
     def _axis_windows(self) -> List[torch.Tensor]:
@@ -201,8 +218,9 @@ class HyenaNDCanvasFilter(SquareFilter):
     def __init__(self, mixer: "HyenaNDMixer") -> None:
         super().__init__()
         self.channels, self.size = mixer.out_proj.in_features, 2 * mixer.length - 1
-        self._canvas = mixer.canvas_kernel  # a bound method, so the mixer is no child of its filter
-        self._skip = mixer.skip_gain
+        # bound methods, so the mixer is no child of its filter
+        self._canvas, self._skip, self._window = mixer.canvas_kernel, mixer.skip_gain, mixer.canvas_window
+        self.window_parameters = mixer.window_parameters
 
     @property
     def active(self) -> bool:
@@ -213,6 +231,11 @@ class HyenaNDCanvasFilter(SquareFilter):
         """(D, 2L-1, 2L-1) the applied kernel on its centred canvas, true-convolution orientation."""
         return self._canvas()
 
+    def window(self) -> torch.Tensor:
+        """(D, 2L-1, 2L-1) the decay window on the canvas, 0 where the block applies no tap
+        (:meth:`HyenaNDMixer.canvas_window`)."""
+        return self._window()
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """(B, D, L, L) -> (B, D, L, L): ``v`` convolved with ``kernel()`` (centred, zero padding) plus the skip."""
         return fft_conv_same(v, self.kernel(), self.centre) + v * self._skip()[:, None, None].to(v.dtype)
@@ -222,14 +245,15 @@ class HyenaNDMixer(nn.Module):
     """Hyena N-D token mixer (order 2) on tokens (B, L*L, D) of an L x L grid, in one block's direction."""
 
     def __init__(self, dim: int, length: int, direction: str = "standard", filter_form: str = "nd",
-                 filter_width: int = 64, window: str = "standard", sqrt_decay: bool = False) -> None:
+                 filter_width: int = 64, window: str = "standard", sqrt_decay: bool = False,
+                 filter_emb_dim: int = 3, filter_output_gain: float = 1.0) -> None:
         super().__init__()
         self.length, self.direction = length, direction
         self.in_proj = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
         self.short_filter = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim)
         filter_cls = HyenaNDFilter if filter_form == "nd" else HyenaProductFilter
-        self.filter_fn = filter_cls(dim, length, filter_width, window, sqrt_decay)
+        self.filter_fn = filter_cls(dim, length, filter_width, window, sqrt_decay, filter_emb_dim, filter_output_gain)
         self.linear_mix = nn.Linear(4, 1) if direction == "4dir" else None
         self.effective_filter = HyenaNDCanvasFilter(self)
 
@@ -257,9 +281,25 @@ class HyenaNDMixer(nn.Module):
         return sum(weight * canvas for canvas, (_, weight) in zip(canvases, self._direction_weights()))
 
     def canvas_window(self) -> torch.Tensor:
-        """(D, 2L-1, 2L-1) the filter's window laid out like :meth:`canvas_kernel` (the largest value where
-        directions overlap), -inf at offsets the block does not use."""
-        return torch.stack(self._on_canvas(self.filter_fn.window(), fill=-math.inf)).amax(0)
+        """(D, 2L-1, 2L-1) the filter's window laid out like :meth:`canvas_kernel` (for ``4dir`` each quadrant from
+        its direction; the centre row and column, which directions share, their largest value), 0 at offsets the
+        block does not use."""
+        stacked = torch.stack(self._on_canvas(self.filter_fn.window(), fill=-math.inf)).amax(0)
+        return stacked.masked_fill(stacked == -math.inf, 0.0)
+
+    def window_parameters(self) -> Dict[str, torch.Tensor]:
+        """``delta`` (2, D) the decay rates applied along rows and columns (|delta|, halved under ``sqrt_decay``; 0
+        without a window); ``shift`` the learned shift, (D,) added to the product of the two decays (N-D form) or
+        (2, D) to each axis' decay (product form), 0 for a frozen window; ``t`` (L,) the tap positions in [0, 1]."""
+        filt, channels = self.filter_fn, self.filter_fn.bias.numel()
+        if isinstance(filt, HyenaNDFilter):
+            windows, names = [filt.modulation] * 2, ("Xdeltas", "Ydeltas")
+        else:
+            windows, names = [filt.Xmodulation, filt.Ymodulation], ("deltas", "deltas")
+        delta = torch.stack([torch.zeros(channels) if w is None else w.rate(n).flatten() for w, n in zip(windows, names)])
+        shifts = [torch.zeros(channels) if w is None else w.offset() * torch.ones(channels) for w in windows]
+        shift = shifts[0] if isinstance(filt, HyenaNDFilter) else torch.stack(shifts)
+        return {"delta": delta.detach().clone(), "shift": shift.detach().clone(), "t": filt.pos_emb.t.flatten().clone()}
 
     def skip_gain(self) -> torch.Tensor:
         """(D,) the block's total skip gain on ``v``: ``filter_fn.bias``, times the summed ``linear_mix`` weights
@@ -331,14 +371,17 @@ class HyenaNDViT(VisionTransformer):
     Options as in the official script: ``filter_form`` (``nd`` | ``product``), ``directions``
     (``standard`` | ``seq`` | ``4dir``), ``window`` (``standard`` frozen | ``learn`` | ``no``),
     ``sqrt_decay``, ``filter_width``, ``hyena_order`` (2 only), ``parameterisation`` (``implicit`` only).
-    No class token; the head reads token 0.
+    Initialisation options outside the script (the demo's proxy): ``filter_emb_dim``, the positional features
+    per axis of the filter input (reference: 3), and ``filter_output_gain``, a factor on the filter network's
+    last layer at init (reference: 1). No class token; the head reads token 0.
     """
 
     def __init__(self, img_size: int | Tuple[int, int] = 224, patch_size: int = 16, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0, filter_form: str = "nd",
                  directions: str = "seq", window: str = "standard", sqrt_decay: bool = False,
                  filter_width: int = 64, hybrid: bool = False, hyena_order: int = 2,
-                 parameterisation: str = "implicit", **kwargs: Any) -> None:
+                 parameterisation: str = "implicit", filter_emb_dim: int = 3, filter_output_gain: float = 1.0,
+                 **kwargs: Any) -> None:
         _check_option("directions", directions, DIRECTIONS)
         _check_option("filter_form", filter_form, FILTER_FORMS)
         _check_option("window", window, WINDOWS)
@@ -362,12 +405,13 @@ class HyenaNDViT(VisionTransformer):
                 self.block_kinds.append("attention")
                 continue
             self.blocks[i].attn = HyenaNDMixer(embed_dim, length, direction, filter_form, filter_width, window,
-                                               sqrt_decay)
+                                               sqrt_decay, filter_emb_dim, filter_output_gain)
             self.block_kinds.append(f"hyena_nd:{direction}")
         self.hyena_options = dict(img_size=img_size, patch_size=patch_size, num_classes=num_classes,
                                   embed_dim=embed_dim, depth=depth, num_heads=num_heads, filter_form=filter_form,
                                   directions=directions, window=window, sqrt_decay=sqrt_decay,
-                                  filter_width=filter_width, hybrid=hybrid)
+                                  filter_width=filter_width, hybrid=hybrid, filter_emb_dim=filter_emb_dim,
+                                  filter_output_gain=filter_output_gain)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """(B, N, D) -> (B, D): token 0, the top-left patch (the reference's head input)."""
@@ -375,8 +419,8 @@ class HyenaNDViT(VisionTransformer):
 
 
 def options_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """Options that a bare state dict fixes: class count (head), input and patch size, filter form, width and
-    window, 4dir (``linear_mix``), hybrid (attention keys); the seq/standard directions cannot be read from
+    """Options that a bare state dict fixes: class count (head), input and patch size, filter form, width,
+    positional features (when not the reference's 3) and window, 4dir (``linear_mix``), hybrid (attention keys); the seq/standard directions cannot be read from
     weights, nor the heads (embed dim and depth come from the model name or options)."""
     options: Dict[str, Any] = {}
     if "head.weight" in state_dict:
@@ -389,6 +433,9 @@ def options_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str,
         options["filter_form"] = "product" if any(".Ximplicit_filter." in k for k in filter_keys) else "nd"
         first_layer = next(k for k in filter_keys if k.endswith("implicit_filter.0.weight"))
         options["filter_width"] = int(state_dict[first_layer].shape[0])
+        positions = next((k for k in filter_keys if k.endswith("pos_emb.z")), None)
+        if positions is not None and state_dict[positions].shape[-1] != 3:  # the reference's 3 features
+            options["filter_emb_dim"] = int(state_dict[positions].shape[-1])
         if any(k.endswith("modulation.shift") for k in filter_keys):
             options["window"] = "learn"
         elif any("deltas" in k for k in filter_keys):
@@ -403,6 +450,11 @@ def options_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str,
 
 TRAINING_METHODS = {"hyena2d": False, "hyena2dattn": True}
 """The official script's ``method`` -> hybrid (attention in the later blocks)."""
+UNSUPPORTED_FLAGS = {
+    "direct_paramtrization": "Hyena N-D models here load the implicit (sine MLP) filter only",
+    "use_cls_token": "the reference's Hyena N-D mixer needs a square token grid, so it runs without a class token",
+}
+"""Switches of the official ``main.py`` that the loaded models do not support, with the reason."""
 
 
 def options_from_training_args(args: Mapping[str, Any]) -> Dict[str, Any]:
@@ -415,6 +467,9 @@ def options_from_training_args(args: Mapping[str, Any]) -> Dict[str, Any]:
         options["hybrid"] = TRAINING_METHODS[args["method"]]
     if "hyena_order" in args:
         _check_option("hyena_order", args["hyena_order"], (2,))
+    for flag, why in UNSUPPORTED_FLAGS.items():
+        if args.get(flag):
+            raise HpxError(f"checkpoint trained with --{flag}: {why}")
     if "model" in args:
         size = next((size for size in DEIT_DIMS if size in str(args["model"])), None)
         if size is None:

@@ -73,7 +73,29 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         except (ValueError, KeyError, TypeError) as err:
             raise HpxError(f"invalid model config {name}: {err}") from None
     _check_name(name)
-    return timm.create_model(name, **kwargs)
+    try:
+        return timm.create_model(name, **kwargs)
+    except (TypeError, ValueError) as err:  # an option the constructor does not take, or a value of the wrong type
+        if not kwargs:
+            raise
+        raise _rejected_options(name, kwargs, err) from None
+
+
+def _rejected_options(name: str, kwargs: Mapping[str, Any], err: BaseException) -> HpxError:
+    """One line naming the options of ``kwargs`` that ``err`` names (all of them when it names none)."""
+    named = [key for key in kwargs if f"'{key}'" in str(err)] or list(kwargs)
+    shown = ", ".join(f"{key}={kwargs[key]!r}" for key in named)
+    return HpxError(f"model '{name}' rejects the option(s) {shown} ({_one_line(err, 160)})")
+
+
+def _record_build_size(model: nn.Module) -> None:
+    """A model that runs only at its build size (timm's ``fixed_input_size``: ViTs), built at another ``img_size``
+    than its pretrained config's: that config's input size set to the build size, which the analyzers and
+    transforms read."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if cfg.get("fixed_input_size") and isinstance(built, tuple) and tuple(cfg["input_size"][-2:]) != built:
+        model.pretrained_cfg = {**cfg, "input_size": (cfg["input_size"][0], *built)}
 
 
 def _one_line(err: BaseException, limit: int = 240) -> str:
@@ -257,7 +279,9 @@ def _load_pretrained(name: str, **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any
     tag, path = _find_pretrained(name)
     try:
         model = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-    except Exception as err:  # a file timm cannot read or a state dict that does not fit: one line
+    except Exception as err:  # a file timm cannot read, a state dict that does not fit, a rejected option: one line
+        if kwargs and isinstance(err, TypeError):
+            raise _rejected_options(name, kwargs, err) from None
         raise HpxError(f"published weights {path} of '{tag}' do not load ({_one_line(err)})") from None
     return model, {"pretrained_tag": tag, "weights_file": str(path), "weights_sha256": _sha256(path)}
 
@@ -313,8 +337,10 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
     training script they win over the options read from it (:func:`checkpoint_options`).
     weights_key: the entry of a training script's checkpoint that holds the weights (``model`` by default,
     e.g. ``model_ema``).
-    The returned model has ``hpx_provenance``: model, weights source, SHA-256 of the weights file, and for a
-    configured checkpoint the options read from it and those given.
+    The returned model has ``hpx_provenance``: model, weights source, SHA-256 of the weights file, the constructor
+    options given (``options_given``) and for a configured checkpoint those read from it (``options_from_checkpoint``).
+    A model that runs only at its build size and is built at another ``img_size`` has that size as its pretrained
+    config's ``input_size``. Options the constructor rejects raise a one-line HpxError naming them.
     """
     provenance: Dict[str, Any] = {"model": name, "weights": weights, "seed": seed}
     if weights == "pretrained":
@@ -330,11 +356,14 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
         load_state_dict_checked(model, state_dict, str(weights))
         provenance.update(weights="file", weights_file=str(Path(weights).resolve()),
                           weights_sha256=_sha256(Path(weights)), **source)
-        if options or kwargs:
-            provenance.update(options_from_checkpoint=options, options_given=kwargs)
+        if options:
+            provenance["options_from_checkpoint"] = options
     else:
         raise HpxError(f"weights must be 'pretrained', 'random' or a checkpoint file "
                        f"({', '.join(CHECKPOINT_SUFFIXES)}); got '{weights}'")
+    if kwargs:
+        provenance["options_given"] = kwargs
+    _record_build_size(model)
     model.hpx_provenance = provenance
     return model.to(device).eval()
 

@@ -13,7 +13,7 @@ from .style import paper_style, save_figure
 
 
 def plot_truncation(result: TruncationResult, stem: Path | str) -> List[Path]:
-    """Top-1 and top-5 accuracy (%) vs. relative size, one curve per stage with its 95% bootstrap band,
+    """Top-1 and top-5 accuracy (%) vs. relative size, one curve per swept stage (or blocks) with its 95% bootstrap band,
     the untruncated accuracy as a dashed line (grey band: its interval), each stage's learned
     coverage as a dotted vertical line (truncating there keeps every tap its window keeps) and, when
     the last size keeps every tap of every stage (the default sweep; it need not lie on the 0.1
@@ -33,12 +33,12 @@ def plot_truncation(result: TruncationResult, stem: Path | str) -> List[Path]:
             low, high = 100 * a["reference_ci"][panel]
             ax.axhspan(low, high, color="0.85", lw=0)
             ax.axhline(100 * a["reference"][panel], color="0.3", ls="--", lw=1, label="untruncated")
-            for i, stage in enumerate(a["stages"]):
-                colour = colours(int(stage))
+            for i, group in enumerate(result.groups):
+                colour = colours(i)
                 ax.fill_between(a["sizes"], 100 * a[f"{metric}_ci"][i, :, 0], 100 * a[f"{metric}_ci"][i, :, 1],
                                 color=colour, alpha=0.2, lw=0)
                 ax.plot(a["sizes"], 100 * a[metric][i], color=colour, marker="o", ms=2.5, lw=1.2,
-                        label=f"S{int(stage) + 1}")
+                        label=group)
                 if "coverage" in a and np.isfinite(a["coverage"][i]):
                     ax.axvline(a["coverage"][i], color=colour, ls=":", lw=1)
             if every_tap:
@@ -48,7 +48,7 @@ def plot_truncation(result: TruncationResult, stem: Path | str) -> List[Path]:
                             xytext=(-2, 0), textcoords="offset points")
             ax.set_xlabel("relative filter size r (x feature-map side)")
             ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
-        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title="truncated stage")
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title="truncated")
         model = Path(str(result.meta["model"].get("model", ""))).stem
         kinds = {kind for stage_kinds in result.meta.get("layer_kinds", {}).values() for kind in stage_kinds}
         hyena = {"wrap": f"1D layers: nearest-wrap {result.meta['shape']}, the 2D one at pixels >= rF/2 from "
