@@ -188,9 +188,9 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
 
 
 def _per_stage(sweep: "TruncationResult") -> Dict[str, Dict[str, float]]:
-    """A truncation sweep's top-1 accuracy per swept stage (``S1``, ...) and relative size r (text)."""
-    return {f"S{int(s) + 1}": dict(zip(map(str, sweep.arrays["sizes"]), map(float, row)))
-            for s, row in zip(sweep.arrays["stages"], sweep.arrays["top1"])}
+    """A truncation sweep's top-1 accuracy per swept group (``S1``, ...) and relative size r (text)."""
+    return {group: dict(zip(map(str, sweep.arrays["sizes"]), map(float, row)))
+            for group, row in zip(sweep.groups, sweep.arrays["top1"])}
 
 
 def known_answers(summary: Dict[str, Any]) -> List[Dict[str, Any]]:
