@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Dict, Mapping, Set, Tuple
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -126,3 +128,14 @@ def meta_model_and_state_dict(arch: str, entries) -> Tuple[torch.nn.Module, Dict
     with torch.device("meta"):
         model = timm.create_model(arch)
     return model, {key: torch.empty(shape, device="meta") for key, shape in entries}
+
+
+def random_image_folder(root: Path, classes: Tuple[str, ...], per_class: int = 2,
+                        size: Tuple[int, int] = (70, 90), seed: int = 0) -> Path:
+    """An ImageFolder tree under ``root``: ``per_class`` random RGB PNGs of ``size`` (H, W) in each class folder."""
+    rng = np.random.default_rng(seed)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root

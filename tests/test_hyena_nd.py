@@ -24,7 +24,7 @@ from hpx_analysis.models.hyena_nd import causal_conv2d
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
 
-from .conftest import GOLDEN, golden_state_dict, meta_model_and_state_dict
+from .conftest import GOLDEN, golden_state_dict, meta_model_and_state_dict, random_image_folder
 
 HND = GOLDEN / "hyena_nd"
 HND_NAMES = sorted(p.stem for p in (HND / "tiny").glob("*.json"))
@@ -488,19 +488,13 @@ def test_truncation_sweep_over_block_ranges_counts_what_full_forwards_count(gold
     """A ViT has one stage, so the sweep's groups are blocks and block ranges: each entry's column counts what a
     full forward with that group cut counts (the activations entering the group's first block are shared); the
     default group is every Hyena N-D block; the coverage line is drawn only for centred (4dir) kernels."""
-    from PIL import Image
-
     from hpx_analysis.analyzers.truncation import truncation_sweep
     from hpx_analysis.datasets import labelled_images
 
     from .test_truncation import _naive_counts
 
     _, config, model, _ = golden
-    rng = np.random.default_rng(0)
-    for cls in ("a", "b", "c"):
-        (tmp_path / cls).mkdir()
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    random_image_folder(tmp_path, ("a", "b", "c"), size=(64, 64))
     samples, groups, sizes = labelled_images(tmp_path), ["S1B1-2", "S1B3"], [0.0, 0.3, 3.0]
     result = truncation_sweep(model, samples, groups, sizes, batch_size=4, n_resamples=50, progress=False)
     assert result.groups == ["S1 B1-2", "S1 B3"] and result.arrays["stages"].tolist() == [0, 0]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -21,7 +20,7 @@ from hpx_analysis.errors import HpxError
 from hpx_analysis_cli.app import app
 from hpx_analysis_cli.options import parse_model_kwargs
 
-from .conftest import golden_state_dict
+from .conftest import golden_state_dict, random_image_folder
 from .test_hyena_nd import HND, TINY_DIMS, _config, _official_checkpoint, _training_args
 
 MODEL = "hyena_deit_tiny_patch16_224"
@@ -170,13 +169,7 @@ def test_given_directions_win_over_args_and_are_recorded(checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """ImageFolder tree: 2 classes x 2 random images."""
-    root = tmp_path_factory.mktemp("data") / "val"
-    rng = np.random.default_rng(0)
-    for cls in ("a", "b"):
-        (root / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
-    return root
+    return random_image_folder(tmp_path_factory.mktemp("data") / "val", ("a", "b"))
 
 
 def test_truncate_on_the_checkpoint(checkpoint, image_folder, tmp_path):

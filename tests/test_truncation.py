@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from hpx_analysis.analyzers import truncation as trunc
@@ -26,7 +25,7 @@ from hpx_analysis.images import eval_transform
 from hpx_analysis.inspection import kernel, long_filter_layers
 from hpx_analysis.models.zoo import load_model
 
-from .conftest import one_process, torchrun
+from .conftest import one_process, random_image_folder, torchrun
 
 SIZE = 64
 
@@ -48,12 +47,7 @@ def tiny(tiny_config, tiny_weights):
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """ImageFolder tree: 3 classes x 2 random images (odd sizes), plus one corrupt file in class b."""
-    root = tmp_path_factory.mktemp("data") / "val"
-    rng = np.random.default_rng(0)
-    for cls in ("a", "b", "c"):
-        (root / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    root = random_image_folder(tmp_path_factory.mktemp("data") / "val", ("a", "b", "c"))
     (root / "b" / "corrupt.png").write_bytes(b"\x89PNG not really")
     return root
 

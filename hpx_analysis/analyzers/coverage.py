@@ -45,7 +45,7 @@ share one axis (1D extents are not capped).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -164,10 +164,17 @@ class CoverageResult(Result):
 
         kinds: only layers of these mixer kinds (e.g. ``("hyenapixel_2d",)``); NaN if none match.
         """
+        chosen = [int(self.arrays["index"][j]) for j, layer in enumerate(self.layers)
+                  if int(self.arrays["stage"][j]) == stage and (kinds is None or layer["kind"] in kinds)]
+        return self.layers_coverage(chosen, statistic)
+
+    def layers_coverage(self, indices: Iterable[int], statistic: str = "mean") -> float:
+        """Average of one per-layer statistic (as :meth:`stage_coverage`) over the covered mixers whose ``index``
+        (``MixerInfo.index``) is in ``indices``; NaN if none is."""
         if statistic not in SUMMARY_COLUMNS + ENERGY_COLUMNS:
             raise HpxError(f"unknown statistic {statistic!r}; use {', '.join(SUMMARY_COLUMNS + ENERGY_COLUMNS)}")
-        chosen = [j for j, layer in enumerate(self.layers)
-                  if int(self.arrays["stage"][j]) == stage and (kinds is None or layer["kind"] in kinds)]
+        wanted = set(indices)
+        chosen = [j for j, index in enumerate(self.arrays["index"]) if int(index) in wanted]
         return float(np.mean(self.arrays[statistic][chosen])) if chosen else float("nan")
 
     def rows(self) -> List[Dict[str, Any]]:

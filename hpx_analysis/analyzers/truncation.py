@@ -418,9 +418,7 @@ def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str)
 
     if not all(map(on_axis, plan.layers)):
         return float("nan")
-    wanted = {info.index for info in plan.layers}
-    return float(np.mean([value for index, value in zip(coverage.arrays["index"], coverage.arrays["mean"])
-                          if int(index) in wanted]))
+    return coverage.layers_coverage(info.index for info in plan.layers)
 
 
 def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequence[_StagePlan], sizes: Sequence[float],
