@@ -30,8 +30,8 @@ def demo(
     seed: Seed = DEFAULT_SEED,
 ) -> None:
     """Train (or reuse) a HyenaPixel, a ConvFormer and a Hyena N-D proxy on synthetic tasks with known answers,
-    then run ERF, kernels, coverage, truncation and FGVis on them. Offline: about 2 minutes on 2 CPU cores (up to
-    6 on slow ones), 20-35 s once cached. Each proxy is cached as soon as it is trained, so an interrupted run
+    then run ERF, kernels, coverage, truncation and FGVis on them. Offline: about 2-4 minutes on 2 CPU cores (up to
+    6 on slow ones), 20-35 s once cached (the cache is keyed on the code: a new version trains afresh). Each proxy is cached as soon as it is trained, so an interrupted run
     resumes from there."""
     from hpx_analysis.demo.pipeline import DemoSettings, run_demo
 

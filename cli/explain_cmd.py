@@ -98,7 +98,7 @@ def explain(
             result.meta["cli_options"] = run_options
             result.save(stem)
             results.append(result)
-            _report(name, chosen, result, resume_dir)
+            _report(name, chosen, result)
             if check is not None:
                 sanity_stem = folder / options.safe_filename(f"sanity_{model_label(name)}_{chosen}")
                 check.save(sanity_stem)
@@ -113,11 +113,9 @@ def explain(
         typer.echo(f"wrote {path}")
 
 
-def _report(model: str, method: str, result: object, resume_dir: Optional[Path]) -> None:
+def _report(model: str, method: str, result: object) -> None:
     from hpx_analysis.models.zoo import model_label
     run_options = result.meta["options"]
-    if run_options["batches_computed"] == 0 and run_options["batches_resumed"] > 0:
-        typer.echo(f"reusing the finished run {resume_dir / run_options['run_key']}")
     if method != "fgvis":
         return
     typer.echo(f"{model_label(model)} fgvis: gradients bounded at {run_options['bounded_activations']} activation "

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any, List
 
-__version__ = "0.1.0"
+from .provenance import package_version  # noqa: E402
+
+__version__ = package_version()  # the one version: the installed package's metadata
 
 from . import models  # noqa: E402,F401  (registers the HyenaPixel entrypoints with timm)
 

@@ -8,10 +8,17 @@ template. :func:`run_batches` does the rest:
   files are skipped and counted, or raise with ``strict``);
 - each output is declared once: :class:`ItemOutput` (one array per image, placed at its index) or
   :class:`SumOutput` (summed over images);
-- with a :class:`RunStore` the state is saved atomically every ``save_every_s`` seconds and whenever
-  the loop stops, by an error or Ctrl-C too; a rerun with the same :func:`run_key` (a content hash of
-  the weights, the inputs, the options and the package version) resumes, any change starts afresh,
-  and a finished run is reused as it is;
+- with a ``resume_dir`` the state is kept in a :class:`RunStore` under a run key (:func:`run_key`) that names
+  everything the outputs depend on: the model's provenance, every parameter and buffer, the kernels of any
+  active kernel modification or override, the bytes of every input image and its label, the preprocessing, the
+  analysis' options, the code of this package, the torch / timm / captum versions, the device type and dtype.
+  A rerun with the same key resumes (a finished run is reused, and both are announced); any change gives
+  another key and starts afresh;
+- a batch's sums and the status of its images are committed together, as one swap of the state object, so an
+  interrupt at any instant leaves the state before the batch or after it, never half of it; the state is saved
+  atomically (temporary file, fsync, ``os.replace``) every ``save_every_s`` seconds and whenever the loop stops,
+  by an error or Ctrl-C too; a lock keeps a second process with the same key waiting until the first is done;
+  a damaged saved state is moved aside and the run starts afresh;
 - under ``torchrun`` rank r takes batches r, r + world, ...; the outputs are all-reduced, so every
   rank returns the full result, and a failure on one rank stops every rank with a one-line error.
 """
@@ -21,6 +28,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import sqlite3
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +43,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from .distributed import all_reduce_sum, raise_if_any_rank_failed, rank_and_world
 from .errors import HpxError
-from .images import ImageSource, read_rgb
+from .images import ImageLike, as_image_sources, read_rgb
+from .models.long_filters import LongFilterBase
+from .provenance import KEYED_LIBRARIES, code_fingerprint, library_versions, package_version
 from .results import model_metadata, to_jsonable
+from .storage import FileLock, atomic_output, move_aside, remove_stale_temporaries
 
 UNREAD, DONE, UNREADABLE = 0, 1, 2  # per-image status codes
+SAVE_EVERY_S = 60.0
+"""Default seconds between periodic saves of a run's state (it is saved whenever the loop stops, too)."""
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -44,15 +59,17 @@ UNREAD, DONE, UNREADABLE = 0, 1, 2  # per-image status codes
 class ImageDataset(Dataset):
     """Item i: (image (3, H, W) after ``transform`` or None when unreadable, label, i).
 
-    images: image sources (read and transformed lazily, so only one batch is in memory) or a tensor
-    (N, 3, H, W) already prepared. labels: one class index per image (default all 0).
+    images: image sources, paths, PIL images or arrays (:data:`..images.ImageLike`; read and transformed lazily, so
+    only one batch is in memory) or a tensor (N, 3, H, W) already prepared. labels: one class index per image
+    (default all 0).
     """
 
-    def __init__(self, images: Union[Sequence[ImageSource], Tensor], transform: Optional[Callable] = None,
+    def __init__(self, images: Union[Sequence[ImageLike], Tensor], transform: Optional[Callable] = None,
                  labels: Optional[Sequence[int]] = None) -> None:
         if not isinstance(images, Tensor) and transform is None:
             raise ValueError("image sources need a transform")
-        self.images, self.transform = images, transform
+        self.images = images if isinstance(images, Tensor) else as_image_sources(images)
+        self.transform = transform
         self.labels = list(labels) if labels is not None else [0] * len(images)
         if len(self.labels) != len(images):
             raise ValueError(f"{len(self.labels)} labels for {len(images)} images")
@@ -63,6 +80,23 @@ class ImageDataset(Dataset):
     def name(self, index: int) -> str:
         """The image's name (file name relative to its folder, or ``tensor[i]``)."""
         return f"tensor[{index}]" if isinstance(self.images, Tensor) else self.images[index].name
+
+    def content_digest(self, digests: Optional["DigestCache"] = None) -> str:
+        """SHA-256 of what the dataset yields: every image's bytes (a tensor's values and shape, a file's bytes
+        through ``digests``, an in-memory array's pixels), the labels and the transform's description."""
+        digest = hashlib.sha256()
+        if isinstance(self.images, Tensor):
+            digest.update(tensor_digest(self.images).encode())
+        else:
+            digests = digests or DigestCache(None)
+            for source in self.images:
+                digest.update((digests.file(source.path) if source.array is None else array_digest(source.array))
+                              .encode())
+            digests.commit()
+        # timm's transforms describe themselves; any other callable keeps its address, so it is never taken for another
+        transform = " ".join(repr(self.transform).split()) if self.transform is not None else ""
+        digest.update(json.dumps({"labels": self.labels, "transform": transform}).encode())
+        return digest.hexdigest()
 
     def __getitem__(self, index: int) -> Tuple[Optional[Tensor], int, int]:
         if isinstance(self.images, Tensor):
@@ -111,11 +145,12 @@ Step = Callable[[Batch], Mapping[str, Union[np.ndarray, Tensor]]]
 @dataclass
 class RunOutputs:
     """What :func:`run_batches` returns: ``arrays`` (items: (N, *shape), sums: shape), ``status`` (N,)
-    (1 evaluated, 2 unreadable) and counts for the result's metadata."""
+    (1 evaluated, 2 unreadable), counts for the result's metadata and the run ``key`` (None without a store)."""
 
     arrays: Dict[str, np.ndarray]
     status: np.ndarray
     counts: Dict[str, int] = field(default_factory=dict)
+    key: Optional[str] = None
 
     @property
     def evaluated(self) -> np.ndarray:
@@ -133,40 +168,183 @@ def _empty(outputs: Mapping[str, ItemOutput], count: int) -> Dict[str, np.ndarra
             for name, spec in outputs.items()}
 
 
-# -- the store -------------------------------------------------------------------------------------
+# -- keys ----------------------------------------------------------------------------------------
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and values."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}:{tuple(data.shape)}".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def array_digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and values."""
+    data = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{data.dtype}:{data.shape}".encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+class DigestCache:
+    """SHA-256 of input files, remembered in an SQLite file per (path, size, mtime_ns, ctime_ns, inode), so an
+    unchanged 50,000-image folder is read once, not on every rerun; ``path`` None remembers nothing.
+
+    A file whose mtime or ctime lies within ``RACY_S`` seconds of the moment it was hashed is not remembered: a
+    write in the same clock tick could leave size and times unchanged (git's "racily clean" rule). Any change of
+    size, times or inode (a replaced file) gives another entry, and a rewrite changes the ctime even when the mtime
+    is set back, so a changed file is always hashed again.
+    """
+
+    RACY_S = 2.0
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self._db: Optional[sqlite3.Connection] = None
+        if path is not None:
+            try:
+                self._db = self._open(path)
+            except sqlite3.DatabaseError as err:  # a damaged cache only costs re-hashing: set it aside
+                move_aside(path, f"digest cache: {err}")
+                self._db = self._open(path)
+        self.hashed = 0  # files read in this process
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path), timeout=60)
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT, size INTEGER, mtime_ns INTEGER, ctime_ns "
+                       "INTEGER, inode INTEGER, sha256 TEXT, PRIMARY KEY (path, size, mtime_ns, ctime_ns, inode))")
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def file(self, path: Optional[Path]) -> str:
+        """The file's SHA-256 (``"missing"`` for a file that cannot be opened)."""
+        try:
+            stat = os.stat(path)
+        except (OSError, TypeError):
+            return "missing"
+        row = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        if self._db is not None:
+            found = self._db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=? AND "
+                                     "ctime_ns=? AND inode=?", row).fetchone()
+            if found:
+                return found[0]
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            return "missing"
+        self.hashed += 1
+        newest = max(stat.st_mtime_ns, stat.st_ctime_ns)
+        if self._db is not None and time.time_ns() - newest > self.RACY_S * 1e9:
+            self._db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", (*row, digest.hexdigest()))
+        return digest.hexdigest()
+
+    def commit(self) -> None:
+        """Write the digests found since the last commit (one transaction)."""
+        if self._db is not None:
+            self._db.commit()
+
 
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' content."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(name.encode() + b":" + tensor_digest(tensor).encode())
     return digest.hexdigest()
 
 
-def inputs_digest(images: Union[Sequence[Any], Tensor]) -> Any:
-    """What identifies the inputs: a tensor's content hash, else the sources' names and paths."""
-    if isinstance(images, Tensor):
-        return hashlib.sha256(images.detach().float().cpu().numpy().tobytes()).hexdigest()
-    return [[getattr(s, "name", str(s)), str(getattr(s, "path", "") or "")] for s in images]
+@torch.no_grad()
+def kernel_edits_digest(model: nn.Module) -> Optional[str]:
+    """SHA-256 of the kernel every long filter applies now where a kernel modification or override is active
+    (``inspection.modify_kernels``, ``truncation.truncate_kernels``, ``override_kernel``), by module path; None when
+    no filter of the model is modified. The kernels themselves are hashed, so two modifications that give the same
+    kernels share a key and any other one does not."""
+    edited = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, LongFilterBase) and module.active]
+    if not edited:
+        return None
+    digest = hashlib.sha256()
+    for name, module in edited:
+        digest.update(name.encode() + b":" + tensor_digest(module.kernel()).encode())
+    return digest.hexdigest()
+
+
+def environment(model: nn.Module) -> Dict[str, Any]:
+    """What computes a run besides the model and code: the torch / timm / captum versions and the model's device
+    type and parameter dtype."""
+    parameter = next(model.parameters(), None)
+    return {"libraries": library_versions(KEYED_LIBRARIES),
+            "device": parameter.device.type if parameter is not None else "cpu",
+            "dtype": str(parameter.dtype) if parameter is not None else None}
 
 
 def content_key(description: Any, length: int = 20) -> str:
-    """Short SHA-256 of ``description`` (JSON-able) and the package version: the one key of every cached run
-    and artefact, so a new release never reuses what an older one saved."""
-    from . import __version__
-    blob = json.dumps(to_jsonable({"version": __version__, "description": description}), sort_keys=True, default=str)
+    """Short SHA-256 of ``description`` (JSON-able), the package version and the code fingerprint
+    (:mod:`.provenance`): the one key of every cached run and artefact, so changed code never reuses what other
+    code saved."""
+    blob = json.dumps(to_jsonable({"version": package_version(), "code": code_fingerprint(),
+                                   "description": description}), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
-def run_key(model: nn.Module, inputs: Any, options: Mapping[str, Any]) -> str:
-    """Content key of a run: model provenance and weights, inputs, options (and the package version)."""
-    return content_key({"model": model_metadata(model), "weights": weights_digest(model), "inputs": inputs,
-                        "options": dict(options)})
+def run_key(model: nn.Module, inputs: str, options: Mapping[str, Any]) -> str:
+    """Content key of a run (module docstring): model provenance, weights, kernel edits, environment, the inputs'
+    digest (:meth:`ImageDataset.content_digest`) and the options, with the version and code (:func:`content_key`)."""
+    return content_key({"model": model_metadata(model), "weights": weights_digest(model),
+                        "kernel_edits": kernel_edits_digest(model), "environment": environment(model),
+                        "inputs": inputs, "options": dict(options)})
+
+
+# -- the store -------------------------------------------------------------------------------------
+
+STORE_FORMAT = 2
+"""Layout of a saved run state; a state of another layout is moved aside."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run's state: the outputs (items (N, *shape), sums shape) and the status (N,) of every image. One object,
+    replaced as a whole, so what is saved is always a state between batches. Item rows of images whose status is
+    UNREAD hold no meaning (a batch may have written them before it was committed)."""
+
+    arrays: Dict[str, np.ndarray]
+    status: np.ndarray
+
+    @classmethod
+    def empty(cls, outputs: Mapping[str, ItemOutput], count: int) -> "RunState":
+        return cls(_empty(outputs, count), np.zeros(count, dtype=np.int64))
+
+    def committed(self, outputs: Mapping[str, ItemOutput], indices: np.ndarray, skipped: Sequence[int],
+                  produced: Mapping[str, Union[np.ndarray, Tensor]]) -> "RunState":
+        """The state after one batch: its item outputs placed at ``indices``, its sums added, its images marked
+        done and its unreadable ones (``skipped``) marked so. Sums and status are new arrays; item rows are
+        written in place (they count only once their status is set)."""
+        arrays = dict(self.arrays)
+        missing = set(outputs) - set(produced)
+        if len(indices) and missing:
+            raise ValueError(f"the step did not return {sorted(missing)}")
+        for name, spec in outputs.items() if len(indices) else ():
+            value = produced[name]
+            value = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+            if isinstance(spec, SumOutput):
+                arrays[name] = arrays[name].copy()
+                arrays[name] += value
+            else:
+                arrays[name][indices] = value
+        status = self.status.copy()
+        status[indices], status[list(skipped)] = DONE, UNREADABLE
+        return RunState(arrays, status)
 
 
 class RunStore:
-    """Saved states of runs under ``root``: one ``.npz`` per (run key, rank, world size), written atomically."""
+    """Saved states of runs under ``root``: ``<key>/rank<r>-of-<w>.npz`` per (run key, rank, world size), each
+    written atomically and guarded by a lock file beside it; ``digests.sqlite`` remembers input files' digests."""
 
     def __init__(self, root: Union[Path, str]) -> None:
         self.root = Path(root)
@@ -174,23 +352,62 @@ class RunStore:
     def path(self, key: str, rank: int, world: int) -> Path:
         return self.root / key / f"rank{rank}-of-{world}.npz"
 
-    def load(self, key: str, rank: int, world: int) -> Optional[Dict[str, np.ndarray]]:
-        """The saved state, or None when there is none (or it cannot be read)."""
+    def digests(self) -> DigestCache:
+        """The digest cache of this store's input files."""
+        return DigestCache(self.root / "digests.sqlite")
+
+    def lock(self, key: str, rank: int, world: int) -> FileLock:
+        """The lock of one saved state: held by the run that computes it."""
         path = self.path(key, rank, world)
-        if not path.is_file():
+        return FileLock(path.with_suffix(".lock"), what=f"run {self.root / key} (rank {rank} of {world})")
+
+    def load(self, key: str, rank: int, world: int, outputs: Mapping[str, ItemOutput],
+             count: int) -> Optional[RunState]:
+        """The saved state, or None when there is none. A state that cannot be read or does not fit (empty,
+        truncated, garbage, another key, another layout, wrong shapes) is moved aside (:func:`..storage.move_aside`,
+        one warning line) and None returned. Call while holding :meth:`lock`."""
+        path = self.path(key, rank, world)
+        remove_stale_temporaries(path)
+        if not path.exists():
             return None
         try:
-            with np.load(path) as saved:
-                return {name: saved[name] for name in saved.files}
-        except (OSError, ValueError):  # a truncated file from a crash mid-write of an older version
+            with np.load(path, allow_pickle=False) as saved:
+                arrays = {name: saved[name] for name in saved.files}
+            expected = RunState.empty(outputs, count)
+            problem = _misfit(arrays, key, expected)
+        except Exception as err:  # noqa: BLE001 - whatever a damaged file raises (EOFError, BadZipFile, ...)
+            problem = f"unreadable: {type(err).__name__}: {' '.join(str(err).split())}"
+        if problem:
+            move_aside(path, problem)
             return None
+        return RunState({name: arrays[name] for name in outputs}, arrays["status"])
 
-    def save(self, key: str, rank: int, world: int, state: Mapping[str, np.ndarray]) -> None:
-        path = self.path(key, rank, world)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez(temporary, **state)
-        temporary.replace(path)
+    def save(self, key: str, rank: int, world: int, state: RunState) -> None:
+        """Write ``state`` atomically and durably (:func:`..storage.atomic_output`)."""
+        with atomic_output(self.path(key, rank, world)) as handle:
+            np.savez(handle, **state.arrays, status=state.status, __key__=np.array(key),
+                     __format__=np.array(STORE_FORMAT))
+
+
+def _misfit(arrays: Mapping[str, np.ndarray], key: str, expected: RunState) -> str:
+    """Why saved ``arrays`` are not a state of run ``key`` shaped like ``expected`` ("" when they are)."""
+    if "__format__" not in arrays or int(arrays["__format__"]) != STORE_FORMAT:
+        return "written by another version of hpx-analysis"
+    if str(arrays.get("__key__", "")) != key:
+        return f"it belongs to run {arrays.get('__key__')}, not {key}"
+    for name, want in {**expected.arrays, "status": expected.status}.items():
+        have = arrays.get(name)
+        if have is None or have.shape != want.shape or have.dtype != want.dtype:
+            return f"its '{name}' is missing or has another shape or dtype"
+    if not np.isin(arrays["status"], (UNREAD, DONE, UNREADABLE)).all():
+        return "its status holds unknown codes"
+    return ""
+
+
+def announce(message: str) -> None:
+    """One line on stderr from rank 0 (every process when not distributed)."""
+    if rank_and_world()[0] == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -211,90 +428,106 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@dataclass
+class _Resume:
+    """Where a run's state lives: its store, key, rank and world size."""
+
+    store: RunStore
+    key: str
+    rank: int
+    world: int
+
+    def save(self, state: RunState) -> None:
+        self.store.save(self.key, self.rank, self.world, state)
+
+
 def run_batches(model: nn.Module, dataset: ImageDataset, step: Step, outputs: Mapping[str, ItemOutput], *,
-                batch_size: int, store: Optional[RunStore] = None, key: Optional[str] = None,
-                strict: bool = False, workers: int = 0, save_every_s: float = 60.0, desc: str = "",
-                progress: bool = True) -> RunOutputs:
+                batch_size: int, resume_dir: Optional[Union[Path, str]] = None,
+                identity: Optional[Mapping[str, Any]] = None, strict: bool = False, workers: int = 0,
+                save_every_s: Optional[float] = None, desc: str = "", progress: bool = True) -> RunOutputs:
     """Run ``step`` over ``dataset`` in batches of ``batch_size`` and reduce its ``outputs`` (module docstring).
 
     The step gets a :class:`Batch` on the CPU with at least one readable image and returns every output
-    (as numpy arrays or tensors). store and key: where the state is saved and under which
-    :func:`run_key` (both or neither). strict: an unreadable image raises instead of being skipped.
+    (as numpy arrays or tensors). resume_dir: keep the run's state in a :class:`RunStore` there, under the
+    :func:`run_key` of the model, the dataset's content and ``identity`` (the analysis' name and every option that
+    shapes its outputs), so a rerun resumes or reuses it; None computes afresh and saves nothing. strict: an
+    unreadable image raises instead of being skipped. save_every_s: seconds between periodic saves (default
+    :data:`SAVE_EVERY_S`).
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise HpxError(f"batch size must be at least 1, got {batch_size}")
-    if (store is None) != (key is None):
-        raise ValueError("a run store needs a run key and a key needs a store")
     count = len(dataset)
     rank, world = rank_and_world()
     batches = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
     mine = list(range(rank, len(batches), world))
-    state = _empty(outputs, count)
-    status = np.zeros(count, dtype=np.int64)
-    saved = store.load(key, rank, world) if store is not None else None
-    if saved is not None:
-        state = {name: saved[name] for name in outputs}
-        status = saved["status"]
-    done = {b for b in mine if all(status[i] != UNREAD for i in batches[b])}
-    todo = [b for b in mine if b not in done]
-
-    def save() -> None:
-        if store is not None:
-            store.save(key, rank, world, {**state, "status": status})
-
+    resume = None
+    if resume_dir is not None:
+        store = RunStore(resume_dir)
+        key = run_key(model, dataset.content_digest(store.digests()), dict(identity or {}, batch_size=batch_size))
+        resume = _Resume(store, key, rank, world)
+    with (resume.store.lock(resume.key, rank, world) if resume else contextlib.nullcontext()):
+        saved = resume.store.load(resume.key, rank, world, outputs, count) if resume else None
+        state = saved or RunState.empty(outputs, count)
+        done = {b for b in mine if all(state.status[i] != UNREAD for i in batches[b])}
+        if resume and done:
+            where = resume.store.root / resume.key
+            announce(f"reusing the finished run {where} ({len(done)} of {len(mine)} batches)" if len(done) == len(mine)
+                     else f"resuming the run {where}: {len(done)} of {len(mine)} batches done, computing the rest")
+            announce("  (to recompute: --no-resume on the command line, resume_dir=None in Python)")
+        todo = [b for b in mine if b not in done]
+        state, failure = _loop(model, dataset, step, outputs, [batches[b] for b in todo], state, resume, strict,
+                               workers, SAVE_EVERY_S if save_every_s is None else save_every_s,
+                               tqdm(total=len(mine), initial=len(done), desc=desc, unit="batch",
+                                    disable=not progress or rank != 0))
     device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in todo], collate_fn=collate_skipping,
-                        num_workers=workers)
-    failure: Optional[Exception] = None
+    raise_if_any_rank_failed(failure, device)
+    names = list(outputs)
+    *arrays, status_all, batch_counts = all_reduce_sum(
+        [torch.from_numpy(state.arrays[name]) for name in names]
+        + [torch.from_numpy(state.status), torch.tensor([len(done), len(todo)])], device)
+    return RunOutputs(arrays={name: tensor.numpy() for name, tensor in zip(names, arrays)}, status=status_all.numpy(),
+                      counts={"world_size": world, "batches_total": len(batches),
+                              "batches_resumed": int(batch_counts[0]), "batches_computed": int(batch_counts[1])},
+                      key=resume.key if resume else None)
+
+
+def _loop(model: nn.Module, dataset: ImageDataset, step: Step, outputs: Mapping[str, ItemOutput],
+          batches: List[List[int]], state: RunState, resume: Optional[_Resume], strict: bool, workers: int,
+          save_every_s: float, bar: Any) -> Tuple[RunState, Optional[Exception]]:
+    """Run ``step`` over ``batches`` from ``state``; returns the final state and, under torchrun, this rank's
+    error (raised at once when not distributed). Each batch is committed by one assignment of a new state, so
+    the state saved on any interrupt holds whole batches only."""
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping, num_workers=workers)
     last_save = time.monotonic()
-    bar = tqdm(total=len(mine), initial=len(done), desc=desc, unit="batch", disable=not progress or rank != 0)
     try:
         with analysis_mode(model):
             for batch in loader:
                 if batch.skipped and strict:
                     raise HpxError(f"unreadable image {dataset.name(batch.skipped[0])} "
                                    "(drop --strict to skip such files)")
-                if len(batch.indices):
-                    _accumulate(state, outputs, batch.indices.numpy(), step(batch))
-                status[batch.indices.numpy()], status[batch.skipped] = DONE, UNREADABLE
+                indices = batch.indices.numpy()
+                produced = step(batch) if len(indices) else {}
+                state = state.committed(outputs, indices, batch.skipped, produced)
                 bar.update(1)
-                if time.monotonic() - last_save >= save_every_s:
-                    save()
+                if resume and time.monotonic() - last_save >= save_every_s:
+                    resume.save(state)
                     last_save = time.monotonic()
     except BaseException as err:  # save what is done; other ranks must hear of it, or they wait forever
-        save()
-        if world == 1 or not isinstance(err, Exception):
+        if resume:
+            resume.save(state)
+        if rank_and_world()[1] == 1 or not isinstance(err, Exception):
             raise
-        failure = err
+        return state, err
     finally:
         bar.close()
-    save()
-    raise_if_any_rank_failed(failure, device)
-    names = list(outputs)
-    *arrays, status_all, batch_counts = all_reduce_sum(
-        [torch.from_numpy(state[name]) for name in names] + [torch.from_numpy(status), torch.tensor([len(done), len(todo)])],
-        device)
-    return RunOutputs(arrays={name: tensor.numpy() for name, tensor in zip(names, arrays)}, status=status_all.numpy(),
-                      counts={"world_size": world, "batches_total": len(batches),
-                              "batches_resumed": int(batch_counts[0]), "batches_computed": int(batch_counts[1])})
+    if resume:
+        resume.save(state)
+    return state, None
 
 
-def _accumulate(state: Dict[str, np.ndarray], outputs: Mapping[str, ItemOutput], indices: np.ndarray,
-                produced: Mapping[str, Union[np.ndarray, Tensor]]) -> None:
-    """Place the step's item outputs at their indices and add its sums."""
-    missing = set(outputs) - set(produced)
-    if missing:
-        raise ValueError(f"the step did not return {sorted(missing)}")
-    for name, spec in outputs.items():
-        value = produced[name]
-        value = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-        if isinstance(spec, SumOutput):
-            state[name] += value
-        else:
-            state[name][indices] = value
-
-
-__all__ = ["ImageDataset", "Batch", "collate_skipping", "ItemOutput", "SumOutput", "RunOutputs", "RunStore",
-           "weights_digest", "inputs_digest", "run_key", "analysis_mode", "run_batches"]
+__all__ = ["ImageDataset", "Batch", "collate_skipping", "ItemOutput", "SumOutput", "RunOutputs", "RunState",
+           "RunStore", "DigestCache", "SAVE_EVERY_S", "tensor_digest", "array_digest", "weights_digest",
+           "kernel_edits_digest", "environment", "content_key", "run_key", "announce",
+           "analysis_mode", "run_batches"]

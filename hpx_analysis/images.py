@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,36 @@ class ImageSource:
     name: str
     path: Optional[Path] = None
     array: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+ImageLike = Union[ImageSource, Path, str, Image.Image, np.ndarray]
+"""What the analyzers take as one image: an :class:`ImageSource`, a file path (``Path`` or text), a PIL image or an
+array (H, W) or (H, W, 3|4), uint8 or float in [0, 1]."""
+
+
+def as_image_source(image: ImageLike, index: int = 0) -> ImageSource:
+    """One :class:`ImageSource` from any :data:`ImageLike`; in-memory images are named ``image[index]``."""
+    if isinstance(image, ImageSource):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        return ImageSource(name=path.name, path=path)
+    if isinstance(image, Image.Image):
+        return ImageSource(name=f"image[{index}]", array=np.asarray(image.convert("RGB")))
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise HpxError(f"image[{index}]: an array image must be (H, W) or (H, W, 3), got shape {image.shape}")
+        pixels = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+        pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels[..., :3]
+        return ImageSource(name=f"image[{index}]", array=np.ascontiguousarray(pixels))
+    raise HpxError(f"image[{index}]: cannot read a {type(image).__name__} as an image; give a path, a PIL image, an "
+                   "array (H, W, 3) or an ImageSource")
+
+
+def as_image_sources(images: Sequence[ImageLike]) -> List[ImageSource]:
+    """:func:`as_image_source` of each image, in order."""
+    return [as_image_source(image, index) for index, image in enumerate(images)]
 
 
 def list_images(folder: Path | str) -> List[Path]:

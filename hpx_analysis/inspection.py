@@ -462,7 +462,7 @@ def modify_kernels(model: nn.Module, modifier: Callable[[Tensor, MixerInfo], Ten
             filt.kernel_modifier = old
 
 
-def _feature_modules(model: nn.Module) -> List[str]:
+def feature_modules(model: nn.Module) -> List[str]:
     """Module paths in timm's ``feature_info`` (the stage outputs), [] when the model has none."""
     info = getattr(model, "feature_info", None)
     if not info:
@@ -472,7 +472,7 @@ def _feature_modules(model: nn.Module) -> List[str]:
 
 def feature_layer(model: nn.Module) -> str:
     """Module path of the last stage's output, before the final norm and head (the ERF output)."""
-    modules = _feature_modules(model)
+    modules = feature_modules(model)
     if modules:
         return modules[-1]
     raise ValueError(f"{type(model).__name__} has no feature_info; name the layer explicitly")
@@ -488,7 +488,7 @@ def layer_module(model: nn.Module, layer: LayerLike) -> str:
     blocks = select_mixers(list_mixers(model), [ref])
     if ref.block is not None:
         return blocks[0].block_path
-    for module in _feature_modules(model):
+    for module in feature_modules(model):
         if all(info.path.startswith(module + ".") for info in blocks):
             return module
     raise HpxError(f"{type(model).__name__} has no module holding all of {ref}; name a module path instead")

@@ -2,18 +2,26 @@
 
 The ``.npz`` holds the arrays, the ``.json`` the metadata (model, weights source and hash, inputs,
 options, library versions) and the scalar results, so a figure can be redrawn without recomputing.
+The two are written as a pair: the ``.npz`` first, each file atomically (``storage.atomic_output``), the
+``.json`` last, naming the ``.npz`` and its SHA-256, so a reader never takes arrays of one save with the
+metadata of another (an interrupted save leaves the previous pair or a mismatch that :meth:`Result.load` refuses).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Type, TypeVar
 
 import numpy as np
+
+from .errors import HpxError
+from .provenance import provenance_versions
+from .storage import write_bytes_atomic, write_text_atomic
 
 R = TypeVar("R", bound="Result")
 
@@ -27,18 +35,6 @@ def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path | str) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
-
-
-def library_versions() -> Dict[str, str]:
-    """Versions of the libraries that shape a result."""
-    import importlib.metadata as md
-    versions = {"python": platform.python_version()}
-    for dist in ("hpx-analysis", "torch", "timm", "captum", "numpy", "scipy", "matplotlib"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return versions
 
 
 def model_metadata(model: Any) -> Dict[str, Any]:
@@ -78,13 +74,15 @@ class Result:
     kind: ClassVar[str] = "result"
 
     def save(self, stem: Path | str) -> Path:
-        """Write ``<stem>.npz`` and ``<stem>.json``; returns the ``.npz`` path."""
+        """Write ``<stem>.npz`` and then ``<stem>.json`` (module docstring); returns the ``.npz`` path."""
         stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
         npz = stem.with_suffix(".npz")
-        np.savez_compressed(npz, **{k: np.asarray(v) for k, v in self.arrays.items()})
-        meta = {"kind": self.kind, "versions": library_versions(), **self.meta}
-        stem.with_suffix(".json").write_text(json.dumps(to_jsonable(meta), indent=2, sort_keys=False))
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in self.arrays.items()})
+        write_bytes_atomic(npz, buffer.getvalue())
+        meta = {"kind": self.kind, "versions": provenance_versions(), **self.meta,
+                "arrays_file": {"name": npz.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}}
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(to_jsonable(meta), indent=2, sort_keys=False))
         return npz
 
     @classmethod
@@ -95,14 +93,20 @@ class Result:
             stem = stem.with_suffix("")
         npz, meta_path = stem.with_suffix(".npz"), stem.with_suffix(".json")
         if not npz.is_file() or not meta_path.is_file():
-            from .errors import HpxError
             raise HpxError(f"no saved result at {stem} (need {npz.name} and {meta_path.name})")
-        with np.load(npz, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        meta = json.loads(meta_path.read_text())
+        data = npz.read_bytes()
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise HpxError(f"{meta_path} is not a result's metadata ({type(err).__name__})") from None
+        pair = meta.get("arrays_file")
+        if pair is not None and (pair.get("name") != npz.name or pair.get("sha256") != hashlib.sha256(data).hexdigest()):
+            raise HpxError(f"{npz.name} does not belong to {meta_path.name} (another or an interrupted save); "
+                           "recompute the result")
         if cls.kind != "result" and meta.get("kind") != cls.kind:
-            from .errors import HpxError
             raise HpxError(f"{npz} holds a '{meta.get('kind')}' result, not '{cls.kind}'")
+        with np.load(io.BytesIO(data), allow_pickle=False) as loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
         return cls(arrays=arrays, meta=meta)
 
     def get(self, key: str, default: Optional[Any] = None) -> Any:

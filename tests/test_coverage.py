@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from hpx_analysis.analyzers.coverage import (CoverageResult, compute_coverage, window_coverage_1d,
                                              window_diameter_2d)
 from hpx_analysis.errors import HpxError
-from hpx_analysis.inspection import window, window_parameters
+from hpx_analysis.inspection import kernel, list_mixers, modify_kernels, window, window_parameters
 from hpx_analysis.models.hyenapixel import HyenaPixelFormer
 from hpx_analysis.models.long_filters import HyenaFilter1D, HyenaPixelFilter
 from hpx_analysis.models.zoo import load_model
@@ -256,3 +256,68 @@ def test_models_with_other_blocks_and_stages_are_drawn_over_relative_depth(tiny_
     for line in means:
         np.testing.assert_allclose(line.get_xdata(), [0.125, 0.375, 0.625, 0.875])
     assert plot_coverage([hpx, hpx]).axes[0].get_xlabel() == "block index through the network"
+
+
+# -- Hyena N-D: window and energy coverage on one scale per block layout --------------------------------------------
+
+HND_SIDE = 8  # L: tokens per side of the small Hyena N-D ViTs below (64 px, patch 8)
+
+
+def _small_hyena_nd(directions: str, window_mode: str) -> torch.nn.Module:
+    """A 4-block Hyena N-D ViT on an 8 x 8 token grid (``seq``: seq and standard blocks alternate)."""
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model("hyena_deit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=16, depth=4,
+                             num_heads=2, filter_width=8, directions=directions, window=window_mode).eval()
+
+
+def _flat_on_block_taps(k: torch.Tensor, info) -> torch.Tensor:
+    """Ones on the taps of the (C, 2L-1, 2L-1) canvas that the block applies (true-convolution orientation, centre
+    L-1): the quadrant of non-negative offsets (standard), of non-positive ones (seq), the whole canvas (4dir)."""
+    side = (k.shape[-1] + 1) // 2
+    rows = {"standard": slice(side - 1, None), "seq": slice(None, side), "4dir": slice(None)}[info.module.direction]
+    flat = torch.zeros_like(k)
+    flat[:, rows, rows] = 1.0
+    return flat
+
+
+@torch.no_grad()
+def test_flat_hyena_nd_kernels_cover_alike_in_both_measures():
+    """No window and a flat kernel on every tap the block applies: a one-sided (causal or anti-causal) block covers
+    its L taps per axis, 1 in both measures; a 4dir block its 2L-1, (2L-1)/L in both."""
+    for directions, expected, taps in (("standard", 1.0, HND_SIDE ** 2), ("seq", 1.0, HND_SIDE ** 2),
+                                       ("4dir", (2 * HND_SIDE - 1) / HND_SIDE, (2 * HND_SIDE - 1) ** 2)):
+        model = _small_hyena_nd(directions, "no")
+        with modify_kernels(model, _flat_on_block_taps) as modified:
+            assert all(kernel(info).sum(dim=(-2, -1)).eq(taps).all() for info in modified)
+            result = compute_coverage(model)
+        assert [layer["kind"] for layer in result.layers] == ["hyena_nd"] * 4
+        for j in range(4):
+            np.testing.assert_allclose(result.arrays[f"channels_{j}"], expected, rtol=1e-6)
+            np.testing.assert_allclose(result.arrays[f"energy_channels_{j}"], expected, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_one_sided_hyena_nd_kernel_of_reach_r_covers_r_plus_one_taps_in_both_measures():
+    """seq and standard blocks whose window keeps the taps up to R along each axis, their kernel all on the centre
+    tap (R = 0) or on the tap R along an axis on the block's side (R = 3): both measures give (R + 1) / L."""
+    model = _small_hyena_nd("seq", "learn")
+    threshold, side = 0.05, HND_SIDE
+    for reach in (0, 3):
+        rate = (side - 1) * math.log(1 / threshold) / (reach + 0.5)  # tap i at t = i / (L-1): kept for i <= R
+        for info in list_mixers(model):
+            for name in ("Xdeltas", "Ydeltas"):
+                getattr(info.module.filter_fn.modulation, name).fill_(rate)
+
+        def tap_at_reach(k: torch.Tensor, info) -> torch.Tensor:
+            sign = -1 if info.module.direction == "seq" else 1
+            single = torch.zeros_like(k)
+            single[:, side - 1, side - 1 + sign * reach] = -2.0
+            return single
+
+        with modify_kernels(model, tap_at_reach):
+            result = compute_coverage(model, threshold=threshold)
+        assert {info.module.direction for info in list_mixers(model)} == {"seq", "standard"}
+        for j in range(4):
+            np.testing.assert_allclose(result.arrays[f"channels_{j}"], (reach + 1) / side, rtol=1e-6)
+            np.testing.assert_allclose(result.arrays[f"energy_channels_{j}"], (reach + 1) / side, rtol=1e-6)

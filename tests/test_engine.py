@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hpx_analysis.engine import (ImageDataset, ItemOutput, RunStore, SumOutput, analysis_mode, inputs_digest,
-                                 run_batches, run_key)
+from hpx_analysis.engine import ImageDataset, ItemOutput, SumOutput, analysis_mode, run_batches, run_key
 from hpx_analysis.errors import HpxError
 from hpx_analysis.images import ImageSource
 
@@ -74,37 +73,45 @@ def test_unreadable_files_are_skipped_and_counted_or_fail_strictly(model, tmp_pa
                     progress=False)
 
 
-def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(model, images, tmp_path: Path) -> None:
-    store, key = RunStore(tmp_path), run_key(model, inputs_digest(images), {"batch_size": 2})
+def _digest(images) -> str:
+    return ImageDataset(images).content_digest()
+
+
+def test_an_interrupted_run_resumes_and_a_finished_one_is_reused(model, images, tmp_path: Path, capsys) -> None:
     reference = run_batches(model, ImageDataset(images), _step([]), OUTPUTS, batch_size=2, progress=False)
     with pytest.raises(Interrupt):
-        run_batches(model, ImageDataset(images), _step([], fail_at=2), OUTPUTS, batch_size=2, store=store, key=key,
+        run_batches(model, ImageDataset(images), _step([], fail_at=2), OUTPUTS, batch_size=2, resume_dir=tmp_path,
                     save_every_s=1e9, progress=False)  # no periodic save: the state is saved as the loop stops
     calls: List[List[int]] = []
-    resumed = run_batches(model, ImageDataset(images), _step(calls), OUTPUTS, batch_size=2, store=store, key=key,
+    resumed = run_batches(model, ImageDataset(images), _step(calls), OUTPUTS, batch_size=2, resume_dir=tmp_path,
                           progress=False)
     assert calls == [[4, 5], [6]]
     assert resumed.counts["batches_resumed"] == 2 and resumed.counts["batches_computed"] == 2
+    assert "resuming the run" in capsys.readouterr().err
     for name in OUTPUTS:
         np.testing.assert_array_equal(resumed.arrays[name], reference.arrays[name])
     again: List[List[int]] = []
-    reused = run_batches(model, ImageDataset(images), _step(again), OUTPUTS, batch_size=2, store=store, key=key,
+    reused = run_batches(model, ImageDataset(images), _step(again), OUTPUTS, batch_size=2, resume_dir=tmp_path,
                          progress=False)
-    assert again == [] and reused.counts["batches_resumed"] == 4
+    assert again == [] and reused.counts["batches_resumed"] == 4 and reused.key == resumed.key
+    err = capsys.readouterr().err
+    assert f"reusing the finished run {tmp_path / reused.key} (4 of 4 batches)" in err and "--no-resume" in err
     np.testing.assert_array_equal(reused.arrays["double"], reference.arrays["double"])
-    assert [p.name for p in (tmp_path / key).iterdir()] == ["rank0-of-1.npz"]  # no temporary file left
+    assert sorted(p.name for p in (tmp_path / reused.key).iterdir()) == ["rank0-of-1.lock", "rank0-of-1.npz"]
 
 
 def test_run_keys_follow_weights_inputs_and_options(model, images) -> None:
-    key = run_key(model, inputs_digest(images), {"size": 4})
-    assert key == run_key(model, inputs_digest(images.clone()), {"size": 4})
-    assert key != run_key(model, inputs_digest(images), {"size": 5})
-    assert key != run_key(model, inputs_digest(images + 1e-3), {"size": 4})
+    key = run_key(model, _digest(images), {"size": 4})
+    assert key == run_key(model, _digest(images.clone()), {"size": 4})
+    assert key != run_key(model, _digest(images), {"size": 5})
+    assert key != run_key(model, _digest(images + 1e-3), {"size": 4})
+    assert key != run_key(model, _digest(images.reshape(7, 3, 2, 8)), {"size": 4})  # same values, other shape
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] += 1e-6  # an in-place edit of the weights: same path, other content
-    assert key != run_key(model, inputs_digest(images), {"size": 4})
-    model[1].running_mean.add_(1.0)  # buffers count too
-    assert run_key(model, inputs_digest(images), {"size": 4}) != key
+    edited = run_key(model, _digest(images), {"size": 4})
+    assert edited != key
+    model[1].running_mean.add_(1.0)  # buffers count too: compared with the key just before this edit
+    assert run_key(model, _digest(images), {"size": 4}) != edited
 
 
 def test_the_model_is_left_as_it_was(model, images) -> None:

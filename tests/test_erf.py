@@ -14,8 +14,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from hpx_analysis.analyzers.erf import (OPENERF_RADII, ERFResult, area_ratios, display_map,
-                                        effective_receptive_field, gaussian_fit, mass_within, radial_mass,
-                                        radial_mass_summary, resolve_output_layer)
+                                        effective_receptive_field, erf_gradient_maps, gaussian_fit, mass_within,
+                                        radial_mass, radial_mass_summary, resolve_output_layer)
 from hpx_analysis.errors import HpxError
 from hpx_analysis.images import read_rgb, sample_images
 from hpx_analysis.inspection import LayerRef, kernel
@@ -199,6 +199,54 @@ def test_kim_token_centre_is_upper_left_of_the_central_patches(side: int, first:
     np.testing.assert_allclose(result.arrays["maps"][0], expected, atol=1e-12)
 
 
+_CHANNELS_LAST = {  # timm model: (options for 64 px inputs, stem, stage list, an inner layer); output NHWC
+    "swin_tiny_patch4_window7_224": ({"img_size": 64}, "patch_embed", "layers", "layers.1.blocks.0"),
+    "mambaout_femto": ({}, "stem", "stages", "stages.1.blocks.0.conv"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(_CHANNELS_LAST))
+def channels_last_model(request) -> tuple:
+    import timm
+
+    torch.manual_seed(0)
+    options, *paths = _CHANNELS_LAST[request.param]
+    return (timm.create_model(request.param, pretrained=False, **options).eval(), *paths)
+
+
+@pytest.mark.parametrize("convention", ["replknet", "kim2023"])
+def test_channels_last_stage_erf_is_the_spatial_centres_gradient(channels_last_model: tuple, convention: str) -> None:
+    """Swin and MambaOut stages emit (B, H, W, C) (timm's output_fmt NHWC): the ERF is the input
+    gradient of the feature at the spatial centre (H//2, W//2), all channels, of stage 2's output
+    (8 x 8 at 64 px)."""
+    model, stem, stages, _inner = channels_last_model
+    assert model.output_fmt == "NHWC"
+    inputs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    x = inputs.clone().requires_grad_(True)
+    stage_two = model.get_submodule(stages)[:2](model.get_submodule(stem)(x))
+    assert stage_two.shape[1:3] == (8, 8) and stage_two.shape[3] > 8  # (B, H, W, C)
+    centre = stage_two[:, 4, 4, :]
+    scalar = torch.relu(centre).sum() if convention == "replknet" else centre.mean(dim=1).sum()
+    (grad,) = torch.autograd.grad(scalar, x)
+    expected = torch.relu(grad).sum(dim=1) if convention == "replknet" else torch.relu(grad.mean(dim=1))
+
+    maps = erf_gradient_maps(model, inputs, f"{stages}.1", convention)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_unknown_layouts_are_refused(channels_last_model: tuple) -> None:
+    """Inside a channels-last model only the stage outputs have a reported layout (MambaOut's block
+    convolution is channels-first, Swin's blocks channels-last); logits are no feature map."""
+    model, _stem, _stages, inner = channels_last_model
+    inputs = torch.randn(1, 3, 64, 64)
+    with pytest.raises(HpxError, match=f"cannot tell the layout of layer '{inner}'"):
+        erf_gradient_maps(model, inputs, inner, "replknet")
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
+    with pytest.raises(HpxError, match=r"gives a \(1, 5\) output"):
+        erf_gradient_maps(linear, torch.randn(1, 3, 8, 8), "", "kim2023")
+
+
 def test_kim_inputs_are_the_models_eval_transform(tiny_config, tiny_weights) -> None:
     from timm.data import create_transform, resolve_model_data_config
 
@@ -230,15 +278,66 @@ def test_replknet_default_stays_1024_px_without_crop() -> None:
         effective_receptive_field(conv, chelsea, input_size=0, layer="", progress=False)
 
 
+def _reference_ratio(side: int, shape: tuple) -> float:
+    """RepLKNet's reported area ratio of a square of ``side`` on a map of ``shape`` (s / H * s / W)."""
+    return side / shape[0] * side / shape[1]
+
+
 def test_area_ratios_of_uniform_maps() -> None:
     ratios = area_ratios(np.ones((65, 65)))
-    # smallest odd side s with s^2 > t * 65^2
-    for t, side in ((0.2, 31), (0.3, 37), (0.5, 47), (0.99, 65)):
-        assert ratios[f"{t:g}"] == pytest.approx(side * side / 65 ** 2)
+    # smallest odd side s >= 3 with s^2 > t * 65^2, up to 63 = 2 * (65 // 2 - 1) + 1
+    for t, side in ((0.2, 31), (0.3, 37), (0.5, 47)):
+        assert ratios[f"{t:g}"] == _reference_ratio(side, (65, 65))
+    assert ratios["0.99"] is None  # 63^2 / 65^2 = 93.9%: the full image is never tried
     even = area_ratios(np.ones((64, 64)))
     assert even["0.99"] is None  # the largest centred square (63 px) holds only 96.9%
-    assert even["0.5"] == pytest.approx(47 * 47 / 64 ** 2)
+    assert even["0.5"] == _reference_ratio(47, (64, 64))
     assert all(value is None for value in area_ratios(np.zeros((9, 9))).values())
+
+
+@pytest.mark.parametrize("shape", [(9, 9), (8, 8), (4, 4), (8, 11), (3, 3)])
+def test_area_ratios_start_at_the_3x3_square(shape: tuple) -> None:
+    """RepLKNet's loop starts at i = 1: mass in the centre pixel (H//2, W//2) alone gives the 3x3
+    square, not 1 px, at every threshold; maps under 4 rows have no square at all."""
+    display = np.zeros(shape)
+    display[shape[0] // 2, shape[1] // 2] = 1.0
+    expected = _reference_ratio(3, shape) if shape[0] >= 4 else None
+    assert area_ratios(display) == dict.fromkeys(("0.2", "0.3", "0.5", "0.99"), expected)
+
+
+def test_area_ratios_never_take_the_full_image() -> None:
+    """Squares go up to side 2 * (H//2 - 1) + 1: H - 2 on odd sides (the outer ring is never inside),
+    H - 1 on even sides (row 0 and column 0 are never inside)."""
+    odd = np.ones((9, 9))
+    odd[1:8, 1:8] = 0.0  # all mass on the outer ring
+    assert set(area_ratios(odd).values()) == {None}
+    uniform = area_ratios(np.ones((9, 9)))  # side 7 holds 49/81 = 60.5%
+    assert (uniform["0.5"], uniform["0.99"]) == (_reference_ratio(7, (9, 9)), None)
+    even = np.zeros((8, 8))
+    even[7, 7] = 1.0  # bottom right: inside the 7 px square (rows and columns 1-7)
+    assert area_ratios(even)["0.99"] == _reference_ratio(7, (8, 8))
+    even[0, 4] = 1.0  # row 0: in no square, so no square ever holds more than half
+    assert area_ratios(even) == {"0.2": _reference_ratio(7, (8, 8)), "0.3": _reference_ratio(7, (8, 8)),
+                                 "0.5": None, "0.99": None}
+
+
+def test_area_ratio_share_is_a_quotient_and_must_exceed_t() -> None:
+    """The reference compares sum(square) / sum(map) > t: 3.45 of 11.5 is 0.3 exactly, not more,
+    although 3.45 > 0.3 * 11.5 (= 3.4499999999999997 in floating point)."""
+    display = np.zeros((7, 7))
+    display[3, 3], display[0, 0] = 3.45, 8.05  # the corner is in no square: every square holds 3.45
+    assert 3.45 > 0.3 * 11.5 and not 3.45 / 11.5 > 0.3
+    assert area_ratios(display) == {"0.2": _reference_ratio(3, (7, 7)), "0.3": None, "0.5": None, "0.99": None}
+
+
+def test_area_ratios_of_non_square_maps() -> None:
+    """The loop runs over i <= H//2 - 1 on every map: a wide map keeps squares of at most H - 2 (odd H)
+    and reports s / H * s / W; on a tall one the squares stop where they would leave the image."""
+    wide = area_ratios(np.ones((7, 15)))  # squares 3 and 5 (25/105 = 23.8%), not 7 although it fits
+    assert wide == {"0.2": _reference_ratio(5, (7, 15)), "0.3": None, "0.5": None, "0.99": None}
+    tall = area_ratios(np.ones((15, 7)))  # squares 3, 5 and 7 (49/105 = 46.7%), then none inside
+    assert tall == {"0.2": _reference_ratio(5, (15, 7)), "0.3": _reference_ratio(7, (15, 7)), "0.5": None,
+                    "0.99": None}
 
 
 def test_display_map_is_normalised_log() -> None:

@@ -341,7 +341,7 @@ def test_cli_end_to_end(tiny_config, tiny_weights, tmp_path) -> None:
     for suffix in (".pdf", ".png", ".figure.json"):
         assert (folder / f"explain_tiny_hpx_fgvis+gradcam{suffix}").is_file()
     assert meta["options"]["world_size"] == 1 and meta["options"]["batches_computed"] == 1
-    assert len(list((tmp_path / "runs").iterdir())) == 2  # one stored run per method
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.is_dir()]) == 2  # one stored run per method
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0 and second.output.count("reusing") == 2
     reused = json.loads((folder / "tiny_hpx_fgvis.json").read_text())

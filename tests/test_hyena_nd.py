@@ -397,7 +397,9 @@ def test_energy_coverage_of_single_tap_kernels(golden):
     assert [layer["kind"] for layer in result.layers] == kinds
     hyena = [j for j, kind in enumerate(kinds) if kind == HYENA_ND]
     assert np.isfinite(result.arrays["mean"][hyena]).all() and np.isfinite(result.arrays["energy_mean"][hyena]).all()
-    for tap, extent in (((0, 0), 1.0), ((length - 1, length - 1), 2 * length - 1.0), ((0, 3), 7.0)):
+    # extent in taps at Euclidean distance r: 2r + 1 for 4dir, r + 1 for one-sided blocks, capped at 2L - 1 and L
+    for tap, centred, one_sided in (((0, 0), 1.0, 1.0), ((length - 1, length - 1), 2 * length - 1.0, length),
+                                    ((0, 3), 7.0, 4.0)):
         def single_tap(k: torch.Tensor, _info) -> torch.Tensor:
             kept = torch.zeros_like(k)
             kept[:, length - 1 + tap[0], length - 1 + tap[1]] = 1.0
@@ -406,6 +408,7 @@ def test_energy_coverage_of_single_tap_kernels(golden):
         with modify_kernels(model, single_tap):
             modified = compute_coverage(model)
         for j in hyena:
+            extent = centred if model.blocks[j].attn.direction == "4dir" else one_sided
             np.testing.assert_allclose(modified.arrays[f"energy_channels_{j}"], extent / length)
 
 

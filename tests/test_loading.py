@@ -252,3 +252,24 @@ def test_cli_models_version_and_inspect():
 def test_help_does_not_import_torch():
     code = "import sys; from hpx_analysis_cli.app import app; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_failing_checkpoint_filter_is_one_line_naming_it_and_foreign_keys_still_fall_back(tmp_path, monkeypatch,
+                                                                                              tiny_weights):
+    """A filter's own error surfaces as one line naming the model, the filter and the error; timm's ConvNeXt filter,
+    which looks the key of a 2D weight up in the model (KeyError for a ResNet head), still leads to the key
+    comparison of the unmapped state dict."""
+    from hpx_analysis.models import hyenapixel
+
+    def broken(state_dict, model):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(hyenapixel, "checkpoint_filter_fn", broken)
+    with pytest.raises(HpxError) as info:
+        load_model(str(TINY / "tiny_hpx.json"), tiny_weights("tiny_hpx"))
+    message = str(info.value)
+    assert "\n" not in message and "tiny_hpx.json" in message and "RuntimeError: boom" in message
+    assert f"{__name__}.{broken.__qualname__}" in message
+    torch.save({"fc.weight": torch.zeros(3, 4)}, tmp_path / "resnet_head.pth")
+    with pytest.raises(HpxError, match=r"does not fit this architecture: missing \d+ \(.*; unexpected 1 \(fc.weight\)"):
+        load_model("convnext_atto", str(tmp_path / "resnet_head.pth"))

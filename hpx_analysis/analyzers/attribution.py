@@ -24,8 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
-from ..engine import (Batch, ImageDataset, ItemOutput, RunStore, collate_skipping, inputs_digest, run_batches,
-                      run_key)
+from ..engine import Batch, ImageDataset, ItemOutput, collate_skipping, run_batches
 from ..errors import HpxError
 from ..results import model_metadata
 from . import fgvis as _fgvis  # noqa: F401  (registers the "fgvis" method)
@@ -129,18 +128,16 @@ def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional
     channels = 1 if method == "gradcam" else images.shape[1]
     outputs = {"maps": ItemOutput((height, width), "float32"),
                "attributions": ItemOutput((channels, height, width), "float32"), "targets": ItemOutput((), "int64")}
-    key = (run_key(model, inputs_digest(images), {"method": method, **options, "target": target,
-                                                  "batch_size": batch_size, "mean": list(mean), "std": list(std)})
-           if resume_dir is not None else None)
+    identity = {"analysis": "attribution", "method": method, **options, "target": target, "mean": list(mean),
+                "std": list(std)}
     run = run_batches(model, ImageDataset(images.detach().cpu()), step, outputs, batch_size=batch_size,
-                      store=RunStore(resume_dir) if resume_dir is not None else None, key=key, desc=method,
-                      progress=progress)
+                      resume_dir=resume_dir, identity=identity, desc=method, progress=progress)
     return AttributionResult(
         arrays={"maps": run.arrays["maps"], "inputs": to_rgb(images, mean, std),
                 "attributions": run.arrays["attributions"]},
         meta={"method": method, "model": model_metadata(model),
               "images": list(names) if names is not None else [str(i) for i in range(count)],
-              "targets": run.arrays["targets"].tolist(), "options": {**options, **run.counts, "run_key": key}})
+              "targets": run.arrays["targets"].tolist(), "options": {**options, **run.counts, "run_key": run.key}})
 
 
 for _name in CAPTUM_METHODS:

@@ -32,14 +32,35 @@ as a k x k convolution spans k pixels, so a window kept on 7 taps across at F = 
 Other mixers (pooling, identity) are skipped.
 
 Energy coverage, beside the window coverage for every long-filter layer (HyenaPixel 2D, Hyena 1D, ``large_conv``,
-``hyena_nd``):
-per channel, the extent 2 * radius + 1 (taps) of the smallest centred disc holding a share (default 0.95) of the
-kernel's absolute weight, over F, radius being a tap distance in pixels; capped at the kernel extent S for 2D
-kernels (as the window extent), 0 for an all-zero kernel. 2D kernels (HyenaPixel, the effective kernel of a large
-convolution, Hyena N-D's kernel on its centred (2L-1) x (2L-1) canvas, F = L) use the Euclidean tap distance from
-the kernel centre, so a quarter-plane kernel of reach r counts as a centred one of reach r; a Hyena 1D kernel is
-wrapped onto the 2D map, each offset d at its nearest 2D displacement (``inspection.nearest_displacement``, the wrap cut), so all kinds
-share one axis (1D extents are not capped).
+``hyena_nd``): per channel, the extent in taps of the smallest centred disc holding a share (default 0.95) of the
+kernel's absolute weight, over F, its radius r being a tap distance in pixels; 0 for an all-zero kernel. The extent
+counts taps on the scale of the layer's window coverage:
+
+- 2 * r + 1 for kernels laid around their centre: HyenaPixel, the effective kernel of a large convolution and a
+  ``4dir`` Hyena N-D block. A flat full ``4dir`` kernel gives (2L-1) / L, as its window does.
+- r + 1 for a one-sided Hyena N-D block (quarter-plane: causal ``standard``, anti-causal ``seq``), whose taps lie on
+  one side of the centre along each axis, as its window coverage counts reach + 1. A flat full causal kernel gives 1
+  in both measures, a kernel on the centre tap alone 1 / L.
+- 2 * r + 1 for Hyena 1D, bidirectional or causal (wrapped onto the map, a causal kernel's offsets fill a
+  half-plane, which reaches both sides of the centre along a row). Its window coverage is a share of the sequence,
+  not a size on the map, so the two measures are not on one scale for Hyena 1D.
+
+2D kernels (HyenaPixel, large convolution, Hyena N-D's kernel on its centred (2L-1) x (2L-1) canvas, F = L) use the
+Euclidean tap distance from the kernel centre, and the extent is capped at the kernel's extent along an axis, as the
+window extent is: S, or L for a quarter-plane block. A Hyena 1D kernel is wrapped onto the 2D map, each offset d at
+its nearest 2D displacement (``inspection.nearest_displacement``, the wrap cut), so all kinds share one axis (1D
+extents are not capped).
+
+The energy coverage reads the kernel that ``inspection.kernel`` returns. For SLaK / RepLKNet that is the block's
+effective kernel, which includes the small parallel branch: the s x s (and SLaK's K x s, s x K) conv+BN branches see
+the same input and their outputs add up, so in eval mode the module is exactly one depthwise K x K convolution whose
+kernel is the BN-fused branches zero-padded to K x K and summed (``LargeKernelConv.effective_kernel``; the BN shifts
+make a per-channel bias, no tap), and that one kernel is what the block applies while modified or truncated. The
+Hyena skip gain (``u * bias``, per channel) is not part of the measured kernel: the layers apply it beside the
+convolution (``(u conv K) + u * bias``), ``kernel()`` leaves it out, and kernel modifications and truncation keep it
+as it is. It is a pointwise scaling with no spatial extent; folded in it would only add weight to the centre tap,
+pulling the energy coverage towards 1 / F by an amount set by the size of the gain rather than by how far the
+learned kernel reaches.
 """
 
 from __future__ import annotations
@@ -83,16 +104,19 @@ def window_coverage_1d(windows: Tensor, sequence_length: int, threshold: float) 
     return (last - first + 1).clamp_min(0).to(windows.dtype) / sequence_length
 
 
-def energy_extent(kernels: Tensor, distance: Tensor, share: float, max_extent: Optional[float] = None) -> Tensor:
-    """Extent (C,) in taps, 2 * radius + 1, of the smallest centred disc holding ``share`` of each kernel's absolute
-    weight; kernels (C, *S), distance (*S) the tap distances from the centre in pixels. At most ``max_extent``
-    (None: no cap); 0 for an all-zero kernel."""
+def energy_extent(kernels: Tensor, distance: Tensor, share: float, max_extent: Optional[float] = None,
+                  one_sided: bool = False) -> Tensor:
+    """Extent (C,) in taps of the smallest centred disc holding ``share`` of each kernel's absolute weight: 2 * radius
+    + 1 across the centre, radius + 1 for a ``one_sided`` (quarter-plane) kernel, whose taps lie on one side of it;
+    kernels (C, *S), distance (*S) the tap distances from the centre in pixels. At most ``max_extent`` (None: no cap);
+    0 for an all-zero kernel."""
     weights = kernels.abs().flatten(1).double()
     distances, order = torch.sort(distance.flatten().double().to(weights.device))
     cumulative = weights[:, order].cumsum(1)
     total = cumulative[:, -1:]
     holds = cumulative >= share * total * (1 - 1e-12)  # taps at one distance enter together: any of them decides
-    extent = 2 * distances[holds.int().argmax(1)] + 1
+    radius = distances[holds.int().argmax(1)]
+    extent = radius + 1 if one_sided else 2 * radius + 1
     if max_extent is not None:
         extent = extent.clamp(max=max_extent)
     return torch.where(total[:, 0] > 0, extent, torch.zeros_like(extent))
@@ -105,13 +129,22 @@ def tap_distance(info: MixerInfo) -> Tensor:
     return torch.sqrt(rows.double() ** 2 + cols.double() ** 2)
 
 
+def one_sided(info: MixerInfo) -> bool:
+    """Whether the layer's kernel lies on one side of its centre along each axis: a quarter-plane Hyena N-D block
+    (causal ``standard`` or anti-causal ``seq``), not a ``4dir`` one."""
+    return info.kind == HYENA_ND and info.module.direction != "4dir"
+
+
 def energy_coverage(info: MixerInfo, share: float) -> Optional[np.ndarray]:
     """Energy coverage per channel (C,) of a long-filter layer (module docstring); None for other mixers."""
     if info.long_filter is None:
         return None
-    kernels = kernel(info).float()
-    cap = float(max(info.kernel_size)) if kernels.dim() == 3 else None
-    return (energy_extent(kernels, tap_distance(info), share, cap) / max(info.feature_size)).cpu().numpy()
+    kernels, quarter = kernel(info).float(), one_sided(info)
+    cap = None  # a Hyena 1D kernel (C, T): not capped
+    if kernels.dim() == 3:  # the kernel's extent along an axis: S, or the L taps of a quadrant of S = 2L - 1
+        cap = (max(info.kernel_size) + 1) / 2 if quarter else float(max(info.kernel_size))
+    extents = energy_extent(kernels, tap_distance(info), share, cap, quarter)
+    return (extents / max(info.feature_size)).cpu().numpy()
 
 
 def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:

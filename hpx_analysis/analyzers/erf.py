@@ -3,11 +3,12 @@
 Two conventions:
 
 * ``replknet`` (the paper's Fig. 4/8, after RepLKNet): inputs resized bicubic to ``input_size``
-  squared (default 1024 px), no crop; scalar = sum over channels of ``relu(feature[:, :, H//2, W//2])``
-  ((B, N, C) tokens: the leading class/register tokens dropped, the rest a square grid);
+  squared (default 1024 px), no crop; scalar = sum over channels of ``relu`` of the feature at the
+  spatial centre (H//2, W//2) ((B, N, C) tokens: the leading class/register tokens dropped, the rest a
+  square grid);
   per-image map = ``relu(d scalar / d input)`` summed over RGB; mean over images. Display map
-  ``log10(map + 1) / max``; high-contribution area ratios at t = 0.2, 0.3, 0.5, 0.99 are the smallest
-  centred squares holding more than t of the display map.
+  ``log10(map + 1) / max``; high-contribution area ratios at t = 0.2, 0.3, 0.5, 0.99 by RepLKNet's
+  ``get_rectangle`` (:func:`area_ratios`).
 * ``kim2023`` (Kim et al. 2023 as implemented by OpenERF 0.6.1, ``openerf/erf.py:compute_erf``):
 
   - inputs: the model's timm eval transform (``resolve_model_data_config`` + ``create_transform``:
@@ -32,9 +33,13 @@ Two conventions:
   default tolerance meets to within about 1e-4 (relative sigma, absolute R^2) on the maps checked.
   Images are batched (independent in eval mode) and summed in float64; non-finite gradients are
   skipped; the output is the model's last stage (``feature_info``), which is OpenERF's
-  ``forward_features`` for MetaFormers such as the HyenaPixel family, and (B, C, H, W) outputs are
-  read channels-first (OpenERF reads the 4D output of ``forward_features`` of models with a
+  ``forward_features`` for MetaFormers such as the HyenaPixel family, and 4D outputs are read in the
+  layout timm reports (OpenERF reads the 4D output of ``forward_features`` of models with a
   ``patch_embed`` as tokens).
+
+Both conventions take the centre on the spatial axes of the output: timm's ``output_fmt`` for a model's
+feature outputs ((B, H, W, C) in Swin and MambaOut), else (B, C, H, W) maps and (B, N, C) tokens; an
+output whose layout cannot be told is refused.
 
 Images whose gradient is not finite are skipped and counted, unreadable files too. The run goes
 through :func:`hpx_analysis.engine.run_batches`: eval mode with frozen parameters (no weight
@@ -51,12 +56,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from timm.layers import Format
 from torch import Tensor, nn
 
-from ..engine import Batch, ImageDataset, RunStore, SumOutput, inputs_digest, run_batches, run_key
+from ..engine import Batch, ImageDataset, SumOutput, run_batches
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform, model_mean_std
-from ..inspection import LAYER_SYNTAX, LayerRef, feature_layer, is_layer_syntax, layer_module
+from ..inspection import LAYER_SYNTAX, LayerRef, feature_layer, feature_modules, is_layer_syntax, layer_module
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata
 
@@ -82,22 +88,31 @@ def display_map(erf_map: np.ndarray, convention: str = "replknet") -> np.ndarray
 
 
 def area_ratios(display: np.ndarray, thresholds: Sequence[float] = AREA_THRESHOLDS) -> Dict[str, Optional[float]]:
-    """High-contribution area ratio per threshold t: area of the smallest centred square (side 2i+1,
-    i >= 0) whose share of ``display``'s total exceeds t, over the image area; None when no square
-    inside the image qualifies (or the map is all zero). display: (H, W), non-negative."""
+    """High-contribution area ratio per threshold t, by the rule of RepLKNet's ``get_rectangle``
+    (``erf/analyze_erf.py``): the first i = 1, 2, ..., H//2 - 1 whose square
+    ``display[H//2-i : H//2+i+1, W//2-i : W//2+i+1]`` (side s = 2i+1) has
+    ``sum(square) / sum(display) > t`` gives ``s / H * s / W``; None when no i does.
+
+    So the centre pixel alone (i = 0) never counts, nor does the full image: the largest square has side
+    H - 1 (H even) or H - 2 (H odd), and the bound follows H alone (wider maps keep squares of at most that
+    side). Squares are summed as numpy slices and the share is a quotient, as in the reference, so equal
+    maps give equal decisions. Deviation: on maps so much taller than wide that a square would leave the
+    image (i > (W-1)//2), the reference's slice is clipped or wraps around and it reports an area it did
+    not sum (over 1 at worst); we stop there (None beyond). An all-zero map gives None everywhere (the
+    reference divides 0 by 0). display: (H, W), non-negative."""
     height, width = display.shape
     cy, cx = height // 2, width // 2
-    largest = min(cy, cx, height - 1 - cy, width - 1 - cx)
-    integral = np.pad(np.cumsum(np.cumsum(display, axis=0), axis=1), ((1, 0), (1, 0)))
-    radii = np.arange(largest + 1)
-    top, bottom, left, right = cy - radii, cy + radii + 1, cx - radii, cx + radii + 1
-    square_sums = integral[bottom, right] - integral[top, right] - integral[bottom, left] + integral[top, left]
-    total = integral[-1, -1]
-    ratios: Dict[str, Optional[float]] = {}
-    for t in thresholds:
-        hits = np.nonzero(square_sums > t * total)[0] if total > 0 else np.array([], dtype=int)
-        side = 2 * int(hits[0]) + 1 if hits.size else None
-        ratios[f"{t:g}"] = side * side / (height * width) if side else None
+    ratios: Dict[str, Optional[float]] = {f"{t:g}": None for t in thresholds}
+    total = np.sum(display)
+    pending = list(thresholds) if total > 0 else []
+    for i in range(1, min(cy - 1, (width - 1) // 2) + 1):
+        if not pending:
+            break
+        share = np.sum(display[cy - i:cy + i + 1, cx - i:cx + i + 1]) / total
+        side = 2 * i + 1
+        for t in [t for t in pending if share > t]:
+            ratios[f"{t:g}"] = side / height * side / width
+            pending.remove(t)
     return ratios
 
 
@@ -253,12 +268,43 @@ def _centre_token(tokens: Tensor, prefix: int) -> Tensor:
     return tokens[:, prefix + middle * side + middle]
 
 
+def _nchw_or_nlc(model: nn.Module, layer: str, feature: Tensor) -> Tensor:
+    """``layer``'s output as (B, C, H, W) maps or (B, N, C) tokens.
+
+    The layout is timm's ``output_fmt`` (``timm.layers.Format``) for the model's feature outputs (its
+    ``feature_info`` modules; NHWC in Swin and MambaOut); models that report none or NCHW keep timm's
+    defaults, (B, C, H, W) maps and (B, N, C) tokens, at every layer. Refused where the layout cannot be
+    told: other layers of a model with another format, or an output of a rank the layout does not have.
+    """
+    reported = getattr(model, "output_fmt", None) or Format.NCHW
+    try:
+        declared = Format(reported)
+    except ValueError:
+        raise HpxError(f"{type(model).__name__} reports output_fmt '{reported}', which is no layout timm "
+                       f"knows ({', '.join(f.value for f in Format)})") from None
+    if declared is not Format.NCHW:
+        features = feature_modules(model)
+        if layer not in features:
+            raise HpxError(f"cannot tell the layout of layer '{layer}': {type(model).__name__} reports "
+                           f"{declared.value} only for its feature outputs ({', '.join(features)}); name one")
+        layout: Optional[Format] = declared
+    else:
+        layout = {4: Format.NCHW, 3: Format.NLC}.get(feature.dim())
+    if layout is None or feature.dim() != len(layout.value):  # one letter per dimension
+        raise HpxError(f"layer '{layer}' gives a {tuple(feature.shape)} output, not the "
+                       f"{layout.value if layout else '(B, C, H, W) or (B, N, C)'} feature map the ERF needs")
+    if layout is Format.NHWC:
+        return feature.permute(0, 3, 1, 2)
+    return feature.transpose(1, 2) if layout is Format.NCL else feature
+
+
 def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: str = "replknet",
                       amp_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Per-image ERF maps (B, H, W) for normalised inputs (B, 3, H, W) on the model's device.
 
-    Images in a batch are independent in eval mode, so one backward pass of the summed centre
-    scalars gives every image's gradient.
+    The centre is taken on the spatial axes of ``layer``'s output in the layout timm reports for it
+    (:func:`_nchw_or_nlc`: (B, H, W, C) in Swin and MambaOut). Images in a batch are independent in
+    eval mode, so one backward pass of the summed centre scalars gives every image's gradient.
     """
     if convention not in CONVENTIONS:
         raise HpxError(f"unknown ERF convention '{convention}'; use {' or '.join(CONVENTIONS)}")
@@ -282,7 +328,7 @@ def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: 
         handle.remove()
     if "feature" not in captured:
         raise HpxError(f"layer '{layer}' is not used in the model's forward pass; choose another layer")
-    feature = captured["feature"].float()
+    feature = _nchw_or_nlc(model, layer, captured["feature"].float())
     if feature.dim() == 3 and convention == "kim2023":
         centre = _centre_token(feature, _prefix_tokens(model))
     else:
@@ -358,12 +404,11 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
         finite = torch.isfinite(maps).flatten(1).all(dim=1)
         return {"sum": maps[finite].sum(dim=0), "used": finite.sum(), "skipped_nonfinite": (~finite).sum()}
 
-    key = run_key(model, inputs_digest(dataset.images), options) if resume_dir is not None else None
     run = run_batches(model, dataset, step, {"sum": SumOutput((int(height), int(width))),
                                              "used": SumOutput((), "int64"),
                                              "skipped_nonfinite": SumOutput((), "int64")},
-                      batch_size=batch_size, store=RunStore(resume_dir) if resume_dir is not None else None,
-                      key=key, desc=f"ERF {label}", progress=progress)
+                      batch_size=batch_size, resume_dir=resume_dir, identity={"analysis": "erf", **options},
+                      desc=f"ERF {label}", progress=progress)
     used, skipped, unreadable = int(run.arrays["used"]), int(run.arrays["skipped_nonfinite"]), len(run.unreadable)
     if used == 0:
         raise HpxError(f"no image gave a finite ERF for {label} ({skipped} skipped, {unreadable} unreadable)")
@@ -376,7 +421,7 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
               "used": np.array([used]), "skipped": np.array([skipped])}
     entry: Dict[str, Any] = {"label": label, "model": model_metadata(model), "layer": layer_path,
                              "images_used": used, "images_skipped_nonfinite": skipped,
-                             "images_unreadable": unreadable, "area_ratios": area_ratios(shown), "run_key": key}
+                             "images_unreadable": unreadable, "area_ratios": area_ratios(shown), "run_key": run.key}
     if convention == "kim2023":
         arrays["radial_mass"] = radial_mass(mean_map)[None]
         entry["gaussian"] = gaussian_fit(mean_map)

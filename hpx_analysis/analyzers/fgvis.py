@@ -48,7 +48,7 @@ from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
 from torch import Tensor, nn
 
-from ..engine import Batch, ImageDataset, ItemOutput, RunStore, inputs_digest, run_batches, run_key
+from ..engine import Batch, ImageDataset, ItemOutput, run_batches
 from ..errors import HpxError
 from ..results import model_metadata
 from .methods import (ExplanationResult, batch_target, predict, reference_image, register_method, resolve_targets,
@@ -418,22 +418,20 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
 
     options = {**asdict(settings), "batch_size": batch_size, "bound_activation_types": type_names(types),
                "bounded_activations": len(activation_modules(model, types)) if settings.bounded else 0}
-    key = (run_key(model, inputs_digest(images), {**options, "target": target, "seeds": seeds, "mean": list(mean),
-                                                  "std": list(std)})
-           if resume_dir is not None else None)
+    identity = {"analysis": "fgvis", **options, "target": target, "seeds": seeds, "mean": list(mean), "std": list(std)}
     with activation_bounds(model, types) as bounds:
         bounds.bounded = settings.bounded
         run = run_batches(model, dataset, step, {"masks": ItemOutput((3, *images.shape[-2:]), "float32"),
                                                  **RECORD_OUTPUTS},
-                          batch_size=batch_size, store=RunStore(resume_dir) if resume_dir is not None else None,
-                          key=key, desc="fgvis", progress=progress)
+                          batch_size=batch_size, resume_dir=resume_dir, identity=identity, desc="fgvis",
+                          progress=progress)
     masks = torch.from_numpy(run.arrays["masks"])
     return FgvisResult(
         arrays={"masks": masks.numpy(), "maps": (1 - masks).mean(1).numpy(), "inputs": to_rgb(images, mean, std)},
         meta={"method": "fgvis", "model": model_metadata(model),
               "images": list(names) if names is not None else [str(i) for i in range(count)],
               "targets": run.arrays["original_class"].tolist(), "seeds": seeds,
-              "records": _records(run.arrays, settings), "options": {**options, **run.counts, "run_key": key}})
+              "records": _records(run.arrays, settings), "options": {**options, **run.counts, "run_key": run.key}})
 
 
 __all__ = ["RELU_ACTIVATIONS", "ALL_ACTIVATIONS", "BOUND_ACTIVATIONS", "type_names", "activation_modules",

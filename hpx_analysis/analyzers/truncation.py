@@ -57,10 +57,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..datasets import LabelledImage
-from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, RunStore, inputs_digest, run_batches, run_key
+from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, run_batches
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform
-from ..inspection import (HYENA_1D, HYENA_ND, LayerLike, LayerRef, MixerInfo, group_label, kernel, list_mixers,
+from ..inspection import (HYENA_1D, LayerLike, LayerRef, MixerInfo, group_label, kernel, list_mixers,
                           modify_kernels, parse_layer_group, select_mixers, tap_displacements, tap_offsets)
 from ..results import Result, model_metadata, write_rows_csv
 
@@ -395,26 +395,27 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
 
     dataset = ImageDataset([ImageSource(name=s.name, path=s.path) for s in samples], transform,
                            labels=[s.label for s in samples])
-    options = {"stages": [p.label for p in plans], "sizes": sizes, "shape": shape, "hb_cut": hb_cut,
-               "batch_size": batch_size, "input": list(input_hw), "labels": [s.label for s in samples]}
-    key = run_key(model, inputs_digest(dataset.images), options) if resume_dir is not None else None
+    identity = {"analysis": "truncation", "stages": [p.label for p in plans], "sizes": sizes, "shape": shape,
+                "hb_cut": hb_cut, "input": list(input_hw)}
     run = run_batches(model, dataset, step, {"top1": ItemOutput((settings,), "int32"),
                                              "top5": ItemOutput((settings,), "int32")},
-                      batch_size=batch_size, store=RunStore(resume_dir) if resume_dir is not None else None,
-                      key=key, strict=strict, workers=workers, desc="truncation sweep", progress=progress)
+                      batch_size=batch_size, resume_dir=resume_dir, identity=identity, strict=strict, workers=workers,
+                      desc="truncation sweep", progress=progress)
     return _summarise(model, samples, plans, sizes, shape, hb_cut, run,
                       dict(batch_size=batch_size, input_size=list(input_hw), n_resamples=n_resamples, seed=seed,
-                           **run.counts, run_key=key))
+                           **run.counts, run_key=run.key))
 
 
 def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str) -> float:
     """The group's mean learned coverage where it is a relative size of the cut, else NaN: HyenaPixel, large-kernel
     and ``4dir`` Hyena N-D layers; bidirectional Hyena 1D layers under the offset cut. A one-sided (causal) kernel's
     coverage, reach + 1 taps over F, is no r of a centred disc."""
+    from .coverage import one_sided
+
     def on_axis(info: MixerInfo) -> bool:
         if info.kind == HYENA_1D:
             return hb_cut == "offset" and not info.long_filter.causal
-        return info.kind != HYENA_ND or info.module.direction == "4dir"
+        return not one_sided(info)
 
     if not all(map(on_axis, plan.layers)):
         return float("nan")

@@ -11,6 +11,8 @@ and the summary reports each check, met or not.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
@@ -23,7 +25,8 @@ from ..engine import content_key
 from ..images import model_mean_std, normalise
 from ..inspection import cut_short_convs, long_filter_layers
 from ..models.proxies import HYENA_ND_PROXY, PROXY_NAMES
-from .tasks import IMAGE_SIZE, TASKS, sample_task
+from ..storage import write_text_atomic
+from .tasks import IMAGE_SIZE, TASKS, sample_task, task_parameters
 from .training import EVAL_SEED_OFFSET, TrainingConfig, load_or_train, task_accuracy
 
 if TYPE_CHECKING:
@@ -58,17 +61,26 @@ class DemoSettings:
 
 def write_task_folder(task: str, count: int, seed: int, root: Path) -> Path:
     """Held-out images of ``task`` as PNGs in an ImageFolder tree (class folders ``0_<name>``, ``1_<name>``) under
-    ``root``, in a folder named by a content key (a new release writes them afresh); a complete folder is reused."""
+    ``root``, in a folder named by the content key of the task generator's parameters, the count, the seed and the
+    code (:func:`..engine.content_key`). It is written beside and renamed into place when complete, so a folder
+    that exists is complete and is reused."""
     from PIL import Image
-    folder = root / f"{task}_eval_{count}_{content_key({'task': task, 'count': count, 'seed': seed}, length=10)}"
-    if folder.is_dir() and sum(1 for _ in folder.rglob("*.png")) == count:
+    key = content_key({"task": task_parameters(task), "count": count, "seed": seed}, length=10)
+    folder = root / f"{task}_eval_{count}_{key}"
+    if folder.is_dir():
         return folder
+    partial = root / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(partial, ignore_errors=True)
     batch = sample_task(task, count, EVAL_SEED_OFFSET + seed)
     pixels = (batch.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for index, (image, label) in enumerate(zip(pixels, batch.labels.tolist())):
-        target = folder / f"{label}_{TASKS[task].classes[label]}"
+        target = partial / f"{label}_{TASKS[task].classes[label]}"
         target.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(target / f"{index:05d}.png")
+    try:
+        os.rename(partial, folder)
+    except OSError:  # another process put the same folder in place first
+        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 
@@ -181,8 +193,8 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
         "training": records, "settings": asdict(settings),
     }
     summary["known_answers"] = known_answers(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(summary_markdown(summary))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "summary.md", summary_markdown(summary))
     summary["written"] = [str(p) for p in written + [out / "summary.json", out / "summary.md"]]
     return summary
 

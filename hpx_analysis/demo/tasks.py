@@ -15,7 +15,7 @@ lies in the marks:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, Tuple
 
 import torch
@@ -56,6 +56,15 @@ class TaskBatch:
     images: Tensor
     labels: Tensor
     marks: Tensor
+
+
+def task_parameters(task: str) -> Dict[str, object]:
+    """Everything :func:`sample_task` draws ``task`` from: the task's definition and the generator's constants
+    (part of the cache keys of the demo's proxies and evaluation images)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown proxy task '{task}'; known: {', '.join(TASKS)}")
+    return {"task": asdict(TASKS[task]), "image_size": IMAGE_SIZE, "mark": MARK, "grid": GRID, "min_gap": MIN_GAP,
+            "row_gap": ROW_GAP, "background": BACKGROUND, "noise_std": NOISE_STD, "mark_value": MARK_VALUE}
 
 
 def _mark_positions(count: int, generator: torch.Generator, same_row: Tensor) -> Tuple[Tensor, Tensor]:

@@ -7,21 +7,23 @@ A trained proxy is saved as ``<cache>/<model>_<task>_<key>.safetensors`` plus a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import content_key
+from ..engine import announce, content_key
 from ..errors import HpxError
 from ..images import model_mean_std, normalise
-from ..models.proxies import PROXY_NAMES
-from .tasks import TASKS, sample_task
+from ..models.proxies import PROXY_NAMES, proxy_configuration
+from ..storage import move_aside, write_bytes_atomic, write_text_atomic
+from .tasks import TASKS, sample_task, task_parameters
 
 EVAL_SEED_OFFSET = 1_000_000  # held-out images come from seeds no training batch uses
 
@@ -42,8 +44,11 @@ class TrainingConfig:
     filter_lr_scale: float = 1.0
 
     def key(self) -> str:
-        """Content key of the configuration (names the cached checkpoint; a new release retrains)."""
-        return content_key(asdict(self), length=10)
+        """Content key of everything the trained weights depend on (names the cached checkpoint): this training
+        configuration, the proxy's full configuration (architecture, init options), the task generator's
+        parameters and, through :func:`..engine.content_key`, the package's code and version."""
+        return content_key({"training": asdict(self), "proxy": proxy_configuration(self.model),
+                            "task": task_parameters(self.task)}, length=10)
 
     def stem(self) -> str:
         return f"{self.model}_{self.task}_{self.key()}"
@@ -126,23 +131,42 @@ def load_or_train(config: TrainingConfig, cache_dir: Path | str, progress: bool 
                   ) -> Tuple[nn.Module, Dict[str, Any], Path]:
     """The trained proxy of ``config`` from ``cache_dir`` when there, else trained and saved there.
 
-    Returns (eval-mode model loaded through the checkpoint path, training record, checkpoint file).
+    Returns (eval-mode model loaded through the checkpoint path, training record with ``cached`` True when it
+    was reused, checkpoint file).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     from ..models.zoo import load_model
 
     cache_dir = Path(cache_dir)
     checkpoint = cache_dir / f"{config.stem()}.safetensors"
     record_file = checkpoint.with_suffix(".json")
-    if not (checkpoint.is_file() and record_file.is_file()):
+    record = _cached_record(checkpoint, record_file)
+    if record is None:
         model, record = train_proxy(config, progress)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = checkpoint.with_name(checkpoint.stem + ".tmp.safetensors")
         # one tensor per key: a Hyena N-D filter shares its sine module, which safetensors refuses as shared memory
-        save_file({k: v.clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()},
-                  str(partial))
-        partial.replace(checkpoint)
-        record_file.write_text(json.dumps(record, indent=1))
-    record = json.loads(record_file.read_text())
-    record["cached"] = True
+        weights = save({k: v.clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()})
+        write_bytes_atomic(checkpoint, weights)  # the checkpoint first, then the record that names its digest
+        record["checkpoint_sha256"] = hashlib.sha256(weights).hexdigest()
+        write_text_atomic(record_file, json.dumps(record, indent=1))
+        record["cached"] = False
+    else:
+        announce(f"reusing the trained proxy {checkpoint} (its key covers the configuration, the task and the code)")
+        record["cached"] = True
     return load_model(config.model, str(checkpoint), seed=config.seed), record, checkpoint
+
+
+def _cached_record(checkpoint: Path, record_file: Path) -> Optional[Dict[str, Any]]:
+    """The training record of a cached proxy when its checkpoint is the one the record names (by SHA-256), else
+    None: nothing cached, or a pair left by an interrupted or foreign write, which is moved aside."""
+    if not (checkpoint.is_file() and record_file.is_file()):
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        matches = record.get("checkpoint_sha256") == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        matches = False
+    if matches:
+        return record
+    for path in (record_file, checkpoint):
+        move_aside(path, "the cached proxy's checkpoint and record do not match")
+    return None

@@ -222,11 +222,6 @@ class HyenaNDCanvasFilter(SquareFilter):
         self._canvas, self._skip, self._window = mixer.canvas_kernel, mixer.skip_gain, mixer.canvas_window
         self.window_parameters = mixer.window_parameters
 
-    @property
-    def active(self) -> bool:
-        """Whether a modifier or override is set (the mixer then runs with ``kernel()``)."""
-        return self.kernel_modifier is not None or self._override is not None
-
     def base_kernel(self) -> torch.Tensor:
         """(D, 2L-1, 2L-1) the applied kernel on its centred canvas, true-convolution orientation."""
         return self._canvas()

@@ -77,11 +77,6 @@ class EffectiveKernelFilter(SquareFilter):
         self.channels, self.size = module.channels, module.kernel_size
         self._effective = module.effective_kernel  # a bound method, so the module is no child of its filter
 
-    @property
-    def active(self) -> bool:
-        """Whether a modifier or override is set (the module then runs as one convolution)."""
-        return self.kernel_modifier is not None or self._override is not None
-
     def base_kernel(self) -> torch.Tensor:
         """The effective kernel (C, K, K), true-convolution orientation."""
         return self._effective()[0][:, 0].flip(-2, -1)

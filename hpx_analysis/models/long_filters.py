@@ -126,6 +126,11 @@ class LongFilterBase(nn.Module):
         self._kernel_modifier = modifier
         self._modifier_version += 1  # a counter, never an id: ids of freed closures get reused
 
+    @property
+    def active(self) -> bool:
+        """Whether a kernel modifier or an override is set, i.e. the applied kernel is not the learned one."""
+        return self._kernel_modifier is not None or self._override is not None
+
     # -- kernel ---------------------------------------------------------------------------
     def base_kernel(self) -> Tensor:
         raise NotImplementedError

@@ -26,7 +26,7 @@ proxy loads like any other model: ``hpx-analyze erf --model proxy_hpx_former --c
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -53,6 +53,18 @@ default_cfgs = generate_default_cfgs({
     **{name: _cfg(pool_size=(16, 16), **_PROXY_CFG) for name in PROXY_SPECS},
     HYENA_ND_PROXY: _vit_cfg(**_PROXY_CFG),
 })
+
+
+def proxy_configuration(name: str) -> Dict[str, Any]:
+    """Everything that builds proxy ``name``: its architecture options (mixer specs, widths, depths, or the Hyena
+    N-D options, init options included) and its pretrained config (input size, normalisation); part of the demo
+    cache's key, so a changed architecture or initialisation is retrained."""
+    if name == HYENA_ND_PROXY:
+        architecture: Dict[str, Any] = {"class": HyenaNDViT.__name__, **HYENA_ND_OPTIONS}
+    else:
+        architecture = {"class": HyenaPixelFormer.__name__, "mixer_specs": PROXY_SPECS[name],
+                        "depths": PROXY_DEPTHS, "dims": PROXY_DIMS[name]}
+    return {"name": name, "architecture": architecture, "pretrained_cfg": default_cfgs[name].default.to_dict()}
 
 
 def _create_proxy(name: str, pretrained: bool, **kwargs: Any) -> HyenaPixelFormer:

@@ -167,14 +167,24 @@ def _describe(keys: Sequence[str], limit: int = 3) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Map ``state_dict`` onto the model and load it strictly; mismatches raise one readable HpxError."""
+def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                            name: Optional[str] = None) -> None:
+    """Map ``state_dict`` onto the model and load it strictly; mismatches raise one readable HpxError.
+
+    name: the model as the user named it, for messages (default its class name). The filter of the model's module
+    may raise KeyError for a key it does not know: timm's filters (ConvNeXt, MetaFormer) look mapped keys up in the
+    model's state dict, so a checkpoint of another architecture stops them there; the unmapped keys are then
+    compared. Any other error of the filter is one HpxError naming the model, the filter and the error."""
     filter_fn = _filter_for(model)
     if filter_fn is not None:
         try:
             state_dict = filter_fn(state_dict, model)
-        except Exception:  # a foreign filter that chokes on keys it does not know: compare unmapped keys
+        except KeyError:  # a key of another architecture: the comparison below names the keys that do not fit
             pass
+        except Exception as err:
+            label = name or type(model).__name__
+            raise HpxError(f"checkpoint filter {filter_fn.__module__}.{filter_fn.__qualname__} of model '{label}' "
+                           f"failed on {source} ({_one_line(err)})") from err
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -353,7 +363,7 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
     elif Path(weights).suffix in CHECKPOINT_SUFFIXES or Path(weights).exists():
         state_dict, options, source = _checkpoint_weights(name, weights, weights_key)
         model = create_model(name, **{**options, **kwargs})
-        load_state_dict_checked(model, state_dict, str(weights))
+        load_state_dict_checked(model, state_dict, str(weights), name)
         provenance.update(weights="file", weights_file=str(Path(weights).resolve()),
                           weights_sha256=_sha256(Path(weights)), **source)
         if options:

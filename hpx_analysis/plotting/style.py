@@ -45,9 +45,11 @@ def save_figure(fig: "plt.Figure", stem: Path | str, metadata: Optional[Dict[str
             fig.savefig(path, metadata={"Creator": "hpx-analysis"} if suffix == ".pdf" else None)
             written.append(path)
     if metadata is not None:
-        from ..results import to_jsonable, library_versions
+        from ..provenance import provenance_versions
+        from ..results import to_jsonable
+        from ..storage import write_text_atomic
         meta_path = stem.parent / f"{stem.name}.figure.json"
-        meta_path.write_text(json.dumps(to_jsonable({"versions": library_versions(), **metadata}), indent=2))
+        write_text_atomic(meta_path, json.dumps(to_jsonable({"versions": provenance_versions(), **metadata}), indent=2))
         written.append(meta_path)
     plt.close(fig)
     return written
