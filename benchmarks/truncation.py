@@ -29,24 +29,26 @@ import torch
 from torch import nn
 
 from hpx_analysis.analyzers import truncation as trunc
-from hpx_analysis.inspection import long_filter_layers, modify_kernels
+from hpx_analysis.inspection import long_filter_layers
+from hpx_analysis.interventions import kept_taps, modify_kernels, relative_tap_distance
+from hpx_analysis.layer_names import GroupLike, group_refs
 from hpx_analysis.models.zoo import load_model
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden" / "tiny" / "tiny_hpx.json"
 
 
 @torch.no_grad()
-def naive_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stages: Sequence[trunc.GroupLike],
+def naive_sweep(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stages: Sequence[GroupLike],
                 sizes: Sequence[float], input_hw: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
     """Correctness (B, 1 + groups * sizes) with a full forward per setting (masks prepared once)."""
     infos = long_filter_layers(model, input_hw)
-    distance = {info.index: trunc.relative_tap_distance(info) for info in infos}
+    distance = {info.index: relative_tap_distance(info) for info in infos}
     flags = [trunc._correct(model(images), labels)]
     for group in stages:
-        refs = trunc._group_refs(group)
+        refs = group_refs(group)
         for size in sizes:
             def cut(k: torch.Tensor, info, _size: float = size) -> torch.Tensor:
-                return k * trunc.kept_taps(distance[info.index], _size).to(k.dtype)
+                return k * kept_taps(distance[info.index], _size).to(k.dtype)
             with modify_kernels(model, cut, layers=lambda info: any(ref.matches(info) for ref in refs)):
                 flags.append(trunc._correct(model(images), labels))
     return torch.stack([f[0] for f in flags], 1).numpy(), torch.stack([f[1] for f in flags], 1).numpy()
@@ -77,7 +79,7 @@ def predicted_gain(flops: Sequence[float], plans: Sequence["trunc._StagePlan"], 
     return naive / prefix_only, naive / with_dedup
 
 
-def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stages: Sequence[trunc.GroupLike],
+def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, stages: Sequence[GroupLike],
             sizes: Sequence[float], input_hw: Tuple[int, int], repeats: int) -> Dict[str, float]:
     """Best-of-``repeats`` seconds of both sweeps, checked for identical correctness."""
     timings = {"naive": [], "analyzer": []}

@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from typing_extensions import Annotated
 
-from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, Device, InputSize, ModelKwargs, ModelLoader, Models,
-                      Out, Seed, WeightsKey, WeightsPerModel, weights_per_model)
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, Device, InputSize, ModelKwargs, Models, Out, Seed,
+                      WeightsKey, WeightsPerModel, model_specs, report_written)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
 
 
 def coverage(
-    model: Models,
+    model: Models = None,
     weights: WeightsPerModel = None,
     threshold: Annotated[float, typer.Option(help="Window value below which a tap counts as switched off.")] = 0.05,
     energy_share: Annotated[float, typer.Option(help="Share of a long kernel's absolute weight that its energy-coverage "
@@ -35,26 +35,23 @@ def coverage(
 
     from hpx_analysis.analyzers.coverage import compute_coverage, write_table
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting import save_figure
     from hpx_analysis.plotting.coverage import plot_coverage
     from hpx_analysis.results import to_jsonable
 
-    loader = ModelLoader.from_options(weights_key, model_kwargs)
+    specs = model_specs(model, weights, weights_key, model_kwargs)
     target = resolve_device(device)
-    out = Path(out)
-    results = []
-    for name, source in zip(tqdm(model, desc="coverage", unit="model"), weights_per_model(model, weights)):
-        result = compute_coverage(loader.load(name, source, seed, target), threshold=threshold,
-                                  energy_share=energy_share, input_size=input_size)
-        result.save(out / f"coverage_{model_label(name)}")
-        results.append(result)
-    stem = out / "coverage"
-    table = write_table(results, stem.with_suffix(".csv"))
+    results, written = [], []
+    for spec in tqdm(specs, desc="coverage", unit="model"):
+        results.append(compute_coverage(spec.load(seed, target), threshold=threshold, energy_share=energy_share,
+                                        input_size=input_size))
+        written += results[-1].save_files(Path(out) / f"coverage_{spec.label}")
+    stem = Path(out) / "coverage"
     summary = {"threshold": threshold, "energy_share": energy_share, "models": [r.meta["model"] for r in results],
                "layers": [row for r in results for row in r.rows()]}
     stem.with_suffix(".json").write_text(json.dumps(to_jsonable(summary), indent=2))
-    written = save_figure(plot_coverage(results), stem, metadata={"threshold": threshold, "energy_share": energy_share,
-                                                                  "input_size": input_size, "models": summary["models"]})
-    for path in [table, stem.with_suffix(".json"), *written]:
-        typer.echo(str(path))
+    written += [write_table(results, stem.with_suffix(".csv")), stem.with_suffix(".json")]
+    figure_meta = {"threshold": threshold, "energy_share": energy_share, "input_size": input_size,
+                   "models": summary["models"]}
+    written += save_figure(plot_coverage(results), stem, metadata=figure_meta)
+    report_written(written)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from typing_extensions import Annotated
 
-from .options import DEFAULT_SEED, Seed
+from .options import DEFAULT_SEED, Seed, report_written
 
 DEFAULT_DEMO_OUT = Path("figures") / "demo"
 DEFAULT_CACHE = Path.home() / ".cache" / "hpx-analysis" / "demo"
@@ -37,6 +37,5 @@ def demo(
 
     summary = run_demo(out, cache, DemoSettings(global_steps=global_steps, local_steps=local_steps,
                                                 hyena_nd_global_steps=hyena_nd_steps, seed=seed))
-    for path in summary["written"]:
-        typer.echo(path)
+    report_written(summary["written"])
     typer.echo((Path(out) / "summary.md").read_text())

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Union
 
 import typer
 from typing_extensions import Annotated
 
 from . import options
 
+if TYPE_CHECKING:
+    from hpx_analysis.analyzers.erf import ERFResult
+    from hpx_analysis.layer_names import LayerRef
+
 
 def register(app: typer.Typer) -> None:
     app.command("erf")(erf)
-
-
-def _stem_name(models: List[str]) -> str:
-    """``erf_<models>``: the models' labels joined with '+', filesystem-safe."""
-    from hpx_analysis.models.zoo import model_label
-    return "erf_" + options.safe_filename("+".join(model_label(m) for m in models))
 
 
 def erf(
@@ -30,9 +28,12 @@ def erf(
                           "images resized bicubic to size x size, no crop (default 1024). kim2023: the model's timm "
                           "eval transform (shorter side resized by crop_pct, centre crop) at its pretrained input "
                           "size, or at --input-size when given.")] = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Output: a stage's output or a block, numbered "
-                     "from 1 as in the paper (S2, 2, S2B1, 2.1), or a module path (stages.1, stages.1.blocks.0: "
-                     "from 0, as the modules). Default: last stage, before the final norm and head.")] = None,
+    layers: Annotated[Optional[List[str]], typer.Option(
+        "--layers", metavar="LAYERS", show_default=False,
+        help=f"Output: a stage's output or a block, {options.LAYER_FORMS}, or any module path "
+             "(stages.1.blocks.0.token_mixer). One layer for now. Default: last stage, before the final norm and "
+             "head.")] = None,
+    layer: options.LayerRenamed = None,
     convention: Annotated[options.Convention, typer.Option("--convention", help="replknet (paper) or kim2023 "
                           "(OpenERF's protocol).")] = options.Convention.replknet,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backward pass.")] = 1,
@@ -53,44 +54,47 @@ def erf(
     to the input side); writes erf_<models>.pdf/.png and the maps as .npz + .json.
     The running sums are kept under OUT/runs, so an interrupted run resumes when rerun with the same options.
     Runs unchanged under `torchrun --nproc-per-node N` (each rank a shard of the batches; rank 0 writes)."""
-    from hpx_analysis import distributed
-    from hpx_analysis.analyzers.erf import ERFResult, effective_receptive_field
-    from hpx_analysis.errors import HpxError
-    from hpx_analysis.inspection import LayerRef, is_layer_syntax
+    from hpx_analysis.analyzers.erf import ERFResult
     from hpx_analysis.plotting.erf import save_erf_figure
 
     if replot is not None:
-        result = ERFResult.load(replot)
         stem = Path(replot).with_suffix("")
-        for path in save_erf_figure(result, stem, shared_scale):
-            typer.echo(f"wrote {path}")
+        options.report_written(save_erf_figure(ERFResult.load(replot), stem, shared_scale))
         return
-    if not model:
-        raise HpxError("give at least one --model (or --replot a saved result)")
-
+    from hpx_analysis import distributed
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.images import image_sources
-    from hpx_analysis.models.zoo import model_label
+    from hpx_analysis.workflows import erf_models
 
-    loader = options.ModelLoader.from_options(weights_key, model_kwargs)
-    target, rank, _ = distributed.setup(resolve_device(device))
-    sources = image_sources(images, num_images, seed)
-    output = LayerRef.parse(layer) if layer is not None and is_layer_syntax(layer) else layer
-    results = []
-    for name, source in zip(model, options.weights_per_model(model, weights)):
-        net = loader.load(name, source, seed, target)
-        results.append(effective_receptive_field(net, sources, input_size=input_size, layer=output,
-                                                 convention=convention.value, batch_size=batch_size,
-                                                 amp=amp.value if amp else None, label=model_label(name),
-                                                 resume_dir=Path(out) / "runs" if resume else None))
-    distributed.teardown()
+    specs = options.model_specs(model, weights, weights_key, model_kwargs)
+    output = _output_layer(options.layer_texts(layers, layer))
+    with distributed.session(resolve_device(device)) as (torch_device, rank, _):
+        result = erf_models(specs, images=images, num_images=num_images, input_size=input_size, layer=output,
+                            convention=convention.value, batch_size=batch_size, amp=amp.value if amp else None,
+                            seed=seed, device=torch_device, resume_dir=options.runs_dir(out, resume))
     if rank != 0:
         return
-    result = ERFResult.combine(results)
-    result.meta["options"].update(images=str(images) if images else "skimage samples", num_images=num_images,
-                                  seed=seed, weights=weights, device=str(target))
-    stem = Path(out) / _stem_name(model)
-    written = [result.save(stem), stem.with_suffix(".json")] + save_erf_figure(result, stem, shared_scale)
+    stem = Path(out) / ("erf_" + options.safe_filename("+".join(spec.label for spec in specs)))
+    written = [*result.save_files(stem), *save_erf_figure(result, stem, shared_scale)]
+    _report(result)
+    options.report_written(written)
+
+
+def _output_layer(texts: List[str]) -> Union["LayerRef", str, None]:
+    """The one output layer of ``--layers``: a stage or block numbered from 1, else a module path; None for the
+    default."""
+    from hpx_analysis.errors import HpxError
+    from hpx_analysis.layer_names import LayerRef, is_layer_syntax
+
+    if len(texts) > 1:
+        raise HpxError(f"erf takes one output layer for now, got {len(texts)} in --layers ({', '.join(texts)}); "
+                       f"several layers come in a later release")
+    if not texts:
+        return None
+    return LayerRef.parse(texts[0]) if is_layer_syntax(texts[0]) else texts[0]
+
+
+def _report(result: "ERFResult") -> None:
+    """Per model: images used and skipped, area ratios, and the Gaussian fit where there is one."""
     for entry in result.meta["models"]:
         ratios = ", ".join(f"t={t}: {'n/a' if v is None else f'{v:.4f}'}" for t, v in entry["area_ratios"].items())
         typer.echo(f"{entry['label']}: {entry['images_used']} images used, "
@@ -99,5 +103,3 @@ def erf(
         if fit.get("r2") is not None:
             typer.echo(f"  Gaussian fit (OpenERF): sigma_x {fit['sigma_x']:.2f} px ({fit['sigma_x_rel']:.4f} of W), "
                        f"sigma_y {fit['sigma_y']:.2f} px ({fit['sigma_y_rel']:.4f} of H), R^2 {fit['r2']:.4f}")
-    for path in written:
-        typer.echo(f"wrote {path}")

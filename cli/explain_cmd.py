@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from . import options
+
+if TYPE_CHECKING:
+    from hpx_analysis.workflows import Explanation
 
 
 def register(app: typer.Typer) -> None:
@@ -55,82 +58,54 @@ def explain(
 
     Runs unchanged under `torchrun --nproc-per-node N` (each rank a shard of the images; rank 0 writes).
     """
-    models = model or ["hpx_former_s18"]
-    methods = [m.value for m in method] if method else ["fgvis"]
     from hpx_analysis import distributed
-    from hpx_analysis.analyzers.attribution import ExplanationResult, load_inputs
-    from hpx_analysis.analyzers.attribution import explain as run_explain
-    from hpx_analysis.analyzers.fgvis import FgvisSettings
-    from hpx_analysis.analyzers.sanity import sanity_check
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.images import eval_transform, image_sources, model_mean_std
-    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting.explain import plot_explanations, plot_sanity
+    from hpx_analysis.workflows import explain_models
 
-    loader = options.ModelLoader.from_options(weights_key, model_kwargs)
-    target_device, rank, _ = distributed.setup(resolve_device(device))
-    sources = image_sources(images, num_images, seed)
-    settings = FgvisSettings(iterations=iterations, lambda_start=lambda_start, lambda_tries=lambda_tries,
-                             reference=reference.value, bounded=bounds, bound_activations=bound_activations.value)
-    folder = Path(out) / "explain"
-    run_options = {"images": str(images) if images else "skimage samples", "num_images": num_images,
-                   "input_size": input_size, "target": target, "reference": reference.value, "seed": seed,
-                   "weights": weights}
-    resume_dir = Path(out) / "runs" if resume else None
-    results: List[ExplanationResult] = []
-    for name, source in zip(models, options.weights_per_model(models, weights)):
-        net = loader.load(name, source, seed, target_device)
-        mean, std = model_mean_std(net)
-        transform, _ = eval_transform(net, input_size)
-        inputs, names = load_inputs(sources, transform)
-        inputs = inputs.to(target_device)
-        for chosen in methods:
-            method_options = ({"settings": settings, "seed": seed} if chosen == "fgvis" else
-                              {"reference": reference.value})
-            common = {"target": target, "mean": mean, "std": std, "names": names, "batch_size": batch_size,
-                      "resume_dir": resume_dir}
-            result = run_explain(net, inputs, chosen, **common, **method_options, progress=True)
-            check = (sanity_check(net, inputs, chosen, init_seed=seed + 1, **common, **method_options)
-                     if sanity else None)
-            if rank != 0:
-                continue
-            stem = folder / options.safe_filename(f"{model_label(name)}_{chosen}")
-            result.meta["cli_options"] = run_options
-            result.save(stem)
-            results.append(result)
-            _report(name, chosen, result)
-            if check is not None:
-                sanity_stem = folder / options.safe_filename(f"sanity_{model_label(name)}_{chosen}")
-                check.save(sanity_stem)
-                plot_sanity(check, sanity_stem, {"options": run_options})
-                _report_sanity(name, chosen, check)
-    distributed.teardown()
+    specs = options.model_specs(model, weights, weights_key, model_kwargs)
+    methods = [m.value for m in method] if method else ["fgvis"]
+    with distributed.session(resolve_device(device)) as (torch_device, rank, _):
+        explained = explain_models(specs, methods, images=images, num_images=num_images, input_size=input_size,
+                                   target=target, batch_size=batch_size, sanity=sanity, seed=seed, device=torch_device,
+                                   resume_dir=options.runs_dir(out, resume), progress=True, reference=reference.value,
+                                   iterations=iterations, lambda_start=lambda_start, lambda_tries=lambda_tries,
+                                   bounded=bounds, bound_activations=bound_activations.value)
     if rank != 0:
         return
-    figure = folder / options.safe_filename("explain_" + "+".join(model_label(m) for m in models) + "_"
-                                            + "+".join(methods))
-    for path in plot_explanations(results, figure, exponent, {"options": run_options}):
-        typer.echo(f"wrote {path}")
+    run_options = {"images": str(images) if images else "skimage samples", "num_images": num_images,
+                   "input_size": input_size, "target": target, "reference": reference.value, "seed": seed,
+                   "weights": [spec.weights for spec in specs]}
+    folder, written = Path(out) / "explain", []
+    for item in explained:
+        item.result.meta["cli_options"] = run_options
+        written += item.result.save_files(folder / options.safe_filename(f"{item.spec.label}_{item.method}"))
+        _report(item)
+        if item.sanity is not None:
+            stem = folder / options.safe_filename(f"sanity_{item.spec.label}_{item.method}")
+            written += [*item.sanity.save_files(stem), *plot_sanity(item.sanity, stem, {"options": run_options})]
+    figure = folder / options.safe_filename(f"explain_{'+'.join(spec.label for spec in specs)}_{'+'.join(methods)}")
+    written += plot_explanations([item.result for item in explained], figure, exponent, {"options": run_options})
+    options.report_written(written)
 
 
-def _report(model: str, method: str, result: object) -> None:
-    from hpx_analysis.models.zoo import model_label
-    run_options = result.meta["options"]
-    if method != "fgvis":
-        return
-    typer.echo(f"{model_label(model)} fgvis: gradients bounded at {run_options['bounded_activations']} activation "
-               f"layers ({run_options['bound_activations']} rule)" if run_options["bounded"] else
-               f"{model_label(model)} fgvis: no activation bounds")
-    for image, record in zip(result.meta["images"], result.records):
-        status = "" if record["success"] else f"  ({record['note']})"
-        typer.echo(f"{model_label(model)} {image}: lambda {record['lambda']:.0e}, {record['iterations']} iterations, "
-                   f"class {record['original_class']} p={record['original_prob']:.3f} -> "
-                   f"{record['final_class']} p={record['final_prob']:.3f}{status}")
-
-
-def _report_sanity(model: str, method: str, check: object) -> None:
+def _report(item: "Explanation") -> None:
+    """FGVis: the bounded activations and each image's lambda, iterations and classes; the sanity check's
+    Spearman correlations when it ran."""
     import numpy as np
-    from hpx_analysis.models.zoo import model_label
-    typer.echo(f"sanity {model_label(model)} {method}: Spearman rho with the trained model's maps")
-    for step, row in zip(check.steps, check.correlations):
-        typer.echo(f"  {step:<20} mean {np.nanmean(row):+.3f}  per image {' '.join(f'{v:+.3f}' for v in row)}")
+
+    label, result = item.spec.label, item.result
+    if item.method == "fgvis":
+        run_options = result.meta["options"]
+        typer.echo(f"{label} fgvis: gradients bounded at {run_options['bounded_activations']} activation layers "
+                   f"({run_options['bound_activations']} rule)" if run_options["bounded"] else
+                   f"{label} fgvis: no activation bounds")
+        for image, record in zip(result.meta["images"], result.records):
+            status = "" if record["success"] else f"  ({record['note']})"
+            typer.echo(f"{label} {image}: lambda {record['lambda']:.0e}, {record['iterations']} iterations, "
+                       f"class {record['original_class']} p={record['original_prob']:.3f} -> "
+                       f"{record['final_class']} p={record['final_prob']:.3f}{status}")
+    if item.sanity is not None:
+        typer.echo(f"sanity {label} {item.method}: Spearman rho with the trained model's maps")
+        for step, row in zip(item.sanity.steps, item.sanity.correlations):
+            typer.echo(f"  {step:<20} mean {np.nanmean(row):+.3f}  per image {' '.join(f'{v:+.3f}' for v in row)}")

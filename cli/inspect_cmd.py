@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import typer
 
 from . import options
@@ -13,8 +12,8 @@ def register(app: typer.Typer) -> None:
 
 
 def inspect_model(
-    model: options.Model,
-    weights: options.Weights = "random",
+    model: options.Model = None,
+    weights: options.Weights = options.DEFAULT_WEIGHTS,
     input_size: options.InputSize = None,
     layers: options.Layers = None,
     seed: options.Seed = options.DEFAULT_SEED,
@@ -22,13 +21,14 @@ def inspect_model(
     model_kwargs: options.ModelKwargs = None,
 ) -> None:
     """List the token-mixing layers (stage and block numbered from 1 as in the paper), their kind,
-    feature-map size at --input-size and kernel size. Weights only matter for the loading checks."""
-    from hpx_analysis.inspection import list_mixers, parse_layers, select_mixers
+    feature-map size at --input-size and kernel size. Weights only matter for the loading checks (--weights random
+    lists a model without its published weights)."""
+    from hpx_analysis.inspection import list_mixers, select_mixers
     from hpx_analysis.models.zoo import default_input_size
 
-    net = options.ModelLoader.from_options(weights_key, model_kwargs).load(model, weights, seed)
+    net = options.model_spec(model, weights, weights_key, model_kwargs).load(seed)
     resolution = input_size or default_input_size(net)[0]
-    chosen = select_mixers(list_mixers(net, resolution), parse_layers(layers))
+    chosen = select_mixers(list_mixers(net, resolution), options.selected_layers(layers))
     typer.echo(f"{'layer':<8}{'kind':<21}{'feature map':<13}{'kernel':<11}path")
     for info in chosen:
         feature = "x".join(map(str, info.feature_size)) if info.feature_size else "-"

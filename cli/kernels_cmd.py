@@ -9,7 +9,8 @@ import typer
 from typing_extensions import Annotated
 
 from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, InputSize, Layers, Model,
-                      ModelKwargs, ModelLoader, Normalisation, Orientation, Out, Seed, Weights, WeightsKey)
+                      ModelKwargs, Normalisation, Orientation, Out, Seed, Weights, WeightsKey, model_spec,
+                      report_written, selected_layers)
 
 
 def register(app: typer.Typer) -> None:
@@ -27,7 +28,7 @@ def _pair(text: Optional[str], what: str) -> Optional[tuple]:
 
 
 def kernels(
-    model: Model,
+    model: Model = None,
     weights: Weights = DEFAULT_WEIGHTS,
     reduction: Annotated[str, typer.Option(help="mean, abs-mean, top-k (gallery of the --top-k channels "
                                                 "with most energy) or a channel index.")] = "mean",
@@ -51,18 +52,14 @@ def kernels(
     """Plot each long-filter layer's kernel: 2D HyenaPixel kernels and reshaped, wrapped 1D Hyena kernels."""
     from hpx_analysis.analyzers.kernels import compute_kernels
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.inspection import parse_layers
-    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting import save_figure
     from hpx_analysis.plotting.kernels import plot_kernels
 
+    spec = model_spec(model, weights, weights_key, model_kwargs)
     chosen_reduction = int(reduction) if reduction.lstrip("-").isdigit() else reduction
-    net = ModelLoader.from_options(weights_key, model_kwargs).load(model, weights, seed, resolve_device(device))
-    result = compute_kernels(net, reduction=chosen_reduction, normalisation=normalise.value, layers=parse_layers(layers),
-                             top_k=top_k, position=_pair(position, "--position"), input_size=input_size,
+    result = compute_kernels(spec.load(seed, resolve_device(device)), reduction=chosen_reduction,
+                             normalisation=normalise.value, layers=selected_layers(layers), top_k=top_k,
+                             position=_pair(position, "--position"), input_size=input_size,
                              orientation=orientation.value)
-    stem = Path(out) / f"kernels_{model_label(model)}"
-    result.save(stem)
-    written = save_figure(plot_kernels(result), stem, metadata=result.meta)
-    for path in [stem.with_suffix(".npz"), stem.with_suffix(".json"), *written]:
-        typer.echo(str(path))
+    stem = Path(out) / f"kernels_{spec.label}"
+    report_written([*result.save_files(stem), *save_figure(plot_kernels(result), stem, metadata=result.meta)])

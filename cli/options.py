@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import ast
 import re
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Model name (`hpx-analyze models`), any timm model, "
-                                    "or a model config .json.")]
-Models = Annotated[List[str], typer.Option("--model", "-m", help="Model name; repeat for several models "
-                                           "(`hpx-analyze models` lists them).")]
+if TYPE_CHECKING:
+    from hpx_analysis.layer_names import LayerRef
+    from hpx_analysis.workflows import ModelSpec
+
+Model = Annotated[Optional[str], typer.Option("--model", "-m", show_default=False,
+                                              help="Model name (`hpx-analyze models`), any timm model, or a model "
+                                              "config .json. Required.")]
+Models = Annotated[Optional[List[str]], typer.Option("--model", "-m", show_default=False,
+                                                     help="Model name; repeat for several models (`hpx-analyze "
+                                                     "models` lists them). Required.")]
 Weights = Annotated[str, typer.Option("--weights", "--checkpoint", "-w",
                                       help="'pretrained' (hub or local HF cache), 'random' (seeded), "
                                       "or a checkpoint file (.pth/.bin/.safetensors).")]
@@ -31,9 +36,12 @@ Images = Annotated[Optional[Path], typer.Option("--images", help="Image folder (
                                                 "default: scikit-image's bundled photographs.")]
 NumImages = Annotated[int, typer.Option("--num-images", help="How many images to use (sorted, seeded, spread over "
                                         "class subfolders).")]
-Layers = Annotated[Optional[str], typer.Option("--layers", help="Stages or blocks, numbered from 1 as in the paper: "
-                                               "S1B1,S2B3 or 1.1,2.3 (STAGE.BLOCK), S3 (all of stage 3), or module "
-                                               "paths stages.0.blocks.0 (from 0). Default: all.")]
+LAYER_FORMS = ("numbered from 1 as in the paper: S3 or 3 (a stage), S3B2, S3 B2 or 3.2 (a block), or the module "
+               "paths stages.2, stages.2.blocks.1 (from 0, as the modules)")
+LAYER_RANGES = "a range of blocks of one stage: S1B1-6, 1.1-6 (a ViT's blocks are its one stage)"
+Layers = Annotated[Optional[List[str]], typer.Option("--layers", metavar="LAYERS", show_default=False,
+                                                     help=f"Stages or blocks, {LAYER_FORMS}, or {LAYER_RANGES}; "
+                                                     "comma-separated or repeated. Default: all.")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an interrupted run and reuse a finished "
                                       "one with the same model, inputs and options (runs are kept under OUT/runs).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
@@ -55,6 +63,18 @@ DEFAULT_SEED = 0
 DEFAULT_RESUME = True
 
 
+def _renamed(param: typer.CallbackParam, value: Optional[List[str]]) -> Optional[List[str]]:
+    """The values of an old spelling of ``--layers``, with a note on stderr when it was used."""
+    if value:
+        typer.echo(f"note: {param.opts[0]} is now --layers; the old name goes in a later release", err=True)
+    return value
+
+
+# The old spellings of --layers, hidden from --help and kept for one release (each with a note when used).
+LayerRenamed = Annotated[Optional[List[str]], typer.Option("--layer", hidden=True, callback=_renamed)]     # erf
+StageRenamed = Annotated[Optional[List[str]], typer.Option("--stage", hidden=True, callback=_renamed)]    # truncate
+
+
 def choices(name: str, *values: str) -> type:
     """A str Enum for a Typer option whose members are ``values`` (attribute names with ``-`` as ``_``)."""
     return Enum(name, {value.replace("-", "_"): value for value in values}, type=str)
@@ -67,8 +87,8 @@ Amp = choices("Amp", "bf16", "fp16")                                         # a
 Method = choices("Method", "fgvis", "saliency", "integrated-gradients", "occlusion", "gradcam")  # attribution.METHODS
 Reference = choices("Reference", "black", "blur", "mean")                    # analyzers.methods.REFERENCES
 BoundActivations = choices("BoundActivations", "relu", "all")                # analyzers.fgvis.BOUND_ACTIVATIONS
-Shape = choices("Shape", "disc", "square")                                   # analyzers.truncation.SHAPES
-HbCut = choices("HbCut", "wrap", "offset")                                   # analyzers.truncation.HB_CUTS
+Shape = choices("Shape", "disc", "square")                                   # interventions.SHAPES
+HbCut = choices("HbCut", "wrap", "offset")                                   # interventions.HB_CUTS
 Normalisation = choices("Normalisation", "maxabs", "minmax", "none")         # analyzers.kernels.NORMALISATIONS
 Orientation = choices("Orientation", "kernel", "response")                   # analyzers.kernels.ORIENTATIONS
 
@@ -100,22 +120,55 @@ def parse_model_kwargs(values: Optional[List[str]]) -> Dict[str, Any]:
     return parsed
 
 
-@dataclass(frozen=True)
-class ModelLoader:
-    """What every model-loading command passes to ``load_model`` beside the name and weights: the checkpoint entry
-    (``--weights-key``) and the constructor options (``--model-kwargs``), parsed once."""
+def model_specs(models: Optional[List[str]], weights: Optional[List[str]], weights_key: Optional[str],
+                model_kwargs: Optional[List[str]]) -> List["ModelSpec"]:
+    """What ``--model``, ``--weights`` (:func:`weights_per_model`), ``--weights-key`` and ``--model-kwargs`` name: one
+    :class:`~hpx_analysis.workflows.ModelSpec` per model; a one-line error without ``--model``."""
+    from hpx_analysis.errors import HpxError
+    from hpx_analysis.workflows import ModelSpec
 
-    weights_key: Optional[str]
-    kwargs: Dict[str, Any]
+    if not models:
+        raise HpxError("missing --model: name a model (`hpx-analyze models` lists them), a timm model or a model "
+                       "config .json")
+    kwargs, sources = parse_model_kwargs(model_kwargs), weights_per_model(models, weights)
+    return [ModelSpec(name, source, weights_key, kwargs) for name, source in zip(models, sources)]
 
-    @classmethod
-    def from_options(cls, weights_key: Optional[str], model_kwargs: Optional[List[str]]) -> "ModelLoader":
-        return cls(weights_key, parse_model_kwargs(model_kwargs))
 
-    def load(self, name: str, weights: str, seed: int, device: Any = "cpu") -> Any:
-        """``hpx_analysis.models.zoo.load_model`` with these options: an eval-mode model on ``device``."""
-        from hpx_analysis.models.zoo import load_model
-        return load_model(name, weights, seed=seed, device=device, weights_key=self.weights_key, **self.kwargs)
+def model_spec(model: Optional[str], weights: str, weights_key: Optional[str],
+               model_kwargs: Optional[List[str]]) -> "ModelSpec":
+    """:func:`model_specs` of a command that takes one ``--model``."""
+    return model_specs([model] if model else None, [weights], weights_key, model_kwargs)[0]
+
+
+def layer_texts(*values: Optional[List[str]]) -> List[str]:
+    """The items of repeated, comma-separated ``--layers`` values (and of its old spelling), in order."""
+    return [item.strip() for given in values for value in given or [] for item in value.split(",") if item.strip()]
+
+
+def layer_groups(texts: List[str]) -> Optional[List[List["LayerRef"]]]:
+    """Each text as the layers it names (:func:`~hpx_analysis.layer_names.parse_layer_group`: a stage, a block or
+    a block range of one stage, numbered from 1); None for all (no text, or ``all``)."""
+    from hpx_analysis.layer_names import parse_layer_group
+    if not texts or "all" in texts:
+        return None
+    return [parse_layer_group(text) for text in texts]
+
+
+def selected_layers(layers: Optional[List[str]]) -> Optional[List["LayerRef"]]:
+    """The stages and blocks ``--layers`` names, in order; None for all."""
+    groups = layer_groups(layer_texts(layers))
+    return None if groups is None else [ref for group in groups for ref in group]
+
+
+def runs_dir(out: Path, resume: bool) -> Optional[Path]:
+    """Where resumable runs are kept (``OUT/runs``); None with ``--no-resume``."""
+    return Path(out) / "runs" if resume else None
+
+
+def report_written(paths: Iterable[Path | str]) -> None:
+    """One ``wrote PATH`` line per written file."""
+    for path in paths:
+        typer.echo(f"wrote {path}")
 
 
 def safe_filename(text: str) -> str:

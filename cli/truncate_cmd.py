@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_RESUME, DEFAULT_SEED, DEFAULT_WEIGHTS, Device, HbCut, InputSize,
-                      Model, ModelKwargs, ModelLoader, Out, Resume, Seed, Shape, Weights, WeightsKey)
+from .options import (DEFAULT_DEVICE, DEFAULT_OUT, DEFAULT_RESUME, DEFAULT_SEED, DEFAULT_WEIGHTS, LAYER_FORMS,
+                      LAYER_RANGES, Device, HbCut, InputSize, Model, ModelKwargs, Out, Resume, Seed, Shape,
+                      StageRenamed, Weights, WeightsKey, layer_groups, layer_texts, model_spec, report_written,
+                      runs_dir)
 
-if TYPE_CHECKING:
-    from hpx_analysis.inspection import LayerRef
 
 def register(app: typer.Typer) -> None:
     app.command("truncate")(truncate)
@@ -35,27 +35,18 @@ def parse_sizes(text: Optional[str]) -> Optional[List[float]]:
         raise HpxError(f"--sizes must be 'start:stop:step' or a comma list such as '0,0.5,1', got '{text}'") from None
 
 
-def parse_stages(values: List[str]) -> Optional[List[List["LayerRef"]]]:
-    """The swept groups, numbered from 1 as in the paper: a stage (``3``, ``S3``, or the module path
-    ``stages.2``), a block (``S1B4``) or a block range (``S1B1-6``, ``1.1-6``) each
-    (:func:`~hpx_analysis.inspection.parse_layer_group`); None for ``all``."""
-    from hpx_analysis.inspection import parse_layer_group
-    if not values or "all" in values:
-        return None
-    return [parse_layer_group(value) for value in values]
-
-
 def truncate(
     data: Annotated[Path, typer.Option("--data", help="ImageFolder tree (class folders named by "
                                        "ImageNet WordNet ids take timm's index of that id, other names sorted = "
                                        "0, 1, ...), or a flat folder with --labels.")],
-    model: Model = "hpx_former_s18",
+    model: Model = None,
     weights: Weights = DEFAULT_WEIGHTS,
-    stage: Annotated[List[str], typer.Option("--stage", help="Stage to truncate, numbered from 1 as in the paper "
-                                             "(3 or S3), or a block (S1B4) or block range (S1B1-6, 1.1-6) of one "
-                                             "stage, the way to pick blocks of a ViT (one stage); repeat for one "
-                                             "curve each; 'all' (default): every stage with long filters, for a "
-                                             "ViT all its Hyena N-D blocks together.")] = ["all"],
+    layers: Annotated[Optional[List[str]], typer.Option(
+        "--layers", metavar="LAYERS", show_default=False,
+        help=f"What to truncate, one curve each: a stage or a block, {LAYER_FORMS}, or {LAYER_RANGES} (the way to "
+             "pick blocks of a ViT); comma-separated or repeated. Default (or 'all'): every stage with long filters, "
+             "for a ViT all its Hyena N-D blocks together.")] = None,
+    stage: StageRenamed = None,
     sizes: Annotated[Optional[str], typer.Option("--sizes", help="Relative filter sizes r: 'start:stop:step' or "
                                                  "'0,0.5,1'. Taps farther than r*F/2 from the centre are zeroed. "
                                                  "Default: 0 to the smallest r that keeps every tap of the swept "
@@ -97,24 +88,19 @@ def truncate(
     from hpx_analysis.analyzers.truncation import truncation_sweep
     from hpx_analysis.datasets import labelled_images, stratified_subset
     from hpx_analysis.devices import resolve_device
-    from hpx_analysis.models.zoo import model_label
     from hpx_analysis.plotting.truncation import plot_truncation
 
-    target, rank, _ = distributed.setup(resolve_device(device))
-    stages = parse_stages(stage)
-    samples = stratified_subset(labelled_images(data, labels), limit, seed)
-    net = ModelLoader.from_options(weights_key, model_kwargs).load(model, weights, seed, target)
-    result = truncation_sweep(net, samples, stages, parse_sizes(sizes), shape.value, hb_cut=hb_cut.value,
-                              batch_size=batch_size, input_size=input_size,
-                              resume_dir=Path(out) / "runs" if resume else None, strict=strict,
-                              workers=workers, n_resamples=bootstrap, seed=seed)
-    distributed.teardown()
+    spec = model_spec(model, weights, weights_key, model_kwargs)
+    groups, chosen_sizes = layer_groups(layer_texts(layers, stage)), parse_sizes(sizes)
+    with distributed.session(resolve_device(device)) as (torch_device, rank, _):
+        samples = stratified_subset(labelled_images(data, labels), limit, seed)
+        result = truncation_sweep(spec.load(seed, torch_device), samples, groups, chosen_sizes, shape.value,
+                                  hb_cut=hb_cut.value, batch_size=batch_size, input_size=input_size,
+                                  resume_dir=runs_dir(out, resume), strict=strict, workers=workers,
+                                  n_resamples=bootstrap, seed=seed)
     if rank != 0:
         return
     result.meta["inputs"] = {"data": str(Path(data).resolve()), "labels": str(labels) if labels else None,
                              "limit": limit, "images": [s.name for s in samples]}
-    stem = Path(out) / f"truncate_{model_label(model)}"
-    written = [result.save(stem), stem.with_suffix(".json"), result.write_csv(stem.with_suffix(".csv")),
-               *plot_truncation(result, stem)]
-    for path in written:
-        typer.echo(str(path))
+    stem = Path(out) / f"truncate_{spec.label}"
+    report_written([*result.save_files(stem), result.write_csv(stem.with_suffix(".csv")), *plot_truncation(result, stem)])

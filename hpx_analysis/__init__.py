@@ -17,13 +17,14 @@ from . import models  # noqa: E402,F401  (registers the HyenaPixel entrypoints w
 
 _ENTRY_POINTS = {
     "load_model": "models.zoo", "available_models": "models.zoo", "read_checkpoint": "models.zoo",
-    "list_mixers": "inspection", "long_filter_layers": "inspection", "modify_kernels": "inspection",
-    "LayerRef": "inspection",
+    "list_mixers": "inspection", "long_filter_layers": "inspection", "modify_kernels": "interventions",
+    "LayerRef": "layer_names",
     "sample_images": "images", "image_sources": "images", "labelled_images": "datasets",
     "effective_receptive_field": "analyzers.erf", "compute_kernels": "analyzers.kernels",
     "compute_coverage": "analyzers.coverage", "truncation_sweep": "analyzers.truncation",
-    "truncate_kernels": "analyzers.truncation", "fgvis": "analyzers.fgvis", "explain": "analyzers.attribution",
+    "truncate_kernels": "interventions", "fgvis": "analyzers.fgvis", "explain": "analyzers.attribution",
     "sanity_check": "analyzers.sanity", "Result": "results", "HpxError": "errors",
+    "ModelSpec": "workflows", "erf_models": "workflows", "explain_models": "workflows",
 }
 
 __all__ = sorted(_ENTRY_POINTS) + ["__version__", "models"]

@@ -1,4 +1,4 @@
-"""``torchrun`` plumbing shared by the analyzers: joining the process group, this process's rank,
+"""``torchrun`` plumbing shared by the analyzers: joining the process group (:func:`session`), this process's rank,
 summing over ranks, and stopping every rank when one fails.
 
 Without ``torchrun`` (WORLD_SIZE unset or 1) every function is the single-process no-op: rank 0 of a
@@ -7,8 +7,9 @@ world of 1, sums are the tensors themselves, and a failure is raised where it ha
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,17 @@ def teardown() -> None:
     """Leave the process group joined by :func:`setup` (nothing when not distributed)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: torch.device) -> Iterator[Tuple[torch.device, int, int]]:
+    """:func:`setup` for the body, :func:`teardown` however it ends: ``with session(device) as (device, rank, world):``.
+    Keep ``rank`` for after the block, where only rank 0 writes (the process group is gone by then)."""
+    joined = setup(device)
+    try:
+        yield joined
+    finally:
+        teardown()
 
 
 def rank_and_world() -> Tuple[int, int]:

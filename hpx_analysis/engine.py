@@ -262,7 +262,7 @@ def weights_digest(model: nn.Module) -> str:
 @torch.no_grad()
 def kernel_edits_digest(model: nn.Module) -> Optional[str]:
     """SHA-256 of the kernel every long filter applies now where a kernel modification or override is active
-    (``inspection.modify_kernels``, ``truncation.truncate_kernels``, ``override_kernel``), by module path; None when
+    (``interventions.modify_kernels``, ``interventions.truncate_kernels``, ``override_kernel``), by module path; None when
     no filter of the model is modified. The kernels themselves are hashed, so two modifications that give the same
     kernels share a key and any other one does not."""
     edited = [(name, module) for name, module in model.named_modules()

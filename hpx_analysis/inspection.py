@@ -1,151 +1,42 @@
-"""Inspection of token-mixing layers: the substrate every analyzer builds on.
+"""Discovery of token-mixing layers: the substrate every analyzer builds on.
 
 ``list_mixers(model, input_size)`` enumerates a model's token mixers in forward order with stage
 (0-based, as in module paths; the paper numbers stages 1-4), block, module path, kind and the
-feature-map size at a given input resolution. For long filters ``kernel(info)`` returns the kernel
-actually applied, (C, S, S) or (C, T), and ``window(info)`` HyenaPixel's window. SLaK / RepLKNet large kernels
-(kind ``large_conv``) count as long filters: their kernel is the block's effective single depthwise kernel
-(C, K, K), and while it is modified the block runs as one convolution (``models.large_kernel.EffectiveKernelFilter``).
-Hyena N-D ViTs (kind ``hyena_nd``; ``blocks`` without stages: the whole ViT is stage 0, its attention blocks kind
-``attention``) likewise: the kernel ``k / (2L)`` each block applies, as one true convolution on a centred
-(2L-1) x (2L-1) canvas (a quadrant, or four for ``4dir``; ``models.hyena_nd.HyenaNDCanvasFilter``).
-``modify_kernels`` applies a function to chosen layers' kernels and restores them afterwards;
-``cut_short_convs`` keeps only the centre tap of chosen stages' short (5x5) depthwise kernels, likewise.
+feature-map size at a given input resolution. A mixer with a long filter exposes it as ``mixer.long_filter``, an
+instance of :class:`~hpx_analysis.models.long_filters.LongFilterBase`, and the filter describes itself to the
+analyses (its kind, applied kernel, tap geometry, window and coverage rule): HyenaPixel's implicit 2D filter, Hyena's
+1D filter, the effective kernel of a SLaK / RepLKNet large convolution, a Hyena N-D block's kernel on its centred
+canvas, or any new family that implements the protocol. Blocks are found in MetaFormer/ConvNeXt-style ``stages``
+(mixer attribute ``token_mixer``, ``conv_dw``, ``conv2`` or ``large_kernel``), ResNet ``layerN``, VGG ``features``
+and ViT ``blocks`` (mixer ``attn``, all in stage 0). Mixers without a long filter are classified here (attention,
+local convolution, the separable long convolution ablation) for the coverage of the baselines.
 
-``LayerRef`` is the one way to name a stage or block: numbered from 0 in the Python API, parsed from
-the paper's 1-based ``S3`` / ``S3B2`` / ``3.2`` on the command line, or from module paths
-(``stages.2.blocks.1``, from 0); ``select_mixers`` and ``layer_module`` resolve it.
+Layer names (``LayerRef``) come from :mod:`hpx_analysis.layer_names`; interventions on kernels and weights
+(``modify_kernels``, ``cut_short_convs``, ``truncate_kernels``) from :mod:`hpx_analysis.interventions`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .errors import HpxError
-from .models.hyena_nd import HyenaNDCanvasFilter, HyenaNDMixer
-from .models.large_kernel import LargeKernelConv
-from .models.long_filters import HyenaFilter1D, HyenaPixelFilter, LongFilterBase
-from .models.mixers import HyenaMixer, HyenaPixelMixer
+from .layer_names import LayerLike, LayerRef
+from .models.long_filters import LongFilterBase
 
-HYENAPIXEL_2D = "hyenapixel_2d"
-HYENA_1D = "hyena_1d"
 SEPARABLE_LONG_CONV = "separable_long_conv"
 ATTENTION = "attention"
 LOCAL_CONV = "local_conv"
-LARGE_CONV = "large_conv"
-HYENA_ND = "hyena_nd"
 OTHER = "other"
+ATTENTION_COVERAGE = 2.0
+"""The relative coverage of attention: every token sees the whole map, as a two-sided full kernel would."""
 MIXER_ATTRIBUTES = ("token_mixer", "conv_dw", "conv2", "large_kernel")  # a block's token mixer, first found wins
 VIT_MIXER = "attn"  # the token mixer of a ViT block (``blocks.<i>.attn``; Hyena N-D replaces the attention there)
-
-LAYER_SYNTAX = "S3, S3B2, 3, 3.2, stages.2 or stages.2.blocks.1"
-_PAPER_LABEL = re.compile(r"s(\d+)(?:\s*b(\d+))?", re.IGNORECASE)   # numbered from 1, as in the paper
-_NUMBERS = re.compile(r"(\d+)(?:\.(\d+))?")                        # numbered from 1 or 0 (``one_based``)
-_MODULE_PATH = re.compile(r"stages\.(\d+)(?:\.blocks\.(\d+))?")    # numbered from 0, as the modules
-
-
-@dataclass(frozen=True)
-class LayerRef:
-    """A stage, or one block of it, numbered from 0: ``LayerRef(2, 1)`` is the paper's S3 B2, the block
-    ``stages.2.blocks.1``; ``LayerRef(2)`` is all of stage 3. ``str()`` gives the paper's label."""
-
-    stage: int
-    block: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.stage < 0 or (self.block is not None and self.block < 0):
-            raise HpxError(f"stage and block indices start at 0, got stage {self.stage}, block {self.block}")
-
-    @classmethod
-    def parse(cls, text: str, one_based: bool = True) -> "LayerRef":
-        """``S3``, ``s3``, ``S3B2``, ``S3 B2`` (the paper's labels, numbered from 1), ``3``, ``3.2`` (STAGE.BLOCK,
-        numbered from 1 when ``one_based``, as on the command line, else from 0, as in the Python API) or
-        the module paths ``stages.2``, ``stages.2.blocks.1`` (numbered from 0). HpxError for other text."""
-        stripped = text.strip()
-        for pattern, from_one in ((_PAPER_LABEL, True), (_NUMBERS, one_based), (_MODULE_PATH, False)):
-            match = pattern.fullmatch(stripped)
-            if match is None:
-                continue
-            stage, block = (None if g is None else int(g) - from_one for g in match.groups())
-            if stage < 0 or (block is not None and block < 0):
-                raise HpxError(f"layer '{stripped}': stages and blocks are numbered from 1 here, as in the paper")
-            return cls(stage, block)
-        raise HpxError(f"layer '{stripped}' names no stage or block; write {LAYER_SYNTAX}")
-
-    @classmethod
-    def of(cls, layer: "LayerLike") -> "LayerRef":
-        """A LayerRef from the Python API's forms, all numbered from 0: a LayerRef, a stage index, a
-        (stage, block) pair, or text for :meth:`parse` with ``one_based=False``."""
-        if isinstance(layer, LayerRef):
-            return layer
-        if isinstance(layer, str):
-            return cls.parse(layer, one_based=False)
-        if isinstance(layer, numbers.Integral):
-            return cls(int(layer))
-        stage, block = layer
-        return cls(int(stage), int(block))
-
-    def matches(self, info: "MixerInfo") -> bool:
-        """Whether the mixer lies in this stage (and block)."""
-        return info.stage == self.stage and (self.block is None or info.block == self.block)
-
-    def __str__(self) -> str:
-        return f"S{self.stage + 1}" + ("" if self.block is None else f" B{self.block + 1}")
-
-
-LayerLike = Union[LayerRef, int, Tuple[int, int], str]
-
-
-def parse_layers(text: Optional[str], one_based: bool = True) -> Optional[List[LayerRef]]:
-    """``"S1B1,2.1,S3"`` -> [LayerRef(0, 0), LayerRef(1, 0), LayerRef(2)]: comma-separated
-    :meth:`LayerRef.parse` forms, numbered from 1 as on the command line unless ``one_based`` is False;
-    None for no text."""
-    if not text:
-        return None
-    return [LayerRef.parse(item, one_based) for item in text.split(",")]
-
-
-_BLOCK_RANGE = re.compile(r"(.+?)\s*-\s*(\d+)")  # a block form, then the last block of the range
-
-
-def parse_layer_group(text: str, one_based: bool = True) -> List[LayerRef]:
-    """One :meth:`LayerRef.parse` form as a one-element list, or a range of blocks of one stage, its end numbered
-    like its start: ``S1B1-6`` (blocks 1 to 6 of stage 1, from 1), ``1.1-6`` (from 1 when ``one_based``, else
-    from 0), ``stages.0.blocks.0-5`` (from 0)."""
-    match = _BLOCK_RANGE.fullmatch(text.strip())
-    if match is None:
-        return [LayerRef.parse(text, one_based)]
-    first = LayerRef.parse(match[1], one_based)
-    if first.block is None:
-        raise HpxError(f"layer range '{text.strip()}' must start at a block, as in S1B1-6 or 1.1-6")
-    start = match[1].strip()  # the end is numbered like the start: paper labels from 1, module paths from 0
-    last = int(match[2]) - bool(_PAPER_LABEL.fullmatch(start) or (one_based and _NUMBERS.fullmatch(start)))
-    if last < first.block:
-        raise HpxError(f"layer range '{text.strip()}' ends before it starts")
-    return [LayerRef(first.stage, block) for block in range(first.block, last + 1)]
-
-
-def group_label(refs: Sequence[LayerRef]) -> str:
-    """The paper's label of refs taken together: ``S3``, ``S1 B3``, ``S1 B1-6`` for consecutive blocks of one
-    stage, else the labels joined by ``+``."""
-    blocks = [ref.block for ref in refs]
-    if len(refs) > 1 and len({ref.stage for ref in refs}) == 1 and None not in blocks and (
-            blocks == list(range(blocks[0], blocks[0] + len(blocks)))):
-        return f"{refs[0]}-{blocks[-1] + 1}"
-    return "+".join(map(str, refs))
-
-
-def is_layer_syntax(text: str) -> bool:
-    """Whether ``text`` has one of :meth:`LayerRef.parse`'s forms (other text may be a module path)."""
-    return any(p.fullmatch(text.strip()) for p in (_PAPER_LABEL, _NUMBERS, _MODULE_PATH))
 
 
 @dataclass
@@ -163,22 +54,26 @@ class MixerInfo:
 
     @property
     def long_filter(self) -> Optional[LongFilterBase]:
-        """The implicit long filter of a HyenaPixel / Hyena layer, the effective-kernel view of a SLaK / RepLKNet
-        large kernel (``large_conv``) or the canvas-kernel view of a Hyena N-D mixer (``hyena_nd``), else None."""
-        if isinstance(self.module, (LargeKernelConv, HyenaNDMixer)):
-            return self.module.effective_filter
-        if isinstance(self.module, HyenaPixelMixer) and not self.module.use_separable_conv:
-            return self.module.long_conv
-        if isinstance(self.module, HyenaMixer):
-            return self.module.filter_fn
-        return None
+        """The mixer's long filter (``module.long_filter``), else None."""
+        found = getattr(self.module, "long_filter", None)
+        return found if isinstance(found, LongFilterBase) else None
 
     @property
     def filter_path(self) -> Optional[str]:
-        """Module path of the long filter (``...long_conv`` / ``...filter_fn`` / ``...effective_filter``), else None."""
-        suffix = {HYENAPIXEL_2D: "long_conv", HYENA_1D: "filter_fn", LARGE_CONV: "effective_filter",
-                  HYENA_ND: "effective_filter"}.get(self.kind)
-        return f"{self.path}.{suffix}" if suffix else None
+        """Module path of the long filter (``...long_conv``, ``...filter_fn``, ``...effective_filter``), else None."""
+        filt = self.long_filter
+        if filt is None:
+            return None
+        return next(f"{self.path}.{name}" for name, module in self.module.named_modules() if module is filt)
+
+    def fixed_coverage(self) -> Optional[float]:
+        """Relative coverage of a mixer without a long filter: attention 2 (global), a convolution k / F (its
+        kernel over the map's longer side); None for other mixers."""
+        if self.kind == ATTENTION:
+            return ATTENTION_COVERAGE
+        if self.kind in (LOCAL_CONV, SEPARABLE_LONG_CONV):
+            return max(self.kernel_size) / max(self.feature_size)
+        return None
 
     @property
     def ref(self) -> LayerRef:
@@ -199,16 +94,15 @@ class MixerInfo:
 
 
 def _classify(module: nn.Module) -> Tuple[str, Optional[Tuple[int, ...]]]:
-    """Kind and kernel size of a token mixer."""
-    if isinstance(module, LargeKernelConv):
-        return LARGE_CONV, (module.kernel_size, module.kernel_size)
-    if isinstance(module, HyenaPixelMixer):
-        size = module.long_horizontal_conv.kernel_size[0] if module.use_separable_conv else module.long_conv.size
-        return (SEPARABLE_LONG_CONV if module.use_separable_conv else HYENAPIXEL_2D), (size, size)
-    if isinstance(module, HyenaMixer):
-        return HYENA_1D, (module.filter_fn.num_taps,)
-    if isinstance(module, HyenaNDMixer):
-        return HYENA_ND, module.effective_filter.kernel_size
+    """Kind and kernel size of a token mixer: its long filter's (:class:`LongFilterBase` ``kind`` and
+    ``kernel_size``), else attention, a separable long convolution (HyenaPixel's "SC" ablation), a local
+    convolution or other."""
+    filt = getattr(module, "long_filter", None)
+    if isinstance(filt, LongFilterBase):
+        return filt.kind, tuple(filt.kernel_size)
+    separable = getattr(module, "long_horizontal_conv", None)
+    if separable is not None:
+        return SEPARABLE_LONG_CONV, (separable.kernel_size[0],) * 2
     if hasattr(module, "qkv") or isinstance(module, nn.MultiheadAttention):
         return ATTENTION, None
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
@@ -301,11 +195,12 @@ def list_mixers(model: nn.Module, input_size: Union[int, Sequence[int], None] = 
 
 
 def long_filter_layers(model: nn.Module, input_size: Union[int, Sequence[int], None] = None) -> List[MixerInfo]:
-    """Only the layers with a long filter (HyenaPixel 2D, Hyena 1D, SLaK / RepLKNet ``large_conv``, ``hyena_nd``)."""
+    """Only the layers with a long filter (``MixerInfo.long_filter``)."""
     return [info for info in list_mixers(model, input_size) if info.long_filter is not None]
 
 
-def _filter_of(layer: Union[MixerInfo, LongFilterBase]) -> LongFilterBase:
+def long_filter(layer: Union[MixerInfo, LongFilterBase]) -> LongFilterBase:
+    """The layer's long filter; ValueError for a mixer without one."""
     filt = layer if isinstance(layer, LongFilterBase) else layer.long_filter
     if filt is None:
         raise ValueError(f"layer {layer.path} ({layer.kind}) has no implicit long filter")
@@ -314,67 +209,33 @@ def _filter_of(layer: Union[MixerInfo, LongFilterBase]) -> LongFilterBase:
 
 @torch.no_grad()
 def kernel(layer: Union[MixerInfo, LongFilterBase]) -> Tensor:
-    """The kernel a long-filter layer applies (after any active modification): (C, S, S) or (C, T)."""
-    return _filter_of(layer).kernel().detach()
-
-
-def _windowed_filter(layer: Union[MixerInfo, LongFilterBase]) -> LongFilterBase:
-    """The layer's long filter when it has a decay window; HpxError for the explicit large kernels."""
-    filt = _filter_of(layer)
-    if not isinstance(filt, (HyenaPixelFilter, HyenaFilter1D, HyenaNDCanvasFilter)):
-        raise HpxError(f"{type(filt).__name__} has no decay window (a large convolution's kernel is explicit)")
-    return filt
+    """The kernel a long-filter layer applies (after any active modification), as a true convolution: (C, S, S) or
+    (C, T)."""
+    return long_filter(layer).kernel().detach()
 
 
 @torch.no_grad()
 def window(layer: Union[MixerInfo, LongFilterBase]) -> Tensor:
-    """The decay window: HyenaPixel ``exp(-|delta| d) + shift`` (C, S, S); Hyena ``exp(-t|delta|)`` (C, T); Hyena N-D
-    its 2D window on the block's canvas (C, 2L-1, 2L-1), 0 where the block applies no tap."""
-    return _windowed_filter(layer).window().detach()
+    """The decay window, shaped like the kernel (HpxError for a family without one): HyenaPixel
+    ``exp(-|delta| d) + shift`` (C, S, S); Hyena ``exp(-t|delta|)`` (C, T); Hyena N-D its 2D window on the block's
+    canvas (C, 2L-1, 2L-1), 0 where the block applies no tap."""
+    return long_filter(layer).window().detach()
 
 
 @torch.no_grad()
 def window_parameters(layer: Union[MixerInfo, LongFilterBase]) -> Dict[str, Tensor]:
-    """Per-channel window parameters: ``delta`` (C,), ``shift`` (C,) (zero for Hyena 1D), and the
-    tap distances ``distance`` (S, S) in pixels or ``t`` (T,) normalised time; Hyena N-D: ``delta`` (2, C) along
-    rows and columns, ``shift`` (C,) or (2, C), ``t`` (L,) (:meth:`..models.hyena_nd.HyenaNDMixer.window_parameters`)."""
-    filt = _windowed_filter(layer)
-    if isinstance(filt, HyenaPixelFilter):
-        return {"delta": filt.deltas.flatten().abs().clone(), "shift": filt.shift.flatten().clone(),
-                "distance": filt.distance_map[0, 0].clone()}
-    if isinstance(filt, HyenaNDCanvasFilter):
-        return filt.window_parameters()
-    channels = filt.modulation.deltas.numel()
-    return {"delta": filt.modulation.deltas.flatten().abs().clone(), "shift": torch.zeros(channels),
-            "t": filt.pos_emb.t.flatten().clone()}
-
-
-def nearest_displacement(offsets: Tensor, width: int) -> Tuple[Tensor, Tensor]:
-    """Nearest 2D displacement (rows a, columns b), each shaped like the integer 1D ``offsets`` d, on
-    rows of ``width`` W: a * W + b = d with |b| <= W / 2; on a tie |b| = W / 2 the smaller |a|."""
-    half = width // 2
-    cols = torch.remainder(offsets + half, width) - half  # in [-half, W - half - 1]
-    rows = torch.div(offsets - cols, width, rounding_mode="floor")
-    tie = (2 * cols.abs() == width) & (rows > 0)  # (a, -W/2) with a > 0: (a - 1, W/2) is nearer the centre row
-    return rows - tie.long(), torch.where(tie, -cols, cols)
-
-
-def tap_offsets(layer: MixerInfo) -> List[Tensor]:
-    """Integer offset of each tap from the kernel centre per kernel axis: [(S,), (S,)] or [(T,)]."""
-    filt = _filter_of(layer)
-    return [torch.arange(n) - c for n, c in zip(filt.kernel_size, filt.centre)]
+    """Per-channel window parameters (HpxError for a family without a window): HyenaPixel ``delta``, ``shift`` (C,)
+    and the tap distances ``distance`` (S, S); Hyena 1D ``delta``, ``shift`` (zero) and ``t`` (T,); Hyena N-D
+    ``delta`` (2, C) along rows and columns, ``shift`` (C,) or (2, C), ``t`` (L,)."""
+    return long_filter(layer).window_parameters()
 
 
 def tap_displacements(layer: MixerInfo) -> Tuple[Tensor, Tensor]:
-    """2D displacement (rows, columns) in pixels of each tap on the feature map: broadcastable (S, 1) and (1, S)
-    for 2D kernels; (T,) each for a Hyena 1D kernel, its offsets' :func:`nearest_displacement` on rows of the
-    map's width."""
-    offsets = tap_offsets(layer)
-    if len(offsets) == 2:
-        return offsets[0][:, None], offsets[1][None, :]
+    """Displacement (rows, columns) in pixels of each tap of the layer's long filter on its feature map
+    (:meth:`LongFilterBase.tap_displacements`)."""
     if layer.feature_size is None:
         raise ValueError("layer info lacks feature_size: list the layers with an input_size")
-    return nearest_displacement(offsets[0], layer.feature_size[1])
+    return long_filter(layer).tap_displacements(layer.feature_size)
 
 
 def _paper_numbers(indices: Iterable[int]) -> str:
@@ -427,41 +288,6 @@ def select_mixers(infos: Sequence[MixerInfo], layers: Optional[Iterable[LayerLik
     return list(chosen.values())
 
 
-LayerSelector = Union[None, Iterable[LayerLike], Callable[[MixerInfo], bool]]
-
-
-@contextlib.contextmanager
-def modify_kernels(model: nn.Module, modifier: Callable[[Tensor, MixerInfo], Tensor],
-                   layers: LayerSelector = None, input_size: Union[int, Sequence[int], None] = None
-                   ) -> Iterator[List[MixerInfo]]:
-    """Apply ``modifier(kernel, info) -> kernel`` to the long filters of the chosen layers inside the block.
-
-    layers: None (all long-filter layers), stages and blocks numbered from 0 (``[LayerRef(2, 0)]``, ``[2]``
-    for all of stage 3, ``[(2, 0)]``, ``["S3 B1"]``; :func:`select_mixers`), or a predicate on MixerInfo.
-    input_size: resolution for ``info.feature_size`` (needed by size-dependent modifiers).
-    Yields the modified layers. On exit every filter gets its previous modifier back, so the
-    model computes exactly what it computed before; cached kernel FFTs are refreshed. A modified
-    ``large_conv`` block runs as one convolution with its effective kernel and bias (its branches again on exit).
-    """
-    if callable(layers):
-        chosen = [info for info in long_filter_layers(model, input_size) if layers(info)]
-    else:
-        chosen = select_mixers(list_mixers(model, input_size), layers, long_filters_only=True)
-    previous = [(info.long_filter, info.long_filter.kernel_modifier) for info in chosen]
-    try:
-        for info in chosen:
-            inner = info.long_filter.kernel_modifier
-
-            def apply(k: Tensor, _info: MixerInfo = info, _inner=inner) -> Tensor:
-                return modifier(_inner(k) if _inner is not None else k, _info)
-
-            info.long_filter.kernel_modifier = apply
-        yield chosen
-    finally:
-        for filt, old in previous:
-            filt.kernel_modifier = old
-
-
 def feature_modules(model: nn.Module) -> List[str]:
     """Module paths in timm's ``feature_info`` (the stage outputs), [] when the model has none."""
     info = getattr(model, "feature_info", None)
@@ -492,29 +318,3 @@ def layer_module(model: nn.Module, layer: LayerLike) -> str:
         if all(info.path.startswith(module + ".") for info in blocks):
             return module
     raise HpxError(f"{type(model).__name__} has no module holding all of {ref}; name a module path instead")
-
-
-@contextlib.contextmanager
-def cut_short_convs(model: nn.Module, stages: Iterable[int]) -> Iterator[List[MixerInfo]]:
-    """Inside the block the depthwise (short, 5x5) kernels (C, 1, k, k) of the HyenaPixel mixers in the
-    0-based ``stages`` keep only their centre tap, so the gated short path only scales each channel;
-    the long filters are untouched. Yields the cut layers; on exit the saved weights are copied back,
-    bit for bit, also when the block raises."""
-    wanted = set(stages)
-    chosen = [info for info in list_mixers(model) if info.stage in wanted and isinstance(info.module, HyenaPixelMixer)]
-    missing = wanted - {info.stage for info in chosen}
-    if missing:
-        raise HpxError(f"no HyenaPixel mixer in stage(s) {', '.join(str(stage + 1) for stage in sorted(missing))}")
-    convs = [info.module.depthwise_conv for info in chosen]
-    saved = [conv.weight.detach().clone() for conv in convs]
-    try:
-        with torch.no_grad():
-            for conv in convs:
-                off_centre = torch.ones_like(conv.weight, dtype=torch.bool)
-                off_centre[..., conv.weight.shape[-2] // 2, conv.weight.shape[-1] // 2] = False
-                conv.weight.masked_fill_(off_centre, 0.0)
-        yield chosen
-    finally:
-        with torch.no_grad():
-            for conv, weight in zip(convs, saved):
-                conv.weight.copy_(weight)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata as metadata
+import marshal
 import platform
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 DISTRIBUTION = "hpx-analysis"
 KEYED_LIBRARIES = ("torch", "timm", "captum")
@@ -48,6 +49,17 @@ def code_fingerprint() -> str:
     return source_fingerprint(Path(__file__).parent)
 
 
+def function_fingerprint(function: Callable[..., object]) -> str:
+    """SHA-256 of a Python function as written: its name, its compiled code (nested functions included), its
+    defaults and the values it closes over (by ``repr``), so a user-defined step that changes changes its key."""
+    digest = hashlib.sha256(f"{function.__module__}.{function.__qualname__}".encode())
+    digest.update(marshal.dumps(function.__code__))
+    digest.update(repr((function.__defaults__, function.__kwdefaults__)).encode())
+    for cell in function.__closure__ or ():
+        digest.update(repr(cell.cell_contents).encode())
+    return digest.hexdigest()
+
+
 def library_versions(names: Sequence[str] = RECORDED_LIBRARIES) -> Dict[str, str]:
     """Python's version and each installed library's of ``names`` (missing ones left out)."""
     versions = {"python": platform.python_version()}
@@ -65,4 +77,4 @@ def provenance_versions() -> Dict[str, str]:
 
 
 __all__ = ["DISTRIBUTION", "KEYED_LIBRARIES", "RECORDED_LIBRARIES", "package_version", "source_fingerprint",
-           "code_fingerprint", "library_versions", "provenance_versions"]
+           "code_fingerprint", "function_fingerprint", "library_versions", "provenance_versions"]

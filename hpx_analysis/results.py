@@ -15,7 +15,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
 
 import numpy as np
 
@@ -84,6 +84,11 @@ class Result:
                 "arrays_file": {"name": npz.name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}}
         write_text_atomic(stem.with_suffix(".json"), json.dumps(to_jsonable(meta), indent=2, sort_keys=False))
         return npz
+
+    def save_files(self, stem: Path | str) -> List[Path]:
+        """:meth:`save`, returning both written files: ``[<stem>.npz, <stem>.json]``."""
+        npz = self.save(stem)
+        return [npz, npz.with_suffix(".json")]
 
     @classmethod
     def load(cls: Type[R], path: Path | str) -> R:

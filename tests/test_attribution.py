@@ -1,5 +1,5 @@
-"""The explanation-method registry (no import cycle among the analyzers) and known answers for occlusion
-and Grad-CAM.
+"""The explanation-method registry (no import cycle among the analyzers, methods given by their step alone), the
+skeleton's device and dtype, and known answers for occlusion, Grad-CAM and input x gradient.
 
 Known-answer model (:class:`QuadrantModel`): a 4 x 4 stride-4 convolution makes an 8 x 8 feature map
 of two channels, A0 = ReLU(mean of the cell - 1/2) (bright detector) and A1 = ReLU(-mean of the cell - 1/2)
@@ -21,6 +21,9 @@ the quadrant:
   1/8 of the mass of the quadrant's last cell row (column) across its edge, so the quadrant keeps
   exactly (1 - 1/(8 * 4))^2 = (31/32)^2 of the map's mass; pixels < 14 read quadrant cells only: a / 64.
   For class 1 the dark detector, zero on the quadrant, is explained instead.
+* Input x gradient (a method registered with its step alone): d logit0 / d x = 1 / (3 * 16 * 64) on every
+  quadrant pixel (each in one active cell) and 0 on the background (A0 = 0 there), so the map
+  ``|sum_c x * grad|`` is ``|sum_c x| / 3072`` on the quadrant and 0 elsewhere.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import pytest
 import torch
 from torch import nn
 
+from hpx_analysis.analyzers import methods
 from hpx_analysis.analyzers.attribution import METHODS, attribute, explain
-from hpx_analysis.analyzers.fgvis import fgvis
-from hpx_analysis.analyzers.methods import explanation_method, register_method
+from hpx_analysis.analyzers.fgvis import FgvisSettings, fgvis
+from hpx_analysis.analyzers.methods import (ExplanationBatch, ExplanationResult, StepExplainer, explanation_method,
+                                            register_method, register_step, run_explanation)
 from hpx_analysis.errors import HpxError
 
 from .conftest import library_imports
@@ -146,6 +151,59 @@ def test_explain_dispatches_through_the_registry() -> None:
         explain(model, images, "lime")
     with pytest.raises(ValueError, match="already registered"):
         register_method("saliency")(attribute)
+
+
+def input_times_gradient(batch: ExplanationBatch) -> dict:
+    """A toy method's step: ``|sum_c x * d score_target / dx|`` (B, H, W)."""
+    x = batch.images.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(batch.model(x).gather(1, batch.targets[:, None]).sum(), x)
+    return {"maps": (x * grad).sum(1).abs()}
+
+
+def test_a_method_given_by_its_step_alone_runs_resumes_and_has_the_common_layout(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # the registration ends with the test
+    assert register_step("input-x-gradient")(input_times_gradient) is input_times_gradient
+    model, images = QuadrantModel().eval(), quadrant_images(3)
+    options = dict(target=0, mean=MEAN, std=STD, batch_size=2, names=["a", "b", "c"], resume_dir=tmp_path)
+    result = explain(model, images, "input-x-gradient", **options)
+    expected = np.zeros((3, SIZE, SIZE), np.float32)
+    gradient = 1 / (3 * CELL ** 2 * (SIZE // CELL) ** 2)  # d logit0 / dx on the quadrant (module docstring)
+    expected[:, :QUADRANT, :QUADRANT] = (images[:, :, :QUADRANT, :QUADRANT].sum(1).abs() * gradient).numpy()
+    np.testing.assert_allclose(result.maps, expected, rtol=1e-5, atol=0)
+    builtin = explain(model, images, "saliency", **options)
+    assert type(result) is ExplanationResult and result.method == "input-x-gradient"
+    assert set(result.arrays) == set(builtin.arrays) - {"attributions"} and set(result.meta) == set(builtin.meta)
+    assert result.maps.shape == builtin.maps.shape and result.maps.dtype == builtin.maps.dtype
+    np.testing.assert_array_equal(result.inputs, builtin.inputs)
+    assert (result.meta["images"], result.meta["targets"]) == (["a", "b", "c"], [0, 0, 0])
+    assert set(result.meta["options"]) == set(builtin.meta["options"]) - {"reference"}
+    assert (result.meta["options"]["batches_total"], result.meta["options"]["batches_computed"]) == (2, 2)
+    again = explain(model, images, "input-x-gradient", **options)
+    assert (again.meta["options"]["batches_resumed"], again.meta["options"]["batches_computed"]) == (2, 0)
+    assert again.meta["options"]["run_key"] == result.meta["options"]["run_key"] != builtin.meta["options"]["run_key"]
+    np.testing.assert_array_equal(again.maps, result.maps)
+
+
+def test_each_batch_runs_in_the_dtype_of_the_models_parameters() -> None:
+    """float32 images, a float64 model: the step sees float64 batches on the model's device, and every method's
+    maps (float32) match the float32 model's."""
+    model, images = QuadrantModel().eval(), quadrant_images(2)
+    double = QuadrantModel().double().eval()
+    seen = []
+
+    def probe(batch: ExplanationBatch) -> dict:
+        seen.append((batch.images.dtype, batch.images.device, batch.probs.dtype))
+        return {"maps": torch.zeros(len(batch.images), SIZE, SIZE)}
+
+    run_explanation(double, images, StepExplainer("probe", probe), target=0, mean=MEAN, std=STD)
+    assert seen == [(torch.float64, torch.device("cpu"), torch.float64)]
+    for method in METHODS:
+        options = dict(target=0, mean=MEAN, std=STD)
+        if method == "fgvis":
+            options["settings"] = FgvisSettings(iterations=5, lambda_tries=1, noise_std=0.0)
+        in_double, in_float = explain(double, images, method, **options), explain(model, images, method, **options)
+        assert in_double.maps.dtype == np.float32 and in_double.meta["targets"] == [0, 0]
+        np.testing.assert_allclose(in_double.maps, in_float.maps, rtol=1e-4, atol=1e-6, err_msg=method)
 
 
 def test_explanation_modules_share_pieces_without_a_cycle() -> None:

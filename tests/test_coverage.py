@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hpx_analysis.analyzers.coverage import (CoverageResult, compute_coverage, window_coverage_1d,
-                                             window_diameter_2d)
+from hpx_analysis.analyzers.coverage import CoverageResult, compute_coverage
 from hpx_analysis.errors import HpxError
-from hpx_analysis.inspection import kernel, list_mixers, modify_kernels, window, window_parameters
+from hpx_analysis.inspection import kernel, list_mixers
+from hpx_analysis.interventions import modify_kernels
 from hpx_analysis.models.hyenapixel import HyenaPixelFormer
 from hpx_analysis.models.long_filters import HyenaFilter1D, HyenaPixelFilter
 from hpx_analysis.models.zoo import load_model
@@ -35,7 +35,7 @@ def test_hyenapixel_window_diameter_is_analytic(radius, shift):
     with torch.no_grad():
         filt.deltas.fill_(delta)
         filt.shift.fill_(shift)
-    diameters = window_diameter_2d(window(filt), window_parameters(filt)["distance"], threshold)
+    diameters = filt.window_extent(threshold)
     expected = 2 * largest_tap_distance(radius, size // 2) + 1  # in taps: radius 0.5 keeps the centre tap, 1
     np.testing.assert_allclose(diameters.numpy(), [expected, expected], rtol=1e-6)
 
@@ -62,7 +62,7 @@ def test_window_falling_only_in_the_corners_covers_the_kernel_extent():
     filt = HyenaPixelFilter(channels=1, kernel_size=11, emb_dim=4)   # axis taps reach 5, corners 7.07
     with torch.no_grad():
         filt.deltas.fill_(math.log(1 / 0.05) / 6.0)
-    assert window_diameter_2d(window(filt), window_parameters(filt)["distance"], 0.05).item() == 11
+    assert filt.window_extent(0.05).item() == 11
 
 
 def test_hyena_window_coverage_is_analytic():
@@ -71,15 +71,14 @@ def test_hyena_window_coverage_is_analytic():
     reach = torch.tensor([10.5, 40.2, 200.0])       # in taps; the last never falls below within 99 taps
     with torch.no_grad():   # t = |offset| / (L - 1)
         filt.modulation.deltas.copy_((math.log(1 / threshold) * (length - 1) / reach).view(1, 1, 3))
-    coverage = window_coverage_1d(window(filt), length, threshold)
+    coverage = filt.window_extent(threshold) / filt.coverage_length((10, 10))  # L = 100
     # extent in taps: 2 * reach + 1, all 2L - 1 taps for the full window
     np.testing.assert_allclose(coverage.numpy(), [21 / length, 81 / length, (2 * length - 1) / length], rtol=1e-6)
     causal = HyenaFilter1D(channels=2, seq_len=length, emb_dim=5, hidden=8, causal=True)
     with torch.no_grad():   # reach + 1 taps; a full causal window covers the L taps, 1
         causal.modulation.deltas.copy_((math.log(1 / threshold) * (length - 1) / torch.tensor([30.5, 200.0]))
                                        .view(1, 1, 2))
-    np.testing.assert_allclose(window_coverage_1d(window(causal), length, threshold).numpy(), [31 / length, 1.0],
-                               rtol=1e-6)
+    np.testing.assert_allclose((causal.window_extent(threshold) / length).numpy(), [31 / length, 1.0], rtol=1e-6)
 
 
 def test_model_whose_shift_exceeds_the_threshold_covers_its_whole_kernel(tiny_config, tiny_weights):
@@ -177,7 +176,7 @@ def test_kernels_with_all_weight_on_the_centre_tap_cover_one_over_f(tiny_config,
     SLaK and RepLKNet window coverage is K / F."""
     import timm
 
-    from hpx_analysis.inspection import modify_kernels
+    from hpx_analysis.interventions import modify_kernels
     hpx = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
     slak = timm.create_model("slak_tiny", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), kernel_sizes=(13, 11, 9, 5),
                              small_kernel=3, num_classes=4).eval()

@@ -59,7 +59,7 @@ def test_hyena_nd_proxy_reads_the_whole_image_at_token_0():
     """The Hyena N-D proxy's head reads token 0 (top-left of 16 x 16); its first block is anti-causal, so a mark
     anywhere changes token 0 after block 1, and only through the long kernels: cut to the centre tap, a mark
     beyond the 3x3 short filter's reach leaves token 0 as it was."""
-    from hpx_analysis.analyzers.truncation import truncate_kernels
+    from hpx_analysis.interventions import truncate_kernels
     from hpx_analysis.models.hyena_nd import HyenaNDViT
     model = load_model(HYENA_ND_PROXY, "random")
     assert isinstance(model, HyenaNDViT) and model.block_kinds == ["hyena_nd:seq", "hyena_nd:standard", "hyena_nd:seq"]
@@ -86,6 +86,7 @@ def trained(tmp_path_factory):
     return cache, runs
 
 
+@pytest.mark.slow
 def test_known_answers_of_the_trained_proxies(trained):
     """HyenaPixel and Hyena N-D solve the global task, the equal-size ConvFormer stays far below, all solve the
     local one."""
@@ -96,6 +97,7 @@ def test_known_answers_of_the_trained_proxies(trained):
     assert min(accuracy[name, LOCAL_TASK] for name in PROXY_NAMES) >= 0.9
 
 
+@pytest.mark.slow
 def test_cached_proxy_loads_through_the_checkpoint_path(trained):
     cache, runs = trained
     model, record, checkpoint = runs[HPX_PROXY, GLOBAL_TASK]
@@ -108,6 +110,7 @@ def test_cached_proxy_loads_through_the_checkpoint_path(trained):
     assert task_accuracy(again, GLOBAL_TASK, 512, 0) == record["accuracy"]
 
 
+@pytest.mark.slow
 def test_erf_of_the_global_proxy_is_larger(trained):
     from hpx_analysis.analyzers.erf import effective_receptive_field
     from hpx_analysis.images import normalise
@@ -118,11 +121,12 @@ def test_erf_of_the_global_proxy_is_larger(trained):
     assert ratio[HPX_PROXY] > 2 * ratio[CONV_PROXY]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [HPX_PROXY, HYENA_ND_PROXY])
 def test_global_proxy_needs_its_long_kernels(trained, name):
     """Cutting the trained proxy's long kernels to their centre tap leaves chance, keeping every tap changes
     nothing (the Hyena N-D proxy's three blocks are all stage 0)."""
-    from hpx_analysis.analyzers.truncation import truncate_kernels
+    from hpx_analysis.interventions import truncate_kernels
     from hpx_analysis.images import model_mean_std, normalise
     _, runs = trained
     model = runs[name, GLOBAL_TASK][0]
@@ -191,6 +195,7 @@ def test_deleted_mass_on_marks():
     np.testing.assert_allclose(deleted_mass_on_marks(maps, marks), [0.75, 0.0])
 
 
+@pytest.mark.slow
 def test_cli_demo_end_to_end(trained, tmp_path):
     from hpx_analysis_cli.app import app
     cache, _ = trained

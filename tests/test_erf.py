@@ -451,7 +451,7 @@ def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -
     base = ["erf", "-m", tiny_config("tiny_hb"), "-w", tiny_weights("tiny_hb"), "--input-size", "64", "--num-images", "1",
             "--device", "cpu", "-o", str(tmp_path)]
     without_size = [arg for arg in base if arg not in ("--input-size", "64")]
-    outcome = runner.invoke(app, without_size + ["--convention", "kim2023", "--layer", "3"])
+    outcome = runner.invoke(app, without_size + ["--convention", "kim2023", "--layers", "3"])
     assert outcome.exit_code == 0, outcome.output
     meta = json.loads((tmp_path / "erf_tiny_hb.json").read_text())
     assert meta["convention"] == "kim2023" and meta["models"][0]["layer"] == "stages.2"
@@ -470,19 +470,20 @@ def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -
                                             ("2.1", "stages.1.blocks.0"), ("stages.1", "stages.1"),
                                             ("stages.1.blocks.0.token_mixer", "stages.1.blocks.0.token_mixer")])
 def test_cli_layer_is_numbered_from_one_as_in_the_paper(tmp_path, tiny_config, tiny_weights, option, hooked) -> None:
-    """``--layer S2`` and ``--layer 2`` hook the output of the paper's stage 2, ``stages.1``; module paths
+    """``--layers S2`` and ``--layers 2`` hook the output of the paper's stage 2, ``stages.1``; module paths
     are taken as the modules number them."""
     outcome = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--input-size",
                                        "32", "--num-images", "1", "--device", "cpu", "-o", str(tmp_path),
-                                       "--layer", option])
+                                       "--layers", option])
     assert outcome.exit_code == 0, outcome.output
     meta = json.loads((tmp_path / "erf_tiny_hpx.json").read_text())
     assert meta["models"][0]["layer"] == meta["options"]["layer"] == hooked
-    bad = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", "random", "--layer", "0",
+    bad = CliRunner().invoke(app, ["erf", "-m", tiny_config("tiny_hpx"), "-w", "random", "--layers", "0",
                                    "-o", str(tmp_path)])
     assert isinstance(bad.exception, HpxError) and "numbered from 1" in str(bad.exception)
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_match_single(tmp_path, tiny_config, tiny_weights) -> None:
     """2-process gloo run over 5 images (one unreadable), batch 1: rank 0 sums batches 1, 3, 5, rank 1
     batches 2, 4; the all-reduced maps and counts equal the single-process run's."""

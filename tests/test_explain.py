@@ -351,6 +351,7 @@ def test_cli_end_to_end(tiny_config, tiny_weights, tmp_path) -> None:
     assert fresh.exit_code == 0 and "reusing" not in fresh.output
 
 
+@pytest.mark.distributed
 def test_cli_fgvis_under_torchrun_equals_one_process(tiny_config, tiny_weights, tmp_path) -> None:
     """2-process gloo torchrun: each rank explains every other batch of images; the result is the
     single-process one (masks to 1e-6, identical records) and rank 0 alone writes it."""

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from .fault_harness import ANALYSES, DAMAGES, run_harness
+
+pytestmark = pytest.mark.slow
 
 
 def test_nothing_is_lost_or_doubled_under_interrupts_damage_and_concurrency(tmp_path: Path) -> None:

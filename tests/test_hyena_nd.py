@@ -17,14 +17,17 @@ import hpx_analysis  # noqa: F401  (registers the models with timm)
 from hpx_analysis.errors import HpxError
 from hpx_analysis.analyzers.coverage import compute_coverage
 from hpx_analysis.analyzers.kernels import compute_kernels
-from hpx_analysis.analyzers.truncation import truncate_kernels
-from hpx_analysis.inspection import HYENA_ND, LayerRef, kernel, list_mixers, modify_kernels, select_mixers
+from hpx_analysis.inspection import kernel, list_mixers, select_mixers
+from hpx_analysis.interventions import modify_kernels, truncate_kernels
+from hpx_analysis.layer_names import LayerRef
 from hpx_analysis.models import HyenaNDMixer, hyena_nd
-from hpx_analysis.models.hyena_nd import causal_conv2d
+from hpx_analysis.models.hyena_nd import HyenaNDCanvasFilter, causal_conv2d
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app
 
 from .conftest import GOLDEN, golden_state_dict, meta_model_and_state_dict, random_image_folder
+
+HYENA_ND = HyenaNDCanvasFilter.kind
 
 HND = GOLDEN / "hyena_nd"
 HND_NAMES = sorted(p.stem for p in (HND / "tiny").glob("*.json"))

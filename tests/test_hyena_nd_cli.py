@@ -81,8 +81,8 @@ def test_model_kwargs_syntax_error_is_one_line_exit_2(checkpoint, bad):
 
 
 def test_option_the_constructor_rejects_is_one_line_error_naming_it():
-    result = CliRunner().invoke(app, ["inspect", "-m", "deit_tiny_patch16_224", "--model-kwargs", "embed_dim=32",
-                                      "--model-kwargs", "window_size=7"])
+    result = CliRunner().invoke(app, ["inspect", "-m", "deit_tiny_patch16_224", "-w", "random", "--model-kwargs",
+                                      "embed_dim=32", "--model-kwargs", "window_size=7"])
     assert isinstance(result.exception, HpxError), result.output
     message = str(result.exception)
     assert "window_size=7" in message and "embed_dim" not in message and "\n" not in message

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpx_analysis import inspection
+from hpx_analysis import inspection, interventions
 from hpx_analysis.errors import HpxError
-from hpx_analysis.inspection import LayerRef
+from hpx_analysis.layer_names import LayerRef
+from hpx_analysis.models.long_filters import HyenaPixelFilter
 from hpx_analysis.models.zoo import load_model
 
 from .conftest import TINY
@@ -27,7 +28,7 @@ def image():
 
 def test_mixers_in_order_with_feature_sizes(tiny_hpx):
     infos = inspection.list_mixers(tiny_hpx, (64, 96))
-    assert [(i.stage, i.block, i.kind) for i in infos] == [(s, 0, inspection.HYENAPIXEL_2D) for s in range(4)]
+    assert [(i.stage, i.block, i.kind) for i in infos] == [(s, 0, HyenaPixelFilter.kind) for s in range(4)]
     assert [i.feature_size for i in infos] == [(16, 24), (8, 12), (4, 6), (2, 3)]
     assert [i.kernel_size for i in infos] == [(31, 31), (15, 15), (7, 7), (3, 3)]
     assert infos[2].path == "stages.2.blocks.0.token_mixer" and infos[2].name == "S3 B1"
@@ -43,9 +44,9 @@ def test_window_parameters_reproduce_window(tiny_hpx):
 @torch.no_grad()
 def test_modify_kernels_applies_and_restores_exactly(tiny_hpx, image):
     before = tiny_hpx(image)
-    with inspection.modify_kernels(tiny_hpx, lambda k, info: k, layers=None):
+    with interventions.modify_kernels(tiny_hpx, lambda k, info: k, layers=None):
         identical = tiny_hpx(image)
-    with inspection.modify_kernels(tiny_hpx, lambda k, info: torch.zeros_like(k), layers=["S1 B1"]) as chosen:
+    with interventions.modify_kernels(tiny_hpx, lambda k, info: torch.zeros_like(k), layers=["S1 B1"]) as chosen:
         assert [info.name for info in chosen] == ["S1 B1"]
         zeroed = tiny_hpx(image)
         assert torch.count_nonzero(inspection.kernel(chosen[0])) == 0
@@ -59,13 +60,13 @@ def test_modify_kernels_applies_and_restores_exactly(tiny_hpx, image):
 def test_zero_kernel_leaves_only_the_skip_term(tiny_hpx):
     filt = inspection.long_filter_layers(tiny_hpx)[0].long_filter
     u = torch.randn(1, 32, 16, 16)
-    with inspection.modify_kernels(tiny_hpx, lambda k, info: torch.zeros_like(k), layers=[0]):
+    with interventions.modify_kernels(tiny_hpx, lambda k, info: torch.zeros_like(k), layers=[0]):
         torch.testing.assert_close(filt(u), u * filt.bias)
 
 
 def test_unknown_layer_selection_is_an_error(tiny_hpx):
     with pytest.raises(HpxError, match="stage 9 does not exist; the model has stages 1-4"):
-        with inspection.modify_kernels(tiny_hpx, lambda k, info: k, layers=["S9 B9"]):
+        with interventions.modify_kernels(tiny_hpx, lambda k, info: k, layers=["S9 B9"]):
             pass
 
 
@@ -109,7 +110,7 @@ def test_layer_selection_and_module_paths(tiny_hpx, tiny_weights):
         inspection.layer_module(tiny_hpx, LayerRef(1, 1))
     c_hpx = load_model(str(TINY / "tiny_c_hpx.json"), tiny_weights("tiny_c_hpx"))
     with pytest.raises(HpxError, match="S1 has no long filter .*in stages 3-4"):
-        with inspection.modify_kernels(c_hpx, lambda k, info: k, layers=[0]):
+        with interventions.modify_kernels(c_hpx, lambda k, info: k, layers=[0]):
             pass
 
 
@@ -121,7 +122,7 @@ def test_cut_short_convs_keeps_the_centre_tap_and_restores_exactly(tiny_hpx, ima
     before = {key: value.clone() for key, value in tiny_hpx.state_dict().items()}
     logits = tiny_hpx(image)
     mixers = inspection.list_mixers(tiny_hpx)
-    with inspection.cut_short_convs(tiny_hpx, [1, 3]) as cut:
+    with interventions.cut_short_convs(tiny_hpx, [1, 3]) as cut:
         assert [info.stage for info in cut] == [1, 3]
         for info in mixers:
             conv = info.module.depthwise_conv
@@ -139,11 +140,11 @@ def test_cut_short_convs_keeps_the_centre_tap_and_restores_exactly(tiny_hpx, ima
     assert all(torch.equal(value, tiny_hpx.state_dict()[key]) for key, value in before.items())
     assert torch.equal(tiny_hpx(image), logits)
     with pytest.raises(RuntimeError, match="inside"):
-        with inspection.cut_short_convs(tiny_hpx, [0]):
+        with interventions.cut_short_convs(tiny_hpx, [0]):
             raise RuntimeError("inside")
     assert all(torch.equal(value, tiny_hpx.state_dict()[key]) for key, value in before.items())
     with pytest.raises(HpxError, match=r"stage\(s\) 5"):
-        with inspection.cut_short_convs(tiny_hpx, [0, 4]):
+        with interventions.cut_short_convs(tiny_hpx, [0, 4]):
             pass
 
 
@@ -195,11 +196,11 @@ def test_cli_inspect_lists_the_named_layers():
     from typer.testing import CliRunner
 
     from hpx_analysis_cli.app import app
-    table = CliRunner().invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx.json"), "--layers", "S2B1,3"])
+    table = CliRunner().invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx.json"), "-w", "random", "--layers", "S2B1,3"])
     assert table.exit_code == 0, table.output
     rows = table.output.splitlines()[1:]
     assert [row.split()[:3] for row in rows] == [["S2", "B1", "hyenapixel_2d"], ["S3", "B1", "hyenapixel_2d"]]
-    bad = CliRunner().invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx.json"), "--layers", "S5"])
+    bad = CliRunner().invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx.json"), "-w", "random", "--layers", "S5"])
     assert isinstance(bad.exception, HpxError) and "stage 5 does not exist" in str(bad.exception)
 
 

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from hpx_analysis.analyzers.kernels import KernelsResult, compute_kernels, normalise, reduce_channels, wrap_taps
 from hpx_analysis.errors import HpxError
-from hpx_analysis.inspection import LayerRef, kernel, long_filter_layers, modify_kernels, parse_layers
+from hpx_analysis.inspection import kernel, long_filter_layers
+from hpx_analysis.interventions import modify_kernels
+from hpx_analysis.layer_names import LayerRef, parse_layers
 from hpx_analysis.models import fft_conv_same
 from hpx_analysis.models.zoo import load_model
 from hpx_analysis_cli.app import app

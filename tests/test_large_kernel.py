@@ -264,12 +264,13 @@ def _centre_only(kernel: torch.Tensor, _info) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_list_mixers_finds_every_large_kernel_as_large_conv(name):
-    from hpx_analysis.inspection import LARGE_CONV, kernel, list_mixers
+    from hpx_analysis.inspection import kernel, list_mixers
+    from hpx_analysis.models.large_kernel import EffectiveKernelFilter
     model = _tiny_model(name, golden_state_dict(_golden(name)))
     infos = list_mixers(model, 64)
     modules = large_kernel_modules(model)
     assert [info.path for info in infos] == list(modules)
-    assert {info.kind for info in infos} == {LARGE_CONV}
+    assert {info.kind for info in infos} == {EffectiveKernelFilter.kind}
     sides = {0: 16, 1: 8, 2: 4, 3: 2}  # SLaK: stride 4 stem then 2; RepLKNet: stride 4 stem then 2 (64 px)
     for info in infos:
         module = modules[info.path]
@@ -284,7 +285,7 @@ def test_list_mixers_finds_every_large_kernel_as_large_conv(name):
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_modified_large_kernels_run_as_one_convolution_and_are_restored(name):
-    from hpx_analysis.inspection import modify_kernels
+    from hpx_analysis.interventions import modify_kernels
     data = _golden(name)
     model = _tiny_model(name, golden_state_dict(data))
     x = data["input"]

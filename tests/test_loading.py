@@ -243,7 +243,7 @@ def test_cli_models_version_and_inspect():
     assert "27.47M" in listing.output  # hpx_former_s18 learnable parameters
     assert "proxy_hpx_former" in listing.output and "trained by `hpx-analyze demo`" in listing.output
     assert runner.invoke(app, ["--version"]).output.startswith("hpx-analyze ")
-    table = runner.invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx_a.json"), "--input-size", "96"])
+    table = runner.invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx_a.json"), "-w", "random", "--input-size", "96"])
     assert table.exit_code == 0, table.output
     assert "S1 B1   hyenapixel_2d        24x24        31x31" in table.output
     assert "S4 B1   attention            3x3" in table.output

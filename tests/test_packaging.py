@@ -70,7 +70,8 @@ def test_the_library_imports_without_cycles_and_flows_one_way() -> None:
 
 
 def test_cli_choices_are_the_librarys() -> None:
-    from hpx_analysis.analyzers import erf, fgvis, kernels, truncation
+    from hpx_analysis import interventions
+    from hpx_analysis.analyzers import erf, fgvis, kernels
     from hpx_analysis.analyzers.attribution import METHODS
     from hpx_analysis.analyzers.methods import REFERENCES
     from hpx_analysis_cli import options
@@ -83,7 +84,7 @@ def test_cli_choices_are_the_librarys() -> None:
     assert values(options.Method) == list(METHODS)
     assert values(options.Reference) == list(REFERENCES)
     assert values(options.BoundActivations) == list(fgvis.BOUND_ACTIVATIONS)
-    assert values(options.Shape) == list(truncation.SHAPES)
-    assert values(options.HbCut) == list(truncation.HB_CUTS)
+    assert values(options.Shape) == list(interventions.SHAPES)
+    assert values(options.HbCut) == list(interventions.HB_CUTS)
     assert values(options.Normalisation) == list(kernels.NORMALISATIONS)
     assert values(options.Orientation) == list(kernels.ORIENTATIONS)

@@ -23,14 +23,16 @@ import timm
 import torch
 
 from hpx_analysis.analyzers.fgvis import FgvisSettings, fgvis
-from hpx_analysis.analyzers.truncation import truncate_kernels, truncation_sweep
+from hpx_analysis.analyzers.truncation import truncation_sweep
 from hpx_analysis.datasets import labelled_images
 from hpx_analysis.demo.pipeline import GLOBAL_TASK, deleted_mass_on_marks, write_task_folder
 from hpx_analysis.demo.tasks import IMAGE_SIZE, sample_task
 from hpx_analysis.demo.training import EVAL_SEED_OFFSET, TrainingConfig, fit_on_task, task_accuracy
 from hpx_analysis.images import model_mean_std, normalise
-from hpx_analysis.inspection import modify_kernels
+from hpx_analysis.interventions import modify_kernels, truncate_kernels
 from hpx_analysis.models.hyenapixel import HyenaPixelFormer
+
+pytestmark = pytest.mark.slow
 
 TRAINING = TrainingConfig(model="planted_line", task=GLOBAL_TASK, steps=300, lr=1e-3)
 

@@ -102,8 +102,7 @@ def test_digests_of_unchanged_files_are_remembered(tmp_path: Path, monkeypatch) 
 
 def test_an_erf_inside_a_kernel_modification_is_not_the_cached_unmodified_one(tmp_path: Path) -> None:
     from hpx_analysis.analyzers.erf import effective_receptive_field
-    from hpx_analysis.analyzers.truncation import truncate_kernels
-    from hpx_analysis.inspection import modify_kernels
+    from hpx_analysis.interventions import modify_kernels, truncate_kernels
     from hpx_analysis.models.zoo import load_model
 
     torch.set_num_threads(1)
@@ -129,7 +128,8 @@ def test_an_erf_inside_a_kernel_modification_is_not_the_cached_unmodified_one(tm
 
 
 def test_an_override_is_in_the_key_and_equal_kernels_share_it(model) -> None:
-    from hpx_analysis.inspection import long_filter_layers, modify_kernels
+    from hpx_analysis.inspection import long_filter_layers
+    from hpx_analysis.interventions import modify_kernels
     from hpx_analysis.models.zoo import load_model
 
     net = load_model("proxy_hpx_former", "random", seed=0)
@@ -420,3 +420,23 @@ def test_a_cached_proxy_whose_record_does_not_name_its_checkpoint_is_retrained(m
     _, again, _ = training.load_or_train(config, tmp_path, progress=False)
     assert trained == [True] and again["checkpoint_sha256"] == record["checkpoint_sha256"]
     assert len(list(tmp_path.glob("*.damaged-*"))) == 2
+
+
+def test_a_user_defined_explanation_step_is_keyed_by_its_code() -> None:
+    from hpx_analysis.analyzers.methods import StepExplainer
+
+    def step(batch):
+        return {"maps": batch.images.abs().mean(1)}
+
+    def edited(batch):
+        return {"maps": batch.images.abs().amax(1)}
+
+    scale = 2.0
+
+    def closing(batch):
+        return {"maps": batch.images.abs().mean(1) * scale}
+
+    keys = [StepExplainer("mine", f).keyed() for f in (step, edited, closing)]
+    assert keys[0] == StepExplainer("mine", step).keyed() and len({k["step"] for k in keys}) == 3
+    scale = 3.0  # noqa: F841  (a value the step closes over changes its key too)
+    assert StepExplainer("mine", closing).keyed() != keys[2]

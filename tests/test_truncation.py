@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from hpx_analysis.analyzers import truncation as trunc
 from hpx_analysis.analyzers.kernels import wrap_taps
-from hpx_analysis.analyzers.truncation import (TruncationResult, default_sizes, kept_taps, relative_tap_distance,
-                                               truncate_kernels, truncation_sweep)
+from hpx_analysis.analyzers.truncation import TruncationResult, default_sizes, truncation_sweep
 from hpx_analysis.datasets import labelled_images, stratified_subset
 from hpx_analysis.errors import HpxError
 from hpx_analysis.images import eval_transform
 from hpx_analysis.inspection import kernel, long_filter_layers
+from hpx_analysis.interventions import kept_taps, relative_tap_distance, truncate_kernels
 from hpx_analysis.models.zoo import load_model
 
 from .conftest import one_process, random_image_folder, torchrun
@@ -346,8 +346,8 @@ def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
     from hpx_analysis_cli.app import app
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["truncate", "--model", tiny_config("tiny_hpx"), "--weights",
-                                      tiny_weights("tiny_hpx"), "--data", str(image_folder), "--stage", "S2",
-                                      "--stage", "4", "--sizes", "0:1:0.5", "--input-size", str(SIZE),
+                                      tiny_weights("tiny_hpx"), "--data", str(image_folder), "--layers", "S2",
+                                      "--layers", "4", "--sizes", "0:1:0.5", "--input-size", str(SIZE),
                                       "--limit", "6", "--batch-size", "3", "--bootstrap", "100", "--out", str(out)])
     assert result.exit_code == 0, result.output
     stem = out / "truncate_tiny_hpx"
@@ -362,21 +362,24 @@ def test_cli_end_to_end(tiny_config, tiny_weights, image_folder, tmp_path):
     assert loaded.arrays["top1"].shape == (2, 3) and (out / "truncate_tiny_hpx.figure.json").is_file()
 
 
-def test_cli_stage_is_numbered_from_one_in_any_layer_form():
-    """``--stage S2`` equals ``--stage 2`` (and ``stages.1``, numbered like the module); a block or a block range
-    of one stage is a group of its own."""
-    from hpx_analysis.inspection import LayerRef
-    from hpx_analysis_cli.truncate_cmd import parse_stages
-    assert parse_stages(["S2"]) == parse_stages(["2"]) == parse_stages(["s2"]) == parse_stages(["stages.1"]) == [
-        [LayerRef(1)]]
-    assert parse_stages(["S2", "4"]) == [[LayerRef(1)], [LayerRef(3)]] and parse_stages(["all"]) is None
+def test_cli_layers_are_numbered_from_one_in_any_layer_form():
+    """``--layers S2`` equals ``--layers 2`` (and ``stages.1``, numbered like the module); a block or a block range
+    of one stage is a group of its own; repeated and comma-separated values are the same list."""
+    from hpx_analysis.layer_names import LayerRef
+    from hpx_analysis_cli.options import layer_groups, layer_texts
+
+    def groups(*values: str):
+        return layer_groups(layer_texts(list(values)))
+    assert groups("S2") == groups("2") == groups("s2") == groups("stages.1") == [[LayerRef(1)]]
+    assert groups("S2", "4") == groups("S2,4") == groups(" S2 , 4 ") == [[LayerRef(1)], [LayerRef(3)]]
+    assert groups("all") is None and groups() is None
     blocks = [[LayerRef(0, b) for b in range(6)]]
-    assert parse_stages(["S1B1-6"]) == parse_stages(["1.1-6"]) == parse_stages(["stages.0.blocks.0-5"]) == blocks
-    assert parse_stages(["S3B2"]) == [[LayerRef(2, 1)]]
+    assert groups("S1B1-6") == groups("1.1-6") == groups("stages.0.blocks.0-5") == blocks
+    assert groups("S3B2") == [[LayerRef(2, 1)]]
     for bad, message in (("S2-3", "must start at a block"), ("S1B4-2", "ends before it starts"),
                          ("0", "numbered from 1"), ("two", "names no stage")):
         with pytest.raises(HpxError, match=message):
-            parse_stages([bad])
+            groups(bad)
 
 
 def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, tmp_path):
@@ -384,7 +387,7 @@ def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, t
     is on the r axis (offset cut), and the offset cut has no square."""
     from hpx_analysis_cli.app import app
     args = ["truncate", "--model", tiny_config("tiny_hb"), "--weights", tiny_weights("tiny_hb"), "--data",
-            str(image_folder), "--stage", "4", "--input-size", str(SIZE), "--bootstrap", "50", "--no-resume"]
+            str(image_folder), "--layers", "4", "--input-size", str(SIZE), "--bootstrap", "50", "--no-resume"]
     for cut, last in (("wrap", 2 ** 0.5), ("offset", 1.5)):
         outcome = CliRunner().invoke(app, args + ["--hb-cut", cut, "--out", str(tmp_path / cut)])
         assert outcome.exit_code == 0, outcome.output
@@ -398,7 +401,7 @@ def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, t
 
 def test_cli_strict_error(tiny_config, image_folder, tmp_path):
     done = subprocess.run([shutil.which("hpx-analyze"), "truncate", "--model", tiny_config("tiny_hpx"), "--weights",
-                           "random", "--data", str(image_folder), "--sizes", "0", "--stage", "4", "--input-size",
+                           "random", "--data", str(image_folder), "--sizes", "0", "--layers", "4", "--input-size",
                            str(SIZE), "--strict", "--no-resume", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2
@@ -407,7 +410,7 @@ def test_cli_strict_error(tiny_config, image_folder, tmp_path):
 
 def _dist_args(tiny_config, tiny_weights, image_folder):
     return ["truncate", "--model", tiny_config("tiny_hpx"), "--weights", tiny_weights("tiny_hpx"), "--data",
-            str(image_folder), "--stage", "2", "--stage", "4", "--sizes", "0,0.5,1", "--input-size", str(SIZE),
+            str(image_folder), "--layers", "2,4", "--sizes", "0,0.5,1", "--input-size", str(SIZE),
             "--batch-size", "2", "--bootstrap", "50", "--device", "cpu", "--no-resume"]
 
 
@@ -424,6 +427,7 @@ def test_torchrun_plumbing_is_a_no_op_in_one_process(monkeypatch):
         distributed.raise_if_any_rank_failed(HpxError("unreadable image"), cpu)
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_folder, tmp_path):
     args = _dist_args(tiny_config, tiny_weights, image_folder)
     done = torchrun(args, tmp_path / "dist")
@@ -438,6 +442,7 @@ def test_torchrun_two_processes_match_single(tiny_config, tiny_weights, image_fo
     assert dist_result.meta["skipped"] == one_result.meta["skipped"] == ["b/corrupt.png"]
 
 
+@pytest.mark.distributed
 def test_torchrun_strict_failure_stops_every_rank(tiny_config, tiny_weights, image_folder, tmp_path):
     """Rank 0 meets the corrupt image (batch 2 of 4); rank 1 must not wait for it forever."""
     done = torchrun(_dist_args(tiny_config, tiny_weights, image_folder) + ["--strict"], tmp_path, timeout=180)

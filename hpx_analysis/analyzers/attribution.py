@@ -12,26 +12,28 @@ the last stage (``inspection.feature_layer``), ReLU'd and bilinearly upsampled; 
 amount ``mean_c (1 - m)`` (see :mod:`hpx_analysis.analyzers.fgvis`).
 
 Each method registers itself by name in :mod:`hpx_analysis.analyzers.methods`, which also holds the
-pieces they share; this module registers the captum methods, imports :mod:`~hpx_analysis.analyzers.fgvis`
-so that it registers too, and :func:`explain` dispatches by name.
+pieces they share and the skeleton every method runs in (:func:`~hpx_analysis.analyzers.methods.run_explanation`);
+this module registers the captum methods, one :class:`CaptumExplainer` each (how captum attributes a batch,
+how its attributions become maps), imports :mod:`~hpx_analysis.analyzers.fgvis` so that it registers too,
+and :func:`explain` dispatches by name.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from torch import Tensor, nn
 
-from ..engine import Batch, ImageDataset, ItemOutput, collate_skipping, run_batches
+from ..engine import ImageDataset, ItemOutput, RunOutputs, collate_skipping
 from ..errors import HpxError
-from ..results import model_metadata
 from . import fgvis as _fgvis  # noqa: F401  (registers the "fgvis" method)
-from .methods import (REFERENCES, ExplanationResult, batch_target, explanation_method, predict, reference_image,
-                      register_method, registered_methods, resolve_targets, to_rgb)
-
-CAPTUM_METHODS = ("saliency", "integrated-gradients", "occlusion", "gradcam")
+from .methods import (REFERENCES, ExplanationBatch, Explainer, ExplanationResult, explanation_method, predict,
+                      reference_image, register_method, registered_methods, resolve_targets, run_explanation, to_rgb)
 
 
 class AttributionResult(ExplanationResult):
@@ -54,24 +56,135 @@ def load_inputs(sources: Sequence[Any], transform: Callable[[Any], Tensor]) -> T
     return batch.images, [dataset.name(i) for i in batch.indices.tolist()]
 
 
-def _grad_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:
-    from ..inspection import feature_layer
-    try:
-        path = feature_layer(model)
-    except ValueError as err:
-        raise HpxError(f"gradcam: {err}") from None
-    return path, model.get_submodule(path)
+@dataclass(frozen=True)
+class CaptumSettings:
+    """The captum methods' options, each method reading its own: ``reference``, the baseline image of integrated
+    gradients and occlusion (:func:`reference_image`); ``ig_steps``; ``occlusion_window``, the patch side in
+    pixels (None: H/8, stride half of it)."""
+
+    reference: str = "black"
+    ig_steps: int = 32
+    occlusion_window: Optional[int] = None
 
 
-def _attribution_maps(method: str, attributions: Tensor) -> Tensor:
-    """Per-pixel relevance (B, H, W) from captum's attributions (B, C, H, W) (module docstring)."""
-    if method == "saliency":
+class CaptumExplainer(Explainer):
+    """One captum method: a subclass says how captum attributes a batch (:meth:`attribution`) and how its
+    attributions become per-pixel maps (:meth:`to_maps`); the step keeps both."""
+
+    name: ClassVar[str]
+    channels: ClassVar[int] = 3
+    """Channels C of the attributions (N, C, H, W)."""
+    result_type = AttributionResult
+
+    def __init__(self, model: nn.Module, size: Tuple[int, int], settings: CaptumSettings) -> None:
+        super().__init__(self.name, {"reference": settings.reference, **self.configure(model, size, settings)},
+                         {"attributions": ItemOutput((self.channels, *size), "float32")})
+
+    def configure(self, model: nn.Module, size: Tuple[int, int], settings: CaptumSettings) -> Dict[str, Any]:
+        """The method's own options for ``model`` and images of ``size`` (H, W), besides the reference."""
+        return {}
+
+    @abstractmethod
+    def attribution(self, batch: ExplanationBatch) -> Tensor:
+        """captum's attributions (B, C, H, W) of the batch for its targets."""
+
+    @staticmethod
+    @abstractmethod
+    def to_maps(attributions: Tensor) -> Tensor:
+        """Per-pixel relevance (B, H, W) from attributions (B, C, H, W)."""
+
+    def step(self, batch: ExplanationBatch) -> Dict[str, Tensor]:
+        attributions = self.attribution(batch).detach().float()
+        return {"maps": self.to_maps(attributions), "attributions": attributions}
+
+    def finish(self, run: RunOutputs) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        return {"attributions": run.arrays["attributions"]}, {}
+
+
+class Saliency(CaptumExplainer):
+    """Input gradients; map ``max_c |dy/dx|``."""
+
+    name = "saliency"
+
+    def attribution(self, batch: ExplanationBatch) -> Tensor:
+        import captum.attr as ca
+        return ca.Saliency(batch.model).attribute(batch.images.detach().requires_grad_(), target=batch.targets,
+                                                  abs=True)
+
+    @staticmethod
+    def to_maps(attributions: Tensor) -> Tensor:
         return attributions.amax(1)
-    if method == "integrated-gradients":
+
+
+class IntegratedGradients(CaptumExplainer):
+    """Integrated gradients from the reference image, all steps in one pass; map ``|sum_c attr|``."""
+
+    name = "integrated-gradients"
+
+    def configure(self, model: nn.Module, size: Tuple[int, int], settings: CaptumSettings) -> Dict[str, Any]:
+        return {"ig_steps": settings.ig_steps}
+
+    def attribution(self, batch: ExplanationBatch) -> Tensor:
+        import captum.attr as ca
+        steps = self.options["ig_steps"]
+        return ca.IntegratedGradients(batch.model).attribute(
+            batch.images, baselines=batch.reference(self.options["reference"]), target=batch.targets, n_steps=steps,
+            internal_batch_size=len(batch.images) * steps)
+
+    @staticmethod
+    def to_maps(attributions: Tensor) -> Tensor:
         return attributions.sum(1).abs()
-    if method == "occlusion":
+
+
+class Occlusion(CaptumExplainer):
+    """Class-score drop when a square patch is replaced by the reference; map ``max(mean_c attr, 0)``."""
+
+    name = "occlusion"
+
+    def configure(self, model: nn.Module, size: Tuple[int, int], settings: CaptumSettings) -> Dict[str, Any]:
+        window = settings.occlusion_window or max(1, size[0] // 8)
+        return {"occlusion_window": window, "occlusion_stride": max(1, window // 2)}
+
+    def attribution(self, batch: ExplanationBatch) -> Tensor:
+        import captum.attr as ca
+        window, stride = self.options["occlusion_window"], self.options["occlusion_stride"]
+        return ca.Occlusion(batch.model).attribute(
+            batch.images, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+            baselines=batch.reference(self.options["reference"]), target=batch.targets, perturbations_per_eval=16)
+
+    @staticmethod
+    def to_maps(attributions: Tensor) -> Tensor:
         return attributions.mean(1).clamp(min=0)
-    return attributions[:, 0].clamp(min=0)
+
+
+class GradCam(CaptumExplainer):
+    """Grad-CAM on the last stage's output (``inspection.feature_layer``), bilinearly upsampled; map its ReLU."""
+
+    name = "gradcam"
+    channels = 1
+
+    def configure(self, model: nn.Module, size: Tuple[int, int], settings: CaptumSettings) -> Dict[str, Any]:
+        from ..inspection import feature_layer
+        try:
+            return {"layer": feature_layer(model)}
+        except ValueError as err:
+            raise HpxError(f"gradcam: {err}") from None
+
+    def attribution(self, batch: ExplanationBatch) -> Tensor:
+        import captum.attr as ca
+        layer = batch.model.get_submodule(self.options["layer"])
+        cam = ca.LayerGradCam(batch.model, layer).attribute(batch.images, target=batch.targets,
+                                                            relu_attributions=True)
+        return ca.LayerAttribution.interpolate(cam, tuple(batch.images.shape[-2:]), interpolate_mode="bilinear")
+
+    @staticmethod
+    def to_maps(attributions: Tensor) -> Tensor:
+        return attributions[:, 0].clamp(min=0)
+
+
+CAPTUM_EXPLAINERS: Dict[str, type[CaptumExplainer]] = {
+    cls.name: cls for cls in (Saliency, IntegratedGradients, Occlusion, GradCam)}
+CAPTUM_METHODS = tuple(CAPTUM_EXPLAINERS)
 
 
 def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional[int | Sequence[int]] = None,
@@ -80,64 +193,18 @@ def attribute(model: nn.Module, images: Tensor, method: str, *, target: Optional
               batch_size: int = 8, resume_dir: Optional[Path | str] = None, progress: bool = False) -> AttributionResult:
     """A captum attribution of normalised ``images`` (N, 3, H, W) for ``target`` (default: top-1 class).
 
-    method: saliency | integrated-gradients | occlusion | gradcam. Baselines for integrated gradients
-    and occlusion are the ``reference`` image (see :func:`reference_image`). occlusion_window: patch
-    side in pixels (default H/8, stride half of it). Grad-CAM uses the last stage's output.
-    batch_size: images per engine batch (:func:`..engine.run_batches`); resume_dir: the run's state is
-    kept under ``resume_dir/<run key>/``, so an interrupted run resumes and a finished one is reused.
-    Under ``torch.distributed`` each rank explains every world-th batch; every rank returns the full result.
+    method: saliency | integrated-gradients | occlusion | gradcam (``CAPTUM_EXPLAINERS``). Baselines for
+    integrated gradients and occlusion are the ``reference`` image (see :func:`reference_image`).
+    occlusion_window: patch side in pixels (default H/8, stride half of it). Grad-CAM uses the last stage's
+    output. The other options are :func:`~hpx_analysis.analyzers.methods.run_explanation`'s (batches, resume,
+    device, torchrun).
     """
-    import captum.attr as ca
-    from ..images import model_mean_std
-
-    if method not in CAPTUM_METHODS:
+    if method not in CAPTUM_EXPLAINERS:
         raise HpxError(f"unknown attribution method '{method}'; use one of {', '.join(CAPTUM_METHODS)}")
-    if mean is None or std is None:
-        mean, std = model_mean_std(model)
-    count = len(images)
-    batch_target(target, range(count), count)  # a wrong number of targets fails before any work
-    height, width = images.shape[-2:]
-    window = occlusion_window or max(1, height // 8)
-    options: Dict[str, Any] = {"reference": reference}
-    if method == "integrated-gradients":
-        options["ig_steps"] = ig_steps
-    if method == "occlusion":
-        options.update(occlusion_window=window, occlusion_stride=max(1, window // 2))
-    if method == "gradcam":
-        options["layer"], layer = _grad_cam_layer(model)
-
-    def step(batch: Batch) -> Dict[str, Tensor]:
-        x = batch.images.to(images.device)
-        t = resolve_targets(predict(model, x), batch_target(target, batch.indices.tolist(), count))
-        baseline = reference_image(x, reference, mean, std)
-        if method == "saliency":
-            attr = ca.Saliency(model).attribute(x.detach().requires_grad_(), target=t, abs=True)
-        elif method == "integrated-gradients":
-            attr = ca.IntegratedGradients(model).attribute(x, baselines=baseline, target=t, n_steps=ig_steps,
-                                                           internal_batch_size=batch_size * ig_steps)
-        elif method == "occlusion":
-            attr = ca.Occlusion(model).attribute(x, sliding_window_shapes=(3, window, window),
-                                                 strides=(3, options["occlusion_stride"], options["occlusion_stride"]),
-                                                 baselines=baseline, target=t, perturbations_per_eval=16)
-        else:
-            cam = ca.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
-            attr = ca.LayerAttribution.interpolate(cam, (height, width), interpolate_mode="bilinear")
-        attr = attr.detach().float()
-        return {"maps": _attribution_maps(method, attr), "attributions": attr, "targets": t}
-
-    channels = 1 if method == "gradcam" else images.shape[1]
-    outputs = {"maps": ItemOutput((height, width), "float32"),
-               "attributions": ItemOutput((channels, height, width), "float32"), "targets": ItemOutput((), "int64")}
-    identity = {"analysis": "attribution", "method": method, **options, "target": target, "mean": list(mean),
-                "std": list(std)}
-    run = run_batches(model, ImageDataset(images.detach().cpu()), step, outputs, batch_size=batch_size,
-                      resume_dir=resume_dir, identity=identity, desc=method, progress=progress)
-    return AttributionResult(
-        arrays={"maps": run.arrays["maps"], "inputs": to_rgb(images, mean, std),
-                "attributions": run.arrays["attributions"]},
-        meta={"method": method, "model": model_metadata(model),
-              "images": list(names) if names is not None else [str(i) for i in range(count)],
-              "targets": run.arrays["targets"].tolist(), "options": {**options, **run.counts, "run_key": run.key}})
+    explainer = CAPTUM_EXPLAINERS[method](model, tuple(images.shape[-2:]),
+                                          CaptumSettings(reference, ig_steps, occlusion_window))
+    return run_explanation(model, images, explainer, target=target, mean=mean, std=std, names=names,
+                           batch_size=batch_size, resume_dir=resume_dir, progress=progress)
 
 
 for _name in CAPTUM_METHODS:
@@ -153,5 +220,6 @@ def explain(model: nn.Module, images: Tensor, method: str, **options: Any) -> Ex
     return explanation_method(method)(model, images, **options)
 
 
-__all__ = ["METHODS", "CAPTUM_METHODS", "REFERENCES", "ExplanationResult", "AttributionResult",
-           "reference_image", "to_rgb", "load_inputs", "predict", "resolve_targets", "attribute", "explain"]
+__all__ = ["METHODS", "CAPTUM_METHODS", "CAPTUM_EXPLAINERS", "REFERENCES", "ExplanationResult", "AttributionResult",
+           "CaptumSettings", "CaptumExplainer", "reference_image", "to_rgb", "load_inputs", "predict",
+           "resolve_targets", "attribute", "explain"]

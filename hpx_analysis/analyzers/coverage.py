@@ -73,35 +73,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HpxError
-from ..inspection import (ATTENTION, HYENA_1D, HYENA_ND, HYENAPIXEL_2D, LARGE_CONV, LOCAL_CONV, SEPARABLE_LONG_CONV,
-                          MixerInfo, kernel, list_mixers, tap_displacements, window, window_parameters)
+from ..inspection import MixerInfo, kernel, list_mixers, tap_displacements
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata, write_rows_csv
 
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_ENERGY_SHARE = 0.95
-ATTENTION_COVERAGE = 2.0
 SUMMARY_COLUMNS = ("mean", "median", "p10", "p90")
 ENERGY_COLUMNS = tuple(f"energy_{column}" for column in SUMMARY_COLUMNS)
-
-
-def window_diameter_2d(windows: Tensor, distance: Tensor, threshold: float) -> Tensor:
-    """Extent (C,) in taps (pixels) of HyenaPixel windows (C, S, S) over tap distances (S, S):
-    2 * largest kept distance + 1, at most S; S when every tap is kept, 0 when none is."""
-    above = windows >= threshold
-    reach = torch.where(above, distance.expand_as(windows), torch.zeros_like(windows)).flatten(1).amax(1)
-    extent = torch.clamp(2 * reach + 1, max=distance.shape[-1])  # every tap kept: the corners reach past S
-    return torch.where(above.flatten(1).any(1), extent, torch.zeros_like(extent))
-
-
-def window_coverage_1d(windows: Tensor, sequence_length: int, threshold: float) -> Tensor:
-    """Relative coverage (C,) of Hyena windows (C, T) over a sequence of L: the taps from the first to
-    the last one kept (2 * reach + 1 bidirectional, reach + 1 causal, at most T) over L; 0 if none is kept."""
-    taps = torch.arange(windows.shape[-1], device=windows.device)
-    above = windows >= threshold
-    first = torch.where(above, taps, windows.shape[-1]).amin(1)
-    last = torch.where(above, taps, -1).amax(1)
-    return (last - first + 1).clamp_min(0).to(windows.dtype) / sequence_length
 
 
 def energy_extent(kernels: Tensor, distance: Tensor, share: float, max_extent: Optional[float] = None,
@@ -129,43 +108,32 @@ def tap_distance(info: MixerInfo) -> Tensor:
     return torch.sqrt(rows.double() ** 2 + cols.double() ** 2)
 
 
-def one_sided(info: MixerInfo) -> bool:
-    """Whether the layer's kernel lies on one side of its centre along each axis: a quarter-plane Hyena N-D block
-    (causal ``standard`` or anti-causal ``seq``), not a ``4dir`` one."""
-    return info.kind == HYENA_ND and info.module.direction != "4dir"
-
-
 def energy_coverage(info: MixerInfo, share: float) -> Optional[np.ndarray]:
-    """Energy coverage per channel (C,) of a long-filter layer (module docstring); None for other mixers."""
-    if info.long_filter is None:
+    """Energy coverage per channel (C,) of a long-filter layer (module docstring): the extent of its energy disc on
+    the scale of its window coverage (radius + 1 for a one-sided kernel), capped at the kernel's own extent
+    (:meth:`~hpx_analysis.models.long_filters.LongFilterBase.extent_cap`), over the map's longer side; None for
+    other mixers."""
+    filt = info.long_filter
+    if filt is None:
         return None
-    kernels, quarter = kernel(info).float(), one_sided(info)
-    cap = None  # a Hyena 1D kernel (C, T): not capped
-    if kernels.dim() == 3:  # the kernel's extent along an axis: S, or the L taps of a quadrant of S = 2L - 1
-        cap = (max(info.kernel_size) + 1) / 2 if quarter else float(max(info.kernel_size))
-    extents = energy_extent(kernels, tap_distance(info), share, cap, quarter)
+    # one-sided on the map: a causal kernel on the flattened sequence wraps onto both sides of the centre along a row
+    one_sided_on_map = filt.one_sided and not filt.on_sequence
+    extents = energy_extent(kernel(info).float(), tap_distance(info), share, filt.extent_cap(), one_sided_on_map)
     return (extents / max(info.feature_size)).cpu().numpy()
 
 
 def channel_coverage(info: MixerInfo, threshold: float) -> Optional[np.ndarray]:
-    """Relative coverage per channel (C,) or a single value (1,) of one mixer; None for mixers without a size."""
-    height, width = info.feature_size
-    side = max(height, width)
-    if info.kind == HYENAPIXEL_2D:
-        diameters = window_diameter_2d(window(info).float(), window_parameters(info)["distance"].float(), threshold)
-        return (diameters / side).cpu().numpy()
-    if info.kind == HYENA_1D:
-        coverage = window_coverage_1d(window(info).float(), height * width, threshold)
-        return coverage.cpu().numpy()
-    if info.kind == ATTENTION:
-        return np.array([ATTENTION_COVERAGE])
-    if info.kind == HYENA_ND:  # per axis, one-sided on the block's quadrants (module docstring)
-        windows = window(info).float()  # (C, 2L-1, 2L-1)
-        per_axis = [window_coverage_1d(windows.amax(dim), side, threshold) for dim in (-1, -2)]
-        return torch.maximum(*per_axis).cpu().numpy()
-    if info.kind in (LOCAL_CONV, SEPARABLE_LONG_CONV, LARGE_CONV):
-        return np.array([max(info.kernel_size) / side])
-    return None
+    """Relative coverage of one mixer: per channel (C,), the taps its long filter's window keeps
+    (:meth:`~hpx_analysis.models.long_filters.LongFilterBase.window_extent`) over the filter's coverage length (the
+    map's longer side, or H * W for a kernel on the flattened sequence); a single value (1,) for a mixer without a
+    long filter that has a size (:meth:`~hpx_analysis.inspection.MixerInfo.fixed_coverage`); else None."""
+    filt = info.long_filter
+    if filt is not None:
+        with torch.no_grad():
+            extents = filt.window_extent(threshold).float()
+        return (extents / filt.coverage_length(info.feature_size)).cpu().numpy()
+    fixed = info.fixed_coverage()
+    return None if fixed is None else np.array([fixed])
 
 
 class CoverageResult(Result):

@@ -62,7 +62,8 @@ from torch import Tensor, nn
 from ..engine import Batch, ImageDataset, SumOutput, run_batches
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform, model_mean_std
-from ..inspection import LAYER_SYNTAX, LayerRef, feature_layer, feature_modules, is_layer_syntax, layer_module
+from ..inspection import feature_layer, feature_modules, layer_module
+from ..layer_names import LAYER_SYNTAX, LayerRef, is_layer_syntax
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata
 
@@ -231,7 +232,7 @@ def resolve_output_layer(model: nn.Module, layer: Union[LayerRef, int, str, None
     index or stage / block text (``1``, ``"1"``, ``"1.0"``, ``"S2"``, ``"stages.1"``: numbers from 0, as in
     the Python API; ``S2`` is the paper's label): that stage's output (``stages.1``) or block
     (``stages.1.blocks.0``), :func:`~hpx_analysis.inspection.layer_module`. Any other text: that module
-    path ("" = the whole model). Changed: stage numbers were 1-based here before."""
+    path ("" = the whole model)."""
     if layer is None:
         try:
             return feature_layer(model)
@@ -371,7 +372,7 @@ def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSour
     convention (module docstring): replknet resizes to ``input_size`` squared (None: 1024 px) without
     crop, kim2023 applies the model's timm eval transform at its pretrained input size, or at
     ``input_size`` when given. layer: the output, a stage or block numbered from 0 (``LayerRef(1)`` or ``1``
-    is the paper's stage 2; 1-based before this release) or a module path, see :func:`resolve_output_layer`.
+    is the paper's stage 2) or a module path, see :func:`resolve_output_layer`.
     amp: None, "bf16" or "fp16" (autocast on the model's device). resume_dir: the running sums are kept
     under ``resume_dir/<run key>/`` (:mod:`hpx_analysis.engine`), so a rerun with equal arguments resumes
     (a finished run is reused). Under ``torch.distributed`` every rank returns the full result.

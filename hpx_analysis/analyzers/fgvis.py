@@ -29,8 +29,9 @@ explicit tuple of types, found by ``isinstance`` (``bound_activations``):
 
 Activations inside implicit long filters compute the kernel from positions only and are never bounded.
 
-Images run in batches through the analysis engine (:func:`hpx_analysis.engine.run_batches`: resume,
-torchrun); within a batch the samples (images x lambda tries) run in batches too. Each sample has its
+Images run in batches through the explanation skeleton (:func:`hpx_analysis.analyzers.methods.run_explanation`
+on the analysis engine: resume, torchrun), which :class:`FgvisExplainer` gives the lambda search as its step;
+within a batch the samples (images x lambda tries) run in batches too. Each sample has its
 own noise generator seeded from (image seed, try), so a batched run equals the one-at-a-time run with
 the same seeds.
 """
@@ -40,7 +41,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,11 +49,9 @@ from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
 from torch import Tensor, nn
 
-from ..engine import Batch, ImageDataset, ItemOutput, run_batches
+from ..engine import ItemOutput, RunOutputs
 from ..errors import HpxError
-from ..results import model_metadata
-from .methods import (ExplanationResult, batch_target, predict, reference_image, register_method, resolve_targets,
-                      to_rgb)
+from .methods import ExplanationBatch, Explainer, ExplanationResult, register_method, run_explanation
 
 RELU_ACTIVATIONS: Tuple[type, ...] = (nn.ReLU, nn.ReLU6)
 """The reference's bounded nonlinearities (it bounds ``torch.nn.ReLU``); ReLU6 follows the same rule."""
@@ -337,17 +336,18 @@ def lambda_search(model: nn.Module, bounds: ActivationBounds, images: Tensor, re
 
 RECORD_OUTPUTS: Dict[str, ItemOutput] = {
     "success": ItemOutput((), "int64"), "flipped_by_noise": ItemOutput((), "int64"), "tries": ItemOutput((), "int64"),
-    "iterations": ItemOutput((), "int64"), "original_class": ItemOutput((), "int64"),
-    "original_rank": ItemOutput((), "int64"), "original_prob": ItemOutput(), "final_class": ItemOutput((), "int64"),
-    "final_prob": ItemOutput(), "final_target_prob": ItemOutput()}
-"""The numeric fields of an image's record, one engine output each (lambda and note follow from them)."""
+    "iterations": ItemOutput((), "int64"), "original_rank": ItemOutput((), "int64"), "original_prob": ItemOutput(),
+    "final_class": ItemOutput((), "int64"), "final_prob": ItemOutput(), "final_target_prob": ItemOutput()}
+"""The numeric fields of an image's record, one engine output each (its ``original_class`` is the run's target;
+lambda and note follow from them)."""
 
 
 def _records(arrays: Dict[str, np.ndarray], settings: FgvisSettings) -> List[Dict[str, Any]]:
-    """Per image the record of its chosen try, from the run's record arrays (N,) (``RECORD_OUTPUTS``)."""
+    """Per image the record of its chosen try, from the run's record arrays (N,) (``RECORD_OUTPUTS``) and
+    ``targets`` (N,)."""
     last_lambda = settings.lambda_of(settings.lambda_tries - 1)
     records = []
-    for n in range(len(arrays["tries"])):
+    for n in range(len(arrays["targets"])):
         fields = {name: (float if spec.dtype == "float64" else int)(arrays[name][n])
                   for name, spec in RECORD_OUTPUTS.items()}
         success, flipped = bool(fields.pop("success")), bool(fields.pop("flipped_by_noise"))
@@ -357,8 +357,50 @@ def _records(arrays: Dict[str, np.ndarray], settings: FgvisSettings) -> List[Dic
         else:
             note = "" if success else f"no lambda down to {last_lambda:g} lowered the class's rank; kept the last mask"
         records.append({"lambda": settings.lambda_of(fields["tries"] - 1), "success": success,
-                        "flipped_by_noise": flipped, **fields, "note": note})
+                        "flipped_by_noise": flipped, "original_class": int(arrays["targets"][n]), **fields,
+                        "note": note})
     return records
+
+
+class FgvisExplainer(Explainer):
+    """FGVis' part of :func:`~hpx_analysis.analyzers.methods.run_explanation`: the clean pass records the
+    activation bounds, the step runs the lambda search per batch; maps ``mean_c (1 - m)`` (B, H, W)."""
+
+    result_type = FgvisResult
+
+    def __init__(self, bounds: ActivationBounds, types: Sequence[type], settings: FgvisSettings, seeds: List[int],
+                 batch_size: int, size: Tuple[int, int]) -> None:
+        super().__init__("fgvis", {**asdict(settings), "batch_size": batch_size,
+                                   "bound_activation_types": type_names(types),
+                                   "bounded_activations": len(bounds.modules) if settings.bounded else 0},
+                         {"masks": ItemOutput((3, *size), "float32"), **RECORD_OUTPUTS})
+        self.bounds, self.settings, self.seeds, self.batch_size = bounds, settings, seeds, batch_size
+
+    def keyed(self) -> Dict[str, Any]:
+        return {"seeds": self.seeds}
+
+    def clean_pass(self) -> ContextManager[None]:
+        return self.bounds.record()
+
+    def step(self, batch: ExplanationBatch) -> Dict[str, Tensor]:
+        clean_ranks = class_ranks(batch.probs, batch.targets)
+        chosen = lambda_search(batch.model, self.bounds, batch.images, batch.reference(self.settings.reference),
+                               batch.targets, clean_ranks, [self.seeds[i] for i in batch.indices], self.settings,
+                               self.batch_size)
+        outcomes = [outcome for _, outcome in chosen]
+        masks = torch.stack([o.mask for o in outcomes]).float()
+        return {"maps": (1 - masks).mean(1), "masks": masks,
+                "success": torch.tensor([o.stopped and not o.flipped_by_noise for o in outcomes]),
+                "flipped_by_noise": torch.tensor([o.flipped_by_noise for o in outcomes]),
+                "tries": torch.tensor([attempt + 1 for attempt, _ in chosen]),
+                "iterations": torch.tensor([o.iterations for o in outcomes]), "original_rank": clean_ranks,
+                "original_prob": batch.probs.gather(1, batch.targets[:, None])[:, 0].double(),
+                "final_class": torch.tensor([o.final_class for o in outcomes]),
+                "final_prob": torch.tensor([o.final_prob for o in outcomes], dtype=torch.float64),
+                "final_target_prob": torch.tensor([o.final_target_prob for o in outcomes], dtype=torch.float64)}
+
+    def finish(self, run: RunOutputs) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        return {"masks": run.arrays["masks"]}, {"seeds": self.seeds, "records": _records(run.arrays, self.settings)}
 
 
 @register_method("fgvis")
@@ -374,66 +416,27 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
     seed (image n uses seed + n) or one per image. batch_size: images per engine batch
     (:func:`..engine.run_batches`) and samples (images x lambda tries) optimised together; 1 runs the
     search one at a time and stops at the first lambda whose run stops, larger batches try several
-    lambdas at once and keep the same (first stopped) one. resume_dir: the run's state is kept under
-    ``resume_dir/<run key>/``, so an interrupted run resumes and a finished one is reused.
-    activation_types: the bounded module types, overriding ``BOUND_ACTIVATIONS[settings.bound_activations]``.
-    The model is left unchanged (hooks removed, no gradients stored). Under ``torch.distributed`` each
-    rank explains every world-th batch; every rank returns the full result.
+    lambdas at once and keep the same (first stopped) one. activation_types: the bounded module types,
+    overriding ``BOUND_ACTIVATIONS[settings.bound_activations]``. The other options are
+    :func:`~hpx_analysis.analyzers.methods.run_explanation`'s (resume, device, torchrun). The model is left
+    unchanged (hooks removed, no gradients stored).
     """
-    from ..images import model_mean_std
-
     if settings.iterations < 0 or settings.lambda_tries < 1 or batch_size < 1:
         raise HpxError("iterations must be >= 0, lambda tries >= 1 and batch size >= 1")
     if settings.bound_activations not in BOUND_ACTIVATIONS:
         raise HpxError(f"unknown bound activations '{settings.bound_activations}'; use {', '.join(BOUND_ACTIVATIONS)}")
     types = tuple(activation_types) if activation_types is not None else BOUND_ACTIVATIONS[settings.bound_activations]
-    if mean is None or std is None:
-        mean, std = model_mean_std(model)
     count = len(images)
     seeds = [seed + n for n in range(count)] if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != count:
         raise HpxError(f"got {len(seeds)} seeds for {count} images")
-    batch_target(target, range(count), count)  # a wrong number of targets fails before any work
-    dataset = ImageDataset(images.detach().cpu())
-
-    def step(batch: Batch) -> Dict[str, Tensor]:
-        x = batch.images.to(images.device)
-        with bounds.record():
-            probs = predict(model, x, batch_size)
-        targets = resolve_targets(probs, batch_target(target, batch.indices.tolist(), count))
-        clean_ranks = class_ranks(probs, targets)
-        chosen = lambda_search(model, bounds, x, reference_image(x, settings.reference, mean, std), targets,
-                               clean_ranks, [seeds[i] for i in batch.indices.tolist()], settings, batch_size)
-        outcomes = [outcome for _, outcome in chosen]
-        return {"masks": torch.stack([o.mask for o in outcomes]).float(),
-                "success": torch.tensor([o.stopped and not o.flipped_by_noise for o in outcomes]),
-                "flipped_by_noise": torch.tensor([o.flipped_by_noise for o in outcomes]),
-                "tries": torch.tensor([attempt + 1 for attempt, _ in chosen]),
-                "iterations": torch.tensor([o.iterations for o in outcomes]),
-                "original_class": targets, "original_rank": clean_ranks,
-                "original_prob": probs.gather(1, targets[:, None])[:, 0].double(),
-                "final_class": torch.tensor([o.final_class for o in outcomes]),
-                "final_prob": torch.tensor([o.final_prob for o in outcomes], dtype=torch.float64),
-                "final_target_prob": torch.tensor([o.final_target_prob for o in outcomes], dtype=torch.float64)}
-
-    options = {**asdict(settings), "batch_size": batch_size, "bound_activation_types": type_names(types),
-               "bounded_activations": len(activation_modules(model, types)) if settings.bounded else 0}
-    identity = {"analysis": "fgvis", **options, "target": target, "seeds": seeds, "mean": list(mean), "std": list(std)}
     with activation_bounds(model, types) as bounds:
         bounds.bounded = settings.bounded
-        run = run_batches(model, dataset, step, {"masks": ItemOutput((3, *images.shape[-2:]), "float32"),
-                                                 **RECORD_OUTPUTS},
-                          batch_size=batch_size, resume_dir=resume_dir, identity=identity, desc="fgvis",
-                          progress=progress)
-    masks = torch.from_numpy(run.arrays["masks"])
-    return FgvisResult(
-        arrays={"masks": masks.numpy(), "maps": (1 - masks).mean(1).numpy(), "inputs": to_rgb(images, mean, std)},
-        meta={"method": "fgvis", "model": model_metadata(model),
-              "images": list(names) if names is not None else [str(i) for i in range(count)],
-              "targets": run.arrays["original_class"].tolist(), "seeds": seeds,
-              "records": _records(run.arrays, settings), "options": {**options, **run.counts, "run_key": run.key}})
+        explainer = FgvisExplainer(bounds, types, settings, seeds, batch_size, tuple(images.shape[-2:]))
+        return run_explanation(model, images, explainer, target=target, mean=mean, std=std, names=names,
+                               batch_size=batch_size, resume_dir=resume_dir, progress=progress)
 
 
 __all__ = ["RELU_ACTIVATIONS", "ALL_ACTIVATIONS", "BOUND_ACTIVATIONS", "type_names", "activation_modules",
            "ActivationBounds", "activation_bounds", "FgvisSettings", "NoiseStreams", "FgvisResult", "optimise_masks",
-           "sample_seed", "lambda_search", "RECORD_OUTPUTS", "fgvis"]
+           "sample_seed", "lambda_search", "RECORD_OUTPUTS", "FgvisExplainer", "fgvis"]

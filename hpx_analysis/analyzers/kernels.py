@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HpxError
-from ..inspection import HYENA_1D, LayerLike, LayerRef, MixerInfo, kernel, list_mixers, select_mixers
+from ..inspection import MixerInfo, kernel, list_mixers, select_mixers
+from ..layer_names import LayerLike, LayerRef
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata
 
@@ -203,7 +204,7 @@ def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalis
     check_orientation(orientation)
     size = input_size if input_size is not None else default_input_size(model)
     chosen = select_layers(list_mixers(model, size), layers)
-    sizes_1d = [tuple(info.feature_size) for info in chosen if info.kind == HYENA_1D]
+    sizes_1d = [tuple(info.feature_size) for info in chosen if info.long_filter.on_sequence]
     reference = max(sizes_1d, key=lambda hw: hw[0] * hw[1]) if sizes_1d else None
     arrays: Dict[str, np.ndarray] = {}
     described = []
@@ -213,7 +214,7 @@ def compute_kernels(model: nn.Module, *, reduction: Reduction = "mean", normalis
         entry = {"index": info.index, "stage": info.stage, "block": info.block, "name": info.name,
                  "path": info.path, "kind": info.kind, "feature_size": list(info.feature_size),
                  "kernel_size": list(info.kernel_size), "first_row": 0, "position": None}
-        if info.kind == HYENA_1D:
+        if info.long_filter.on_sequence:  # taps along the flattened map, wrapped onto its rows
             if position is None:
                 pixel = centre_pixel(info.feature_size)
             else:

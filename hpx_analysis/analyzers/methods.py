@@ -7,6 +7,12 @@ analyzer, so the imports stay acyclic: ``methods`` <- ``fgvis`` <- ``attribution
 methods, which also imports ``fgvis`` so that it is registered, and
 :func:`~hpx_analysis.analyzers.attribution.explain`, which dispatches by name) <- ``sanity``.
 
+The skeleton of every method is :func:`run_explanation`, as pytorch-grad-cam's ``BaseCAM`` is the skeleton
+of its CAMs: it owns the normalisation default, the target checks, the run layer
+(:func:`hpx_analysis.engine.run_batches`: batches, resume, torchrun), the device (the model's) and the
+result; a method supplies only an :class:`Explainer`, its step per batch. A method that is a step alone
+registers with :func:`register_step`.
+
 Shared pieces: the result type (:class:`ExplanationResult`: ``maps`` (N, H, W) non-negative relevance,
 ``inputs`` (N, 3, H, W) RGB in [0, 1]), the reference ("deleted") image, the undoing of the
 normalisation, the clean prediction and the explained class per image.
@@ -14,14 +20,22 @@ normalisation, the clean prediction and the explained class per image.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import (Any, Callable, ClassVar, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Type,
+                    TypeVar)
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, run_batches
 from ..errors import HpxError
-from ..results import Result
+from ..provenance import function_fingerprint
+from ..results import Result, model_metadata
 
 REFERENCES = ("black", "blur", "mean")
 BLUR_SIGMA = 10.0
@@ -133,6 +147,140 @@ def batch_target(target: Optional[int | Sequence[int]], indices: Sequence[int],
     return [int(targets[i]) for i in indices]
 
 
+def to_model(model: nn.Module, images: Tensor) -> Tensor:
+    """``images`` (N, 3, H, W) on the device and in the dtype of the model's parameters."""
+    parameter = next(model.parameters())
+    return images.to(parameter.device, parameter.dtype)
+
+
+@dataclass
+class ExplanationBatch:
+    """One engine batch as a method's step sees it.
+
+    images (B, 3, H, W): normalised, on the model's device and in its dtype; probs (B, classes): softmax of the
+    clean images; targets (B,): the class explained per image; indices: each image's index in the inputs;
+    mean, std: the normalisation.
+    """
+
+    model: nn.Module
+    images: Tensor
+    probs: Tensor
+    targets: Tensor
+    indices: List[int]
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def reference(self, kind: str) -> Tensor:
+        """The reference image (B, 3, H, W) of each image (:func:`reference_image`)."""
+        return reference_image(self.images, kind, self.mean, self.std)
+
+
+class Explainer(ABC):
+    """One method's part of :func:`run_explanation` (what a ``BaseCAM`` subclass adds in pytorch-grad-cam): its
+    :meth:`step` per batch and, where it needs them, the other hooks.
+
+    method: the registered name; options: every option of the method that shapes its outputs (in the run key
+    and saved as ``meta["options"]``); outputs: the engine outputs the step returns besides ``maps`` (H, W).
+    """
+
+    result_type: ClassVar[Type[ExplanationResult]] = ExplanationResult
+
+    def __init__(self, method: str, options: Optional[Mapping[str, Any]] = None,
+                 outputs: Optional[Mapping[str, ItemOutput]] = None) -> None:
+        self.method, self.options, self.outputs = method, dict(options or {}), dict(outputs or {})
+
+    @abstractmethod
+    def step(self, batch: ExplanationBatch) -> Mapping[str, Tensor]:
+        """The batch's ``maps`` (B, H, W), non-negative, and each of ``outputs`` (B, *shape)."""
+
+    def keyed(self) -> Dict[str, Any]:
+        """What the outputs depend on besides the options, for the run key only (default nothing)."""
+        return {}
+
+    def clean_pass(self) -> ContextManager[None]:
+        """Context of each batch's clean forward pass, the one that predicts ``probs`` (default none)."""
+        return contextlib.nullcontext()
+
+    def finish(self, run: RunOutputs) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        """Arrays and metadata the result adds to the shared ones, from the finished run (default none)."""
+        return {}, {}
+
+
+ExplanationStep = Callable[[ExplanationBatch], Mapping[str, Tensor]]
+"""``step(batch) -> {"maps": (B, H, W)}``: a method given by its step alone (:func:`register_step`)."""
+
+
+class StepExplainer(Explainer):
+    """The explainer of a method given by its step alone: no options, maps only; the step's code is in the run key
+    (it lives outside the package, whose code the key holds anyway)."""
+
+    def __init__(self, method: str, step: ExplanationStep) -> None:
+        super().__init__(method)
+        self._step = step
+
+    def step(self, batch: ExplanationBatch) -> Mapping[str, Tensor]:
+        return self._step(batch)
+
+    def keyed(self) -> Dict[str, Any]:
+        return {"step": function_fingerprint(self._step)}
+
+
+def run_explanation(model: nn.Module, images: Tensor, explainer: Explainer, *,
+                    target: Optional[int | Sequence[int]] = None, mean: Optional[Sequence[float]] = None,
+                    std: Optional[Sequence[float]] = None, names: Optional[Sequence[str]] = None, batch_size: int = 8,
+                    resume_dir: Optional[Path | str] = None, progress: bool = False) -> ExplanationResult:
+    """Explain normalised ``images`` (N, 3, H, W) with ``explainer``'s step, in engine batches.
+
+    target: the class explained, one for all or one per image (default: the top-1 of each clean image).
+    mean, std: the normalisation (default the model's). names: one per image (default "0", "1", ...).
+    batch_size: images per engine batch (:func:`..engine.run_batches`); resume_dir: the run's state is kept
+    under ``resume_dir/<run key>/``, so an interrupted run resumes and a finished one is reused. Each batch
+    runs on the model's device and in its dtype (:func:`to_model`). Under ``torch.distributed`` each rank
+    explains every world-th batch; every rank returns the full result: ``explainer.result_type`` with
+    ``maps`` (N, H, W) and ``inputs`` (N, 3, H, W) RGB, meta ``method``, ``model``, ``images``, ``targets``
+    and ``options`` (the explainer's, the run's batch counts and ``run_key``).
+    """
+    from ..images import model_mean_std
+
+    if mean is None or std is None:
+        mean, std = model_mean_std(model)
+    count = len(images)
+    batch_target(target, range(count), count)  # a wrong number of targets fails before any work
+
+    def step(batch: Batch) -> Dict[str, Tensor]:
+        x, indices = to_model(model, batch.images), batch.indices.tolist()
+        with explainer.clean_pass():
+            probs = predict(model, x, batch_size)
+        targets = resolve_targets(probs, batch_target(target, indices, count))
+        return {**explainer.step(ExplanationBatch(model, x, probs, targets, indices, mean, std)), "targets": targets}
+
+    outputs = {"maps": ItemOutput(tuple(images.shape[-2:]), "float32"), **explainer.outputs,
+               "targets": ItemOutput((), "int64")}
+    identity = {"analysis": "explanation", "method": explainer.method, **explainer.options, **explainer.keyed(),
+                "target": target, "mean": list(mean), "std": list(std)}
+    run = run_batches(model, ImageDataset(images.detach().cpu()), step, outputs, batch_size=batch_size,
+                      resume_dir=resume_dir, identity=identity, desc=explainer.method, progress=progress)
+    arrays, meta = explainer.finish(run)
+    return explainer.result_type(
+        arrays={"maps": run.arrays["maps"], "inputs": to_rgb(images, mean, std), **arrays},
+        meta={"method": explainer.method, "model": model_metadata(model),
+              "images": list(names) if names is not None else [str(i) for i in range(count)],
+              "targets": run.arrays["targets"].tolist(), **meta,
+              "options": {**explainer.options, **run.counts, "run_key": run.key}})
+
+
+def register_step(name: str) -> Callable[[ExplanationStep], ExplanationStep]:
+    """``@register_step(name)``: register a method given by its step alone, ``step(batch) -> {"maps": (B, H, W)}``
+    (:class:`ExplanationBatch`); ``explain(model, images, name, **options)`` runs it through
+    :func:`run_explanation` with its options. Returns the step unchanged. The run key holds the step's code
+    (:func:`..provenance.function_fingerprint`), so an edited step is computed afresh."""
+    def register(step: ExplanationStep) -> ExplanationStep:
+        register_method(name)(partial(run_explanation, explainer=StepExplainer(name, step)))
+        return step
+    return register
+
+
 __all__ = ["REFERENCES", "BLUR_SIGMA", "ExplanationResult", "ExplanationMethod", "register_method",
            "registered_methods", "explanation_method", "reference_image", "to_rgb", "predict", "resolve_targets",
-           "batch_target"]
+           "batch_target", "to_model", "ExplanationBatch", "Explainer", "ExplanationStep", "StepExplainer",
+           "run_explanation", "register_step"]

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import HpxError
 from ..results import Result, model_metadata
-from .attribution import explain, predict, resolve_targets
+from .attribution import explain
+from .methods import predict, resolve_targets, to_model
 
 
 class SanityResult(Result):
@@ -77,7 +78,7 @@ def sanity_check(model: nn.Module, images: Tensor, method: str, *, random_model:
     that step's weights). ``model`` is not modified.
     """
     fresh = random_model if random_model is not None else _fresh_model(model, init_seed)
-    targets = resolve_targets(predict(model, images), target).tolist()
+    targets = resolve_targets(predict(model, to_model(model, images)), target).tolist()
     randomised = copy.deepcopy(model)
     steps = ["trained"] + cascade_groups(model)
     maps, step_targets = [], []

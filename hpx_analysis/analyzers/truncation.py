@@ -45,11 +45,10 @@ the flags are all-reduced.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,17 +59,15 @@ from ..datasets import LabelledImage
 from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, run_batches
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform
-from ..inspection import (HYENA_1D, LayerLike, LayerRef, MixerInfo, group_label, kernel, list_mixers,
-                          modify_kernels, parse_layer_group, select_mixers, tap_displacements, tap_offsets)
+from ..inspection import MixerInfo, kernel, list_mixers, select_mixers
+from ..interventions import TOLERANCE, check_cut, kept_taps, relative_tap_distance
+from ..layer_names import GroupLike, LayerRef, group_label, group_refs
 from ..results import Result, model_metadata, write_rows_csv
 
 if TYPE_CHECKING:
     from .coverage import CoverageResult
 
-SHAPES = ("disc", "square")
-HB_CUTS = ("wrap", "offset")
 SIZE_STEP = 0.1
-TOLERANCE = 1e-9  # sizes given in decimals (0.3 = 0.30000000000000004) keep taps exactly on the border
 
 
 class TruncationResult(Result):
@@ -85,7 +82,8 @@ class TruncationResult(Result):
     ``top1_correct`` / ``top5_correct`` (1 + S * R,) correct counts, column 0 untruncated, then
     stage-major.
     meta: ``groups`` (labels), ``shape``, ``hb_cut``, ``every_tap_size`` per group (the smallest r keeping every
-    tap), ``layer_kinds`` per group, and the evaluation details.
+    tap), ``layer_kinds`` per group, ``sequence_layers`` per group (whether it holds kernels on the flattened map, cut
+    by ``hb_cut``), and the evaluation details.
     """
 
     kind = "truncation"
@@ -115,39 +113,6 @@ class TruncationResult(Result):
         return write_rows_csv(self.rows(), path)
 
 
-def check_cut(shape: str, hb_cut: str) -> None:
-    """HpxError unless ``shape`` is one of SHAPES and ``hb_cut`` one of HB_CUTS."""
-    if shape not in SHAPES:
-        raise HpxError(f"unknown truncation shape '{shape}'; use {' or '.join(SHAPES)}")
-    if hb_cut not in HB_CUTS:
-        raise HpxError(f"unknown Hyena 1D cut '{hb_cut}'; use {' or '.join(HB_CUTS)}")
-
-
-def relative_tap_distance(info: MixerInfo, shape: str = "disc", hb_cut: str = "wrap") -> Tensor:
-    """Distance of each tap from the kernel centre relative to half the feature map: (S, S) or (T,).
-
-    HyenaPixel and the effective kernels of SLaK / RepLKNet (``large_conv``): Euclidean (``disc``) or Chebyshev (``square``) offset over (H/2, W/2). Hyena 1D with
-    ``hb_cut="wrap"``: the same for each offset's nearest 2D displacement (:func:`..inspection.tap_displacements`); with ``"offset"``:
-    |offset| / (L/2) with L = H * W (``disc`` only). A tap is kept at relative size r when this is <= r.
-    """
-    check_cut(shape, hb_cut)
-    if info.feature_size is None:
-        raise ValueError("layer info lacks feature_size: list the layers with an input_size")
-    height, width = info.feature_size
-    if info.kind == HYENA_1D and hb_cut == "offset":
-        if shape == "square":
-            raise HpxError("the offset cut of Hyena 1D layers has no square shape; use the wrap cut or a disc")
-        return tap_offsets(info)[0].abs().double() / (height * width / 2)
-    rows, cols = tap_displacements(info)
-    dy, dx = rows.abs().double() / (height / 2), cols.abs().double() / (width / 2)
-    return torch.sqrt(dy ** 2 + dx ** 2) if shape == "disc" else torch.maximum(dy, dx)
-
-
-def kept_taps(distance: Tensor, size: float) -> Tensor:
-    """Boolean mask of the taps kept at relative size ``size``, from :func:`relative_tap_distance`."""
-    return distance <= size + TOLERANCE
-
-
 def sizes_up_to(every_tap: float, step: float = SIZE_STEP) -> List[float]:
     """0, step, 2 step, ... below ``every_tap``, then ``every_tap`` itself (every tap kept)."""
     grid = [round(step * i, 10) for i in range(int(every_tap / step) + 1)]
@@ -164,24 +129,6 @@ def default_sizes(model: nn.Module, stages: Optional[Sequence[GroupLike]] = None
     swept = _swept_layers(model, stages, size)
     return sizes_up_to(max(float(relative_tap_distance(info, shape, hb_cut).max())
                            for group in swept for info in group.layers))
-
-
-@contextlib.contextmanager
-def truncate_kernels(model: nn.Module, stages: Sequence[GroupLike], size: float, shape: str = "disc",
-                     input_size: Union[int, Sequence[int], None] = None, hb_cut: str = "wrap"
-                     ) -> Iterator[List[MixerInfo]]:
-    """Inside the block the long kernels of ``stages`` (0-based stages, blocks or block ranges, :data:`GroupLike`)
-    keep only the taps within relative size ``size`` at resolution ``input_size`` (the model's default when None);
-    restored on exit. hb_cut: ``"wrap"`` or ``"offset"`` for Hyena 1D layers (module docstring)."""
-    from ..models.zoo import default_input_size
-
-    def cut(k: Tensor, info: MixerInfo) -> Tensor:
-        return k * kept_taps(relative_tap_distance(info, shape, hb_cut), size).to(k.device, k.dtype)
-
-    wanted = [ref for group in stages for ref in _group_refs(group)]
-    with modify_kernels(model, cut, layers=lambda info: any(ref.matches(info) for ref in wanted),
-                        input_size=input_size if input_size is not None else default_input_size(model)) as chosen:
-        yield chosen
 
 
 def _distinct_truncations(distances: Sequence[Tensor], sizes: Sequence[float]
@@ -287,21 +234,45 @@ class _ModelSteps:
 
 def _model_steps(model: nn.Module) -> _ModelSteps:
     """The model's ``stage_steps()`` where it has one (SLaK and RepLKNet downsample between their ``stages``), else
-    ``stem`` and ``stages``; a timm ViT (the Hyena N-D models) steps block by block, the final norm after the last."""
+    ``stem`` and ``stages``; a timm ViT (the Hyena N-D models) steps block by block through its public attributes
+    (the tokens entering the first block from ``forward_features``, each block, the final norm after the last)."""
     if hasattr(model, "stage_steps"):
         stem, steps = model.stage_steps()
         return _ModelSteps(stem, list(steps), lambda info: info.stage)
     if hasattr(model, "stages") and hasattr(model, "stem"):
         return _ModelSteps(model.stem, list(model.stages), lambda info: info.stage)
     if isinstance(model, VisionTransformer):
-        def embed(x: Tensor) -> Tensor:  # forward_features up to the blocks
-            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        def embed(x: Tensor) -> Tensor:  # timm's public forward_features, stopped where the first block starts
+            return _input_of(model.blocks[0], model.forward_features, x)
 
         def last_block(x: Tensor) -> Tensor:
             return model.norm(model.blocks[-1](x))
 
         return _ModelSteps(embed, [*model.blocks[:-1], last_block], lambda info: info.block)
     raise HpxError(f"{type(model).__name__} is neither a model with stages nor a ViT; truncation needs one")
+
+
+class _Entered(Exception):
+    """Carries the input a module was called with, out of the forward pass that called it."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+def _input_of(module: nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """The first input ``module`` receives while ``forward(x)`` runs; nothing after it is computed."""
+    def stop(_module: nn.Module, args: tuple) -> None:
+        raise _Entered(args[0])
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        forward(x)
+    except _Entered as entered:
+        return entered.value
+    finally:
+        handle.remove()
+    raise HpxError(f"{type(module).__name__} is not called by {getattr(forward, '__name__', 'the forward pass')}")
 
 
 @dataclass
@@ -314,20 +285,6 @@ class _Group:
     layers: List[MixerInfo]
 
 
-GroupLike = Union[LayerLike, Sequence[LayerLike]]
-"""A swept group in the Python API, numbered from 0: a stage, a block, a block range (``"S1B1-6"`` read as from 1
-as in the paper, ``"0.0-5"`` from 0, :func:`..inspection.parse_layer_group`) or a list of these taken together."""
-
-
-def _group_refs(group: GroupLike) -> List[LayerRef]:
-    if isinstance(group, str):
-        return parse_layer_group(group, one_based=False)
-    if isinstance(group, (LayerRef, numbers.Integral)) or (isinstance(group, tuple) and len(group) == 2
-                                                          and all(isinstance(v, numbers.Integral) for v in group)):
-        return [LayerRef.of(group)]
-    return [ref for item in group for ref in _group_refs(item)]
-
-
 def _swept_layers(model: nn.Module, stages: Optional[Sequence[GroupLike]], input_size: Union[int, Sequence[int]]
                   ) -> List[_Group]:
     """The groups to sweep: each entry of ``stages`` (:data:`GroupLike`), or None for every stage with long filters
@@ -338,7 +295,7 @@ def _swept_layers(model: nn.Module, stages: Optional[Sequence[GroupLike]], input
     if not layers:
         raise HpxError("the model has no long filters (HyenaPixel, Hyena, Hyena N-D or large kernels) to truncate")
     groups = [[LayerRef(stage)] for stage in sorted({info.stage for info in layers})] if stages is None else [
-        _group_refs(group) for group in stages]
+        group_refs(group) for group in stages]
     swept = []
     for refs in groups:
         chosen = [info for info in layers if any(ref.matches(info) for ref in refs)]
@@ -407,15 +364,12 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
 
 
 def _coverage_on_r_axis(coverage: CoverageResult, plan: _StagePlan, hb_cut: str) -> float:
-    """The group's mean learned coverage where it is a relative size of the cut, else NaN: HyenaPixel, large-kernel
-    and ``4dir`` Hyena N-D layers; bidirectional Hyena 1D layers under the offset cut. A one-sided (causal) kernel's
-    coverage, reach + 1 taps over F, is no r of a centred disc."""
-    from .coverage import one_sided
-
+    """The group's mean learned coverage where it is a relative size of the cut, else NaN: kernels around their
+    centre (HyenaPixel, large kernels, ``4dir`` Hyena N-D); bidirectional sequence kernels (Hyena 1D) under the
+    offset cut. A one-sided (causal) kernel's coverage, reach + 1 taps over F, is no r of a centred disc."""
     def on_axis(info: MixerInfo) -> bool:
-        if info.kind == HYENA_1D:
-            return hb_cut == "offset" and not info.long_filter.causal
-        return not one_sided(info)
+        filt = info.long_filter
+        return not filt.one_sided and (not filt.on_sequence or hb_cut == "offset")
 
     if not all(map(on_axis, plan.layers)):
         return float("nan")
@@ -449,6 +403,7 @@ def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequen
             "stages_paper": [p.stage + 1 for p in plans], "groups": [p.label for p in plans],
             "layers": {p.label: [i.name for i in p.layers] for p in plans},
             "layer_kinds": {p.label: sorted({i.kind for i in p.layers}) for p in plans},
+            "sequence_layers": {p.label: any(i.long_filter.on_sequence for i in p.layers) for p in plans},
             "every_tap_size": {p.label: p.every_tap for p in plans},
             "distinct_truncations": {p.label: len(p.masks) for p in plans},
             "images_total": len(samples), "images_evaluated": int(evaluated.sum()),

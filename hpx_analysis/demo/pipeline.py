@@ -23,7 +23,8 @@ from torch import nn
 
 from ..engine import content_key
 from ..images import model_mean_std, normalise
-from ..inspection import cut_short_convs, long_filter_layers
+from ..inspection import long_filter_layers
+from ..interventions import cut_short_convs
 from ..models.proxies import HYENA_ND_PROXY, PROXY_NAMES
 from ..storage import write_text_atomic
 from .tasks import IMAGE_SIZE, TASKS, sample_task, task_parameters
@@ -94,7 +95,7 @@ def deleted_mass_on_marks(maps: np.ndarray, marks: np.ndarray) -> np.ndarray:
 def _accuracy_under_truncation(model: nn.Module, size: float, images: int, seed: int) -> float:
     """Global-task accuracy with every long kernel cut to relative size ``size`` (all stages that have one; a
     ViT's blocks are all stage 0)."""
-    from ..analyzers.truncation import truncate_kernels
+    from ..interventions import truncate_kernels
     stages = sorted({info.stage for info in long_filter_layers(model, IMAGE_SIZE)})
     with truncate_kernels(model, stages=stages, size=size, input_size=IMAGE_SIZE):
         return task_accuracy(model, GLOBAL_TASK, images, seed)
@@ -147,12 +148,12 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
                            *model_mean_std(hpx))
     erf = ERFResult.combine([effective_receptive_field(models[name, GLOBAL_TASK], erf_inputs, input_size=IMAGE_SIZE,
                                                        label=name, progress=progress) for name in PROXY_NAMES])
-    written += [erf.save(out / "erf"), *save_erf_figure(erf, out / "erf")]
+    written += [*erf.save_files(out / "erf"), *save_erf_figure(erf, out / "erf")]
 
     hyena_nd = models[HYENA_ND_PROXY, GLOBAL_TASK]
     for stem, model in (("kernels", hpx), ("kernels_hyena_nd", hyena_nd)):
         kernels = compute_kernels(model, input_size=IMAGE_SIZE)
-        written += [kernels.save(out / stem), *save_figure(plot_kernels(kernels), out / stem, metadata=kernels.meta)]
+        written += [*kernels.save_files(out / stem), *save_figure(plot_kernels(kernels), out / stem, metadata=kernels.meta)]
     coverage = [compute_coverage(models[name, GLOBAL_TASK], input_size=IMAGE_SIZE) for name in PROXY_NAMES]
     written += save_figure(plot_coverage(coverage), out / "coverage",
                            metadata={"results": [c.meta for c in coverage]})
@@ -162,7 +163,7 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     for stem, model in (("truncation", hpx), ("truncation_hyena_nd", hyena_nd)):
         sweeps[stem] = truncation_sweep(model, labelled_images(data), None, None, input_size=IMAGE_SIZE, batch_size=64,
                                         n_resamples=500, seed=seed, progress=progress)
-        written += [sweeps[stem].save(out / stem), *plot_truncation(sweeps[stem], out / stem)]
+        written += [*sweeps[stem].save_files(out / stem), *plot_truncation(sweeps[stem], out / stem)]
     cut, hyena_nd_cut = (_accuracy_by_cut(model, settings.truncation_images, seed) for model in (hpx, hyena_nd))
     short_cut = {}
     for stage in range(len(hpx.stages)):
@@ -176,7 +177,7 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
                         settings=FgvisSettings(reference="mean"), names=[f"same-row #{int(i)}" for i in chosen],
                         progress=progress)
     on_marks = deleted_mass_on_marks(explanation.arrays["maps"], batch.marks[chosen].numpy())
-    written += [explanation.save(out / "fgvis"), *plot_explanations([explanation], out / "fgvis")]
+    written += [*explanation.save_files(out / "fgvis"), *plot_explanations([explanation], out / "fgvis")]
 
     summary = {
         "accuracy": accuracy,

@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import HpxError
-from .long_filters import SquareFilter, fft_conv_same
+from .long_filters import SquareFilter, fft_conv_same, kept_span
 
 FILTER_FORMS = ("nd", "product")
 DIRECTIONS = ("standard", "seq", "4dir")
@@ -215,12 +215,30 @@ class HyenaNDCanvasFilter(SquareFilter):
     while the kernel is unchanged. It holds no tensors.
     """
 
+    kind = "hyena_nd"
+
     def __init__(self, mixer: "HyenaNDMixer") -> None:
         super().__init__()
         self.channels, self.size = mixer.out_proj.in_features, 2 * mixer.length - 1
+        self.direction = mixer.direction
         # bound methods, so the mixer is no child of its filter
         self._canvas, self._skip, self._window = mixer.canvas_kernel, mixer.skip_gain, mixer.canvas_window
         self.window_parameters = mixer.window_parameters
+
+    @property
+    def one_sided(self) -> bool:
+        """A quarter-plane block (causal ``standard``, anti-causal ``seq``); ``4dir`` mixes all four quadrants."""
+        return self.direction != "4dir"
+
+    @property
+    def has_window(self) -> bool:
+        return True
+
+    def window_extent(self, threshold: float) -> torch.Tensor:
+        """Per axis, the taps from the first to the last row (column) of the canvas holding a tap with ``window >=
+        threshold`` (reach + 1 for a quarter-plane block, 2 * reach + 1 for ``4dir``); the larger axis: (D,)."""
+        windows = self.window().detach().float()
+        return torch.maximum(*[kept_span(windows.amax(dim), threshold) for dim in (-1, -2)])
 
     def base_kernel(self) -> torch.Tensor:
         """(D, 2L-1, 2L-1) the applied kernel on its centred canvas, true-convolution orientation."""
@@ -251,6 +269,11 @@ class HyenaNDMixer(nn.Module):
         self.filter_fn = filter_cls(dim, length, filter_width, window, sqrt_decay, filter_emb_dim, filter_output_gain)
         self.linear_mix = nn.Linear(4, 1) if direction == "4dir" else None
         self.effective_filter = HyenaNDCanvasFilter(self)
+
+    @property
+    def long_filter(self) -> HyenaNDCanvasFilter:
+        """The long-filter view the analyses read: the applied kernel on its centred canvas."""
+        return self.effective_filter
 
     def kernel(self) -> torch.Tensor:
         """(D, L, L) the raw filter ``k`` (network times window); the layer applies ``k / (2L)``."""

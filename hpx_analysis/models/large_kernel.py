@@ -72,6 +72,8 @@ class EffectiveKernelFilter(SquareFilter):
     not as its branches (in eval mode, the same function when the kernel is unchanged). It holds no tensors.
     """
 
+    kind = "large_conv"
+
     def __init__(self, module: "LargeKernelConv") -> None:
         super().__init__()
         self.channels, self.size = module.channels, module.kernel_size
@@ -114,6 +116,11 @@ class LargeKernelConv(nn.Module):
             self.lkb_origin = conv_bn(channels, channels, kernel_size, groups=channels)
         if small_kernel is not None:
             self.small_conv = conv_bn(channels, channels, small_kernel, groups=channels)
+
+    @property
+    def long_filter(self) -> EffectiveKernelFilter:
+        """The long-filter view the analyses read: the effective kernel."""
+        return self.effective_filter
 
     def branches(self) -> List[nn.Sequential]:
         """The conv+BN branches whose outputs add up (empty for the fused layout)."""

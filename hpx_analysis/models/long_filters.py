@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from scipy.fft import next_fast_len
 from torch import Tensor, nn
 
+from ..errors import HpxError
+
 KernelModifier = Callable[[Tensor], Tensor]
 
 
@@ -99,14 +101,49 @@ class KernelFFTCache:
         return len(self._entries)
 
 
-class LongFilterBase(nn.Module):
-    """Common behaviour of implicit long filters: kernel modifiers, kernel overrides and the FFT cache.
+def nearest_displacement(offsets: Tensor, width: int) -> Tuple[Tensor, Tensor]:
+    """Nearest 2D displacement (rows a, columns b), each shaped like the integer 1D ``offsets`` d, on
+    rows of ``width`` W: a * W + b = d with |b| <= W / 2; on a tie |b| = W / 2 the smaller |a|."""
+    half = width // 2
+    cols = torch.remainder(offsets + half, width) - half  # in [-half, W - half - 1]
+    rows = torch.div(offsets - cols, width, rounding_mode="floor")
+    tie = (2 * cols.abs() == width) & (rows > 0)  # (a, -W/2) with a > 0: (a - 1, W/2) is nearer the centre row
+    return rows - tie.long(), torch.where(tie, -cols, cols)
 
-    Subclasses set ``channels`` and implement ``base_kernel()`` (the learned kernel, (C, S, S) or
-    (C, T)), ``kernel_size`` and ``centre`` (the kernel index of offset 0 per spatial dim).
+
+def kept_span(windows: Tensor, threshold: float) -> Tensor:
+    """Taps (C,) from the first to the last tap whose window value ``windows`` (C, T) reaches ``threshold``;
+    0 where none does."""
+    taps = torch.arange(windows.shape[-1], device=windows.device)
+    above = windows >= threshold
+    first = torch.where(above, taps, windows.shape[-1]).amin(1)
+    last = torch.where(above, taps, -1).amax(1)
+    return (last - first + 1).clamp_min(0).to(windows.dtype)
+
+
+class LongFilterBase(nn.Module):
+    """Common behaviour of implicit long filters: kernel modifiers, kernel overrides and the FFT cache; and the
+    facts the analyses read from every long-filter family (its protocol, in the spirit of timm's models describing
+    themselves):
+
+    - ``kind``: the family's name in results; ``kernel()``: the applied kernel (C, *S) as a true convolution,
+      ``y[p] = sum_d K[centre + d] x[p - d]``; ``kernel_size`` and ``centre`` (the index of offset 0 per axis);
+    - ``on_sequence``: the kernel runs along the row-major flattened map (1D taps, wrapped onto the map for
+      pictures and cuts); ``one_sided``: its taps lie on one side of the centre along each of its own axes (a
+      causal or quarter-plane kernel), else around it (a causal kernel on the sequence still wraps onto both sides
+      of the centre along a row of the map);
+    - :meth:`tap_displacements`: where each tap sits on a feature map, the geometry of truncation masks, energy
+      coverage and the wrapped pictures;
+    - :meth:`window`, :meth:`window_parameters` where the family has a decay window, and :meth:`window_extent`,
+      its coverage rule: the taps its window keeps (a windowless kernel keeps them all).
+
+    Subclasses set ``channels`` and implement ``base_kernel()`` (the learned kernel, (C, S, S) or (C, T)),
+    ``kernel_size`` and ``centre``; a family with a window overrides the window methods.
     """
 
     channels: int
+    kind: str = "long_filter"
+    on_sequence: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -164,6 +201,57 @@ class LongFilterBase(nn.Module):
             yield
         finally:
             self._override = previous
+
+    # -- the analyses' protocol -----------------------------------------------------------
+    @property
+    def one_sided(self) -> bool:
+        """Whether the taps lie on one side of the centre along each of the kernel's axes (causal or quarter-plane
+        kernels)."""
+        return False
+
+    def tap_offsets(self) -> Tuple[Tensor, ...]:
+        """Integer offset of each tap from the centre per kernel axis: ((S,), (S,)) or ((T,),)."""
+        return tuple(torch.arange(n) - c for n, c in zip(self.kernel_size, self.centre))
+
+    def tap_displacements(self, feature_size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+        """Displacement (rows, columns) in pixels of each tap from the output position on an (H, W) feature map:
+        broadcastable (S, 1) and (1, S) for a 2D kernel; (T,) each for a kernel on the flattened map, each
+        offset's :func:`nearest_displacement` on rows of width W."""
+        offsets = self.tap_offsets()
+        if self.on_sequence:
+            return nearest_displacement(offsets[0], feature_size[1])
+        return offsets[0][:, None], offsets[1][None, :]
+
+    def coverage_length(self, feature_size: Tuple[int, int]) -> int:
+        """What window extents are measured against: the longer side F of the map, or its length H * W for a kernel
+        on the flattened sequence."""
+        return feature_size[0] * feature_size[1] if self.on_sequence else max(feature_size)
+
+    def extent_cap(self) -> Optional[float]:
+        """The kernel's own extent in taps along an axis (S, or the centre's taps plus one for a one-sided kernel);
+        None for a kernel on the flattened sequence, whose wrapped taps are not capped."""
+        if self.on_sequence:
+            return None
+        return float(max(self.centre) + 1 if self.one_sided else max(self.kernel_size))
+
+    @property
+    def has_window(self) -> bool:
+        """Whether the family multiplies its kernel by a decay window."""
+        return False
+
+    def window(self) -> Tensor:
+        """The decay window, shaped like the kernel; the base class has none."""
+        raise HpxError(f"{type(self).__name__} has no decay window (its kernel is explicit)")
+
+    def window_parameters(self) -> Dict[str, Tensor]:
+        """The window's per-channel parameters; the base class has none."""
+        raise HpxError(f"{type(self).__name__} has no decay window (its kernel is explicit)")
+
+    def window_extent(self, threshold: float) -> Tensor:
+        """Extent (C,) in taps that the window keeps at ``threshold``; without a window every tap is kept: the
+        kernel's extent (:meth:`extent_cap`, or every tap of a sequence kernel)."""
+        cap = self.extent_cap()
+        return torch.full((self.channels,), float(cap if cap is not None else max(self.kernel_size)))
 
     # -- caching --------------------------------------------------------------------------
     def _tensors_stamp(self, tensors: Sequence[Tensor]) -> Optional[tuple]:
@@ -255,9 +343,30 @@ class HyenaPixelFilter(SquareFilter):
         """Multiply the last implicit-filter layer by ``output_gain`` (call once, after weight init)."""
         self.implicit_filter[-1].weight.mul_(self.output_gain)
 
+    kind = "hyenapixel_2d"
+
+    @property
+    def has_window(self) -> bool:
+        return True
+
     def window(self) -> Tensor:
         """Window ``exp(-|delta_c| d) + shift_c``: (C, S, S)."""
         return (torch.exp(-self.distance_map * self.deltas.abs()) + self.shift)[0]
+
+    def window_parameters(self) -> Dict[str, Tensor]:
+        """``delta`` (C,) the decay |delta|, ``shift`` (C,), ``distance`` (S, S) the tap distances in pixels."""
+        return {"delta": self.deltas.detach().flatten().abs().clone(), "shift": self.shift.detach().flatten().clone(),
+                "distance": self.distance_map[0, 0].clone()}
+
+    def window_extent(self, threshold: float) -> Tensor:
+        """2 * (largest tap distance with ``window >= threshold``) + 1, at most S (every tap kept: the corners reach
+        past S), 0 where no tap is kept: (C,)."""
+        windows = self.window().detach().float()
+        above = windows >= threshold
+        distance = self.distance_map[0, 0].float().expand_as(windows)
+        reach = torch.where(above, distance, torch.zeros_like(windows)).flatten(1).amax(1)
+        extent = torch.clamp(2 * reach + 1, max=self.size)
+        return torch.where(above.flatten(1).any(1), extent, torch.zeros_like(extent))
 
     def base_kernel(self) -> Tensor:
         """Learned kernel f(z) * window: (C, S, S)."""
@@ -295,9 +404,30 @@ class HyenaFilter1D(LongFilterBase):
             nn.Linear(hidden, channels, bias=False),
         )
 
+    kind = "hyena_1d"
+    on_sequence = True
+
     @property
     def num_taps(self) -> int:
         return self.pos_emb.z.shape[1]
+
+    @property
+    def one_sided(self) -> bool:
+        return self.causal
+
+    @property
+    def has_window(self) -> bool:
+        return True
+
+    def window_parameters(self) -> Dict[str, Tensor]:
+        """``delta`` (C,) the decay |delta|, ``shift`` (C,) zeros (no shift), ``t`` (T,) the normalised tap times."""
+        return {"delta": self.modulation.deltas.detach().flatten().abs().clone(), "shift": torch.zeros(self.channels),
+                "t": self.pos_emb.t.flatten().clone()}
+
+    def window_extent(self, threshold: float) -> Tensor:
+        """Taps (C,) from the first to the last one with ``window >= threshold`` (2 * reach + 1 bidirectional, reach +
+        1 causal, at most T), 0 where none is kept."""
+        return kept_span(self.window().detach().float(), threshold)
 
     @property
     def kernel_size(self) -> Tuple[int]:

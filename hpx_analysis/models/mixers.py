@@ -6,7 +6,7 @@ after the MetaFormer-level key mapping of :mod:`hpx_analysis.models.hyenapixel`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from timm.models.metaformer import LayerNorm2dNoBias
 from torch import Tensor, nn
@@ -46,6 +46,11 @@ class HyenaPixelMixer(nn.Module):
             self.out_norm = LayerNorm2dNoBias(dim, eps=MIXER_NORM_EPS)
         self.out_proj = nn.Conv2d(dim, dim, 1)
 
+    @property
+    def long_filter(self) -> Optional[HyenaPixelFilter]:
+        """The implicit long filter the analyses read (None for the separable-convolution ablation)."""
+        return None if self.use_separable_conv else self.long_conv
+
     def long(self, u: Tensor) -> Tensor:
         """The global (or separable) filter: (B, C, H, W) -> (B, C, H, W)."""
         if self.use_separable_conv:
@@ -82,6 +87,11 @@ class HyenaMixer(nn.Module):
         if use_layernorm:
             self.qk_norm = nn.Sequential(nn.LayerNorm(dim, eps=MIXER_NORM_EPS, bias=False))
             self.out_norm = nn.LayerNorm(dim, eps=MIXER_NORM_EPS, bias=False)
+
+    @property
+    def long_filter(self) -> HyenaFilter1D:
+        """The implicit long filter the analyses read."""
+        return self.filter_fn
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""

@@ -354,6 +354,9 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
     """
     provenance: Dict[str, Any] = {"model": name, "weights": weights, "seed": seed}
     if weights == "pretrained":
+        if name.endswith(".json"):
+            raise HpxError(f"a model config ({name}) has no published weights; use --weights random or a checkpoint "
+                           "file (Python: weights='random' or a path)")
         _check_name(name)
         model, source = _load_pretrained(name, **kwargs)
         provenance.update(source)

@@ -8,7 +8,6 @@ from typing import List
 import numpy as np
 
 from ..analyzers.truncation import TruncationResult
-from ..inspection import HYENA_1D
 from .style import paper_style, save_figure
 
 
@@ -50,12 +49,12 @@ def plot_truncation(result: TruncationResult, stem: Path | str) -> List[Path]:
             ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, title="truncated")
         model = Path(str(result.meta["model"].get("model", ""))).stem
-        kinds = {kind for stage_kinds in result.meta.get("layer_kinds", {}).values() for kind in stage_kinds}
+        sequence_layers = any(result.meta.get("sequence_layers", {}).values())
         hyena = {"wrap": f"1D layers: nearest-wrap {result.meta['shape']}, the 2D one at pixels >= rF/2 from "
                          f"the left and right edges (no coverage line)\n",
                  "offset": "1D layers: |offset| <= rL/2 on the flattened map (full-width rows)\n"}
         fig.suptitle(f"{model}, {result.meta['shape']} truncation, n = {result.meta['images_evaluated']} images\n"
-                     f"{hyena.get(result.meta.get('hb_cut'), '') if HYENA_1D in kinds else ''}"
+                     f"{hyena.get(result.meta.get('hb_cut'), '') if sequence_layers else ''}"
                      f"bands: 95% bootstrap CI; dotted: learned coverage", fontsize=9)
         fig.tight_layout()
     return save_figure(fig, stem, metadata=result.meta)

@@ -1,0 +1,115 @@
+"""What a command runs over several models, as library functions: load each model in turn, prepare the same
+images for it, run the analyzers and collect the results. The ``hpx-analyze`` commands parse their options, call
+these and write what they return; from Python they run the same way::
+
+    from hpx_analysis.workflows import ModelSpec, explain_models
+    explained = explain_models([ModelSpec("hpx_former_s18", "pretrained")], ["fgvis", "saliency"], sanity=True)
+
+Under ``torchrun`` every rank runs them on its share of the batches and gets the whole results; join the process
+group around the call (:func:`hpx_analysis.distributed.session`) and let rank 0 write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .analyzers.attribution import load_inputs
+from .analyzers.attribution import explain as explain_method
+from .analyzers.erf import ERFResult, effective_receptive_field
+from .analyzers.fgvis import FgvisSettings
+from .analyzers.methods import ExplanationResult
+from .analyzers.sanity import SanityResult, sanity_check
+from .images import eval_transform, image_sources, model_mean_std
+from .layer_names import LayerLike
+from .models.zoo import load_model, model_label
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to load by name: :func:`~hpx_analysis.models.zoo.load_model` ``(name, weights, weights_key=...,
+    **kwargs)``; ``weights`` is ``pretrained``, ``random`` or a checkpoint file."""
+
+    name: str
+    weights: str
+    weights_key: Optional[str] = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The model's short label (a config file's stem), as in output file names."""
+        return model_label(self.name)
+
+    def load(self, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+        """The model in eval mode on ``device`` (``seed``: its random weights)."""
+        return load_model(self.name, self.weights, seed=seed, device=device, weights_key=self.weights_key,
+                          **self.kwargs)
+
+
+def erf_models(specs: Sequence[ModelSpec], *, images: Optional[Path | str] = None, num_images: int = 50,
+               input_size: Optional[int] = None, layer: Optional[LayerLike] = None, convention: str = "replknet",
+               batch_size: int = 1, amp: Optional[str] = None, seed: int = 0, device: str | torch.device = "cpu",
+               resume_dir: Optional[Path | str] = None) -> ERFResult:
+    """The effective receptive field of each model on the same images (:func:`~hpx_analysis.images.image_sources`:
+    ``num_images`` of the folder ``images``, or the bundled samples), in one result; its ``meta["options"]`` also
+    records the images, seed, weights and device. The other options go to
+    :func:`~hpx_analysis.analyzers.erf.effective_receptive_field`."""
+    sources = image_sources(images, num_images, seed)
+    result = ERFResult.combine([
+        effective_receptive_field(spec.load(seed, device), sources, input_size=input_size, layer=layer,
+                                  convention=convention, batch_size=batch_size, amp=amp, label=spec.label,
+                                  resume_dir=resume_dir)
+        for spec in specs])
+    result.meta["options"].update(images=str(images) if images else "skimage samples", num_images=num_images,
+                                  seed=seed, weights=[spec.weights for spec in specs], device=str(device))
+    return result
+
+
+@dataclass
+class Explanation:
+    """One model's explanation by one method, and its randomisation sanity check when asked for."""
+
+    spec: ModelSpec
+    method: str
+    result: ExplanationResult
+    sanity: Optional[SanityResult] = None
+
+
+def explain_models(specs: Sequence[ModelSpec], methods: Sequence[str] = ("fgvis",), *,
+                   images: Optional[Path | str] = None, num_images: int = 2, input_size: Optional[int] = None,
+                   target: Optional[int] = None, batch_size: int = 8, sanity: bool = False, seed: int = 0,
+                   device: str | torch.device = "cpu", resume_dir: Optional[Path | str] = None,
+                   progress: bool = False, **settings: Any) -> List[Explanation]:
+    """Each model's decisions on the same images explained by each method (``attribution.METHODS``), model by model.
+
+    Each model reads the images (as :func:`erf_models`) through its own evaluation transform (``input_size``: its
+    side). settings: :class:`~hpx_analysis.analyzers.fgvis.FgvisSettings` fields (``iterations``,
+    ``lambda_start``, ``reference``, ...); ``reference`` is also the baseline of the captum methods, ``seed`` FGVis's
+    noise seed. sanity: also run the cascading parameter randomisation test
+    (:func:`~hpx_analysis.analyzers.sanity.sanity_check`, new weights from ``seed + 1``). resume_dir, batch_size,
+    target: as for :func:`~hpx_analysis.analyzers.attribution.explain`.
+    """
+    sources = image_sources(images, num_images, seed)
+    fgvis_settings = FgvisSettings(**settings)
+    explained = []
+    for spec in specs:
+        model = spec.load(seed, device)
+        mean, std = model_mean_std(model)
+        inputs, names = load_inputs(sources, eval_transform(model, input_size)[0])
+        inputs = inputs.to(device)
+        common = {"target": target, "mean": mean, "std": std, "names": names, "batch_size": batch_size,
+                  "resume_dir": resume_dir}
+        for method in methods:
+            options = ({"settings": fgvis_settings, "seed": seed} if method == "fgvis" else
+                       {"reference": fgvis_settings.reference})
+            result = explain_method(model, inputs, method, **common, **options, progress=progress)
+            check = sanity_check(model, inputs, method, init_seed=seed + 1, **common, **options) if sanity else None
+            explained.append(Explanation(spec, method, result, check))
+    return explained
+
+
+__all__ = ["ModelSpec", "erf_models", "Explanation", "explain_models"]
