@@ -18,14 +18,21 @@ from torch import Tensor
 from .errors import HpxError
 
 
+def backend_for(device: torch.device, local_world: int) -> str:
+    """nccl when every local rank has a GPU of its own, else gloo (CPU, or several ranks sharing one GPU, which
+    nccl refuses)."""
+    return "nccl" if device.type == "cuda" and torch.cuda.device_count() >= local_world else "gloo"
+
+
 def setup(device: torch.device) -> Tuple[torch.device, int, int]:
-    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group (nccl on CUDA, gloo on CPU) and use
-    this rank's GPU; returns (device, rank, world size), (device, 0, 1) otherwise."""
+    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group (:func:`backend_for`) and use this rank's GPU
+    (local rank modulo the GPUs there are); returns (device, rank, world size), (device, 0, 1) otherwise."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend_for(device, local_world))
     return (device, *rank_and_world())
 
 
@@ -53,14 +60,19 @@ def rank_and_world() -> Tuple[int, int]:
     return 0, 1
 
 
+def _collective_device(device: torch.device) -> torch.device:
+    """Where collectives run: ``device`` under nccl, the CPU under gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(tensors: Sequence[Tensor], device: torch.device) -> List[Tensor]:
-    """Element-wise sums over all ranks, on the CPU, reduced on ``device`` (the tensors themselves
-    when not distributed)."""
+    """Element-wise sums over all ranks, on the CPU, reduced on ``device`` under nccl and on the CPU under gloo (the
+    tensors themselves when not distributed)."""
     if not dist.is_initialized():
         return list(tensors)
     reduced = []
     for tensor in tensors:
-        moved = tensor.to(device)
+        moved = tensor.to(_collective_device(device))
         dist.all_reduce(moved)
         reduced.append(moved.cpu())
     return reduced
@@ -73,7 +85,7 @@ def raise_if_any_rank_failed(failure: Optional[Exception], device: torch.device)
         if failure is not None:
             raise failure
         return
-    failed = torch.tensor([0 if failure is None else 1 + dist.get_rank()], device=device)
+    failed = torch.tensor([0 if failure is None else 1 + dist.get_rank()], device=_collective_device(device))
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failure is not None:
         raise failure
