@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import List
 
 import numpy as np
 import pytest
@@ -181,6 +182,31 @@ def test_flip_by_noise_at_iteration_0_is_not_a_success() -> None:
         assert record["flipped_by_noise"] and not record["success"] and "noise" in record["note"]
         assert record["iterations"] == 0 and record["tries"] == 1  # lambda plays no part at iteration 0
         assert (result.masks[n] == 1).all()
+
+
+def test_tries_the_search_can_no_longer_choose_stop_at_once() -> None:
+    """Two tries of one image side by side: when the earlier try (the larger lambda) stops, the later one, which
+    the search can no longer choose, is dropped in that very iteration (no outcome, no further forward pass);
+    a try of another image runs on. Here try 0 of image 0 counts as flipped at once (its target must rank below
+    -1), image 0's try 1 and image 1's try 1 never can (their targets must rank below 99)."""
+    from hpx_analysis.analyzers.fgvis import activation_bounds, optimise_masks
+
+    model = RegionModel().eval()
+    images = region_images(2)[[0, 0, 1]]
+    references = reference_image(images, "black", MEAN, STD)
+    settings = FgvisSettings(iterations=5)
+    forwards: List[int] = []
+    model.register_forward_hook(lambda _m, args, _out: forwards.append(len(args[0])))
+    with activation_bounds(model, ()) as bounds:
+        with bounds.record():
+            model(region_images(2))
+        forwards.clear()
+        outcomes = optimise_masks(model, bounds, images, references, torch.zeros(3, dtype=torch.long),
+                                  torch.full((3,), 1e-3), [1, 2, 3], torch.tensor([0, 0, 1]), settings,
+                                  torch.tensor([-1, 99, 99]), tries=torch.tensor([0, 1, 1]))
+    assert outcomes[0].stopped and outcomes[0].iterations == 0 and outcomes[1] is None
+    assert not outcomes[2].stopped and outcomes[2].iterations == settings.iterations
+    assert forwards == [3] + [1] * settings.iterations  # image 0's try 1 left with its try 0
 
 
 def test_lambda_search_reaches_the_reference_weight() -> None:

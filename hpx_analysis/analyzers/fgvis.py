@@ -244,12 +244,15 @@ def class_ranks(probs: Tensor, targets: Tensor) -> Tensor:
 
 def optimise_masks(model: nn.Module, bounds: ActivationBounds, images: Tensor, references: Tensor,
                    targets: Tensor, lambdas: Tensor, seeds: Sequence[int], rows: Tensor,
-                   settings: FgvisSettings, target_ranks: Optional[Tensor] = None) -> List[_Outcome]:
+                   settings: FgvisSettings, target_ranks: Optional[Tensor] = None,
+                   tries: Optional[Tensor] = None) -> List[Optional[_Outcome]]:
     """Run the deletion game for a batch of B samples; each stops on its own, when its target ranks
     lower than ``target_ranks`` (B,), its rank on the clean image (default 0: the target is the top-1).
 
     images, references: (B, 3, H, W) normalised; targets (B,) classes; lambdas (B,); seeds: B noise
-    seeds; rows (B,): clean-image index of each sample (selects its activation bounds).
+    seeds; rows (B,): clean-image index of each sample (selects its activation bounds). tries (B,): the lambda
+    try of each sample; when a sample stops, the samples of the same image with a later try (a smaller lambda),
+    which the search can no longer choose, are dropped at once and get None.
     """
     count = len(images)
     clean_ranks = target_ranks if target_ranks is not None else torch.zeros_like(targets)
@@ -271,6 +274,10 @@ def optimise_masks(model: nn.Module, bounds: ActivationBounds, images: Tensor, r
             outcomes[int(active[i])] = _Outcome(
                 mask.detach()[i].clone(), step, bool(outranked[i]), int(top_class[i]),
                 float(top_prob[i]), float(target_probs[i].detach()))
+        if tries is not None and bool(outranked.any()):  # later tries of an image whose earlier try stopped
+            stopped = active[outranked]
+            same_image = rows[active][:, None] == rows[stopped][None, :]
+            finished = finished | (same_image & (tries[active][:, None] > tries[stopped][None, :])).any(1)
         if bool(finished.all()):
             break
         loss = (target_probs - lambdas[active] * mask.abs().sum((1, 2, 3)))[~finished].sum()
@@ -302,29 +309,33 @@ class FgvisResult(ExplanationResult):
 
 def lambda_search(model: nn.Module, bounds: ActivationBounds, images: Tensor, references: Tensor, targets: Tensor,
                   clean_ranks: Tensor, seeds: Sequence[int], settings: FgvisSettings,
-                  batch_size: int) -> List[Tuple[int, _Outcome]]:
+                  max_samples: Optional[int] = None) -> List[Tuple[int, _Outcome]]:
     """The lambda search for B images: per image the chosen try and its outcome (the first try whose run
-    stops, else the last try).
+    stops, i.e. the largest lambda that flips, else the last try).
 
     images, references: (B, 3, H, W) normalised; targets, clean_ranks (B,); seeds: B image seeds; the
-    bounds hold the clean activations of these B images. Samples (image, try) run ``batch_size`` at a
-    time in (image, try) order; an image's tries after a stopped one are not run.
+    bounds hold the clean activations of these B images. Samples (image, try) run side by side, each stopping on
+    its own: all B x tries at once, or ``max_samples`` at a time in (image, try) order; an image's tries after a
+    stopped one are dropped (running) or not started, as the search cannot choose them. Side by side, the tries
+    whose lambda is too large to flip (they run all iterations) share their iterations with the others instead of
+    running before them.
     """
-    outcomes: Dict[Tuple[int, int], _Outcome] = {}
+    outcomes: Dict[Tuple[int, int], Optional[_Outcome]] = {}
     jobs = [(n, t) for n in range(len(images)) for t in range(settings.lambda_tries)]
 
     def first_stop(n: int) -> Optional[int]:
-        return min((t for (m, t), o in outcomes.items() if m == n and o.stopped), default=None)
+        return min((t for (m, t), o in outcomes.items() if m == n and o is not None and o.stopped), default=None)
 
     def pending() -> List[Tuple[int, int]]:
         found = {n: first_stop(n) for n in range(len(images))}
         return [(n, t) for n, t in jobs if (n, t) not in outcomes and (found[n] is None or t < found[n])]
 
-    while todo := pending()[:batch_size]:
+    while todo := pending()[:max_samples or len(jobs)]:
         rows = torch.tensor([n for n, _ in todo], device=images.device)
         lambdas = torch.tensor([settings.lambda_of(t) for _, t in todo], device=images.device)
         results = optimise_masks(model, bounds, images[rows], references[rows], targets[rows], lambdas,
-                                 [sample_seed(seeds[n], t) for n, t in todo], rows, settings, clean_ranks[rows])
+                                 [sample_seed(seeds[n], t) for n, t in todo], rows, settings, clean_ranks[rows],
+                                 tries=torch.tensor([t for _, t in todo], device=images.device))
         outcomes.update(zip(todo, results))
     chosen = []
     for n in range(len(images)):
@@ -374,7 +385,7 @@ class FgvisExplainer(Explainer):
                                    "bound_activation_types": type_names(types),
                                    "bounded_activations": len(bounds.modules) if settings.bounded else 0},
                          {"masks": ItemOutput((3, *size), "float32"), **RECORD_OUTPUTS})
-        self.bounds, self.settings, self.seeds, self.batch_size = bounds, settings, seeds, batch_size
+        self.bounds, self.settings, self.seeds = bounds, settings, seeds
 
     def keyed(self) -> Dict[str, Any]:
         return {"seeds": self.seeds}
@@ -385,8 +396,7 @@ class FgvisExplainer(Explainer):
     def step(self, batch: ExplanationBatch) -> Dict[str, Tensor]:
         clean_ranks = class_ranks(batch.probs, batch.targets)
         chosen = lambda_search(batch.model, self.bounds, batch.images, batch.reference(self.settings.reference),
-                               batch.targets, clean_ranks, [self.seeds[i] for i in batch.indices], self.settings,
-                               self.batch_size)
+                               batch.targets, clean_ranks, [self.seeds[i] for i in batch.indices], self.settings)
         outcomes = [outcome for _, outcome in chosen]
         masks = torch.stack([o.mask for o in outcomes]).float()
         return {"maps": (1 - masks).mean(1), "masks": masks,
@@ -414,9 +424,10 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
     target: class to delete, one for all or one per image (default: top-1 of the clean image; a run
     stops when the target ranks lower than on the clean image, see the module docstring). seed: one
     seed (image n uses seed + n) or one per image. batch_size: images per engine batch
-    (:func:`..engine.run_batches`) and samples (images x lambda tries) optimised together; 1 runs the
-    search one at a time and stops at the first lambda whose run stops, larger batches try several
-    lambdas at once and keep the same (first stopped) one. activation_types: the bounded module types,
+    (:func:`..engine.run_batches`); all lambda tries of a batch's images are optimised side by side
+    (batch_size x lambda_tries samples, :func:`lambda_search`), each stopping on its own, and every image keeps
+    the first try that stops (the largest lambda that flips), as a one-at-a-time search would; the batch size
+    does not change the result. activation_types: the bounded module types,
     overriding ``BOUND_ACTIVATIONS[settings.bound_activations]``. The other options are
     :func:`~hpx_analysis.analyzers.methods.run_explanation`'s (resume, device, torchrun). The model is left
     unchanged (hooks removed, no gradients stored).
