@@ -28,7 +28,7 @@ def list_models() -> None:
         if name in PUBLISHED:
             source = "published (Spravil/...westai_in1k)"
         elif name in PROXY_NAMES:
-            source = "trained by `hpx-analyze demo`"
+            source = "shipped (`hpx-analyze demo`)"
         elif name in hyena_nd.model_names():
             source = "none published (train with the official script, load with --checkpoint)"
         elif name in large_kernel.model_names():

@@ -47,6 +47,13 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an in
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder for figures and results.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (weights='random', image selection, noise).")]
+Metrics = Annotated[Optional[List[str]], typer.Option(
+    "--metrics", metavar="METRICS", show_default=False,
+    help="Score every explanation, comma-separated or repeated: deletion, insertion (RISE curves and their AUCs, "
+         "beside a seeded random pixel order), pointing, energy-pointing (need --boxes).")]
+Boxes = Annotated[Optional[Path], typer.Option("--boxes", help="Object boxes for the pointing games: ImageNet's "
+                                               "validation XMLs (Pascal VOC; a folder or the .tgz) or a CSV "
+                                               "filename,xmin,ymin,xmax,ymax; matched by file name.")]
 WeightsKey = Annotated[Optional[str], typer.Option("--weights-key", help="Entry of a training script's checkpoint "
                                                    "that holds the weights, e.g. model_ema. Default: model for "
                                                    "Hyena N-D checkpoints; timm's choice for other files.")]
@@ -84,6 +91,7 @@ def choices(name: str, *values: str) -> type:
 # importing the library would import torch for ``--help``.
 Convention = choices("Convention", "replknet", "kim2023")                    # analyzers.erf.CONVENTIONS
 Amp = choices("Amp", "bf16", "fp16")                                         # analyzers.erf.AMP_DTYPES
+Gradient = choices("Gradient", "relu", "abs")                                # analyzers.erf.GRADIENTS
 Method = choices("Method", "fgvis", "saliency", "integrated-gradients", "occlusion", "gradcam")  # attribution.METHODS
 Reference = choices("Reference", "black", "blur", "mean")                    # analyzers.methods.REFERENCES
 BoundActivations = choices("BoundActivations", "relu", "all")                # analyzers.fgvis.BOUND_ACTIVATIONS
@@ -140,9 +148,27 @@ def model_spec(model: Optional[str], weights: str, weights_key: Optional[str],
     return model_specs([model] if model else None, [weights], weights_key, model_kwargs)[0]
 
 
-def layer_texts(*values: Optional[List[str]]) -> List[str]:
-    """The items of repeated, comma-separated ``--layers`` values (and of its old spelling), in order."""
+def listed(*values: Optional[List[str]]) -> List[str]:
+    """The items of a repeated, comma-separated option's values, in order."""
     return [item.strip() for given in values for value in given or [] for item in value.split(",") if item.strip()]
+
+
+def layer_texts(*values: Optional[List[str]]) -> List[str]:
+    """The items of ``--layers`` values (and of its old spelling), in order (:func:`listed`)."""
+    return listed(*values)
+
+
+def input_sizes(values: Optional[List[str]]) -> List[int]:
+    """The sides of repeated, comma-separated ``--input-size`` values, in order; a one-line error for text that
+    is no whole number."""
+    from hpx_analysis.errors import HpxError
+
+    sizes = []
+    for item in listed(values):
+        if not item.lstrip("+-").isdigit():
+            raise HpxError(f"--input-size takes whole numbers of pixels (224 or 224,512,1024), got '{item}'")
+        sizes.append(int(item))
+    return sizes
 
 
 def layer_groups(texts: List[str]) -> Optional[List[List["LayerRef"]]]:

@@ -23,7 +23,9 @@ _ENTRY_POINTS = {
     "effective_receptive_field": "analyzers.erf", "compute_kernels": "analyzers.kernels",
     "compute_coverage": "analyzers.coverage", "truncation_sweep": "analyzers.truncation",
     "truncate_kernels": "interventions", "fgvis": "analyzers.fgvis", "explain": "analyzers.attribution",
-    "sanity_check": "analyzers.sanity", "Result": "results", "HpxError": "errors",
+    "sanity_check": "analyzers.sanity", "faithfulness": "analyzers.scores", "pointing_game": "analyzers.scores",
+    "energy_pointing_game": "analyzers.scores", "localisation": "analyzers.scores", "read_boxes": "boxes",
+    "transform_boxes": "boxes", "Result": "results", "HpxError": "errors",
     "ModelSpec": "workflows", "erf_models": "workflows", "explain_models": "workflows",
 }
 

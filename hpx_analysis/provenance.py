@@ -14,7 +14,7 @@ import importlib.metadata as metadata
 import marshal
 import platform
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Mapping, Sequence, Union
 
 DISTRIBUTION = "hpx-analysis"
 KEYED_LIBRARIES = ("torch", "timm", "captum")
@@ -38,6 +38,19 @@ def source_fingerprint(root: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         for part in (path.relative_to(root).as_posix().encode(), path.read_bytes()):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def parts_fingerprint(parts: Mapping[str, Union[bytes, str]]) -> str:
+    """SHA-256 over named parts (a chosen set of files or function sources), in sorted name order, each name and
+    content length-prefixed as in :func:`source_fingerprint`: a fingerprint of exactly the code something depends on
+    (the shipped demo proxies: :mod:`hpx_analysis.demo.ship`), unchanged by edits anywhere else."""
+    digest = hashlib.sha256()
+    for name in sorted(parts):
+        content = parts[name]
+        for part in (name.encode(), content.encode() if isinstance(content, str) else content):
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
     return digest.hexdigest()
@@ -77,4 +90,4 @@ def provenance_versions() -> Dict[str, str]:
 
 
 __all__ = ["DISTRIBUTION", "KEYED_LIBRARIES", "RECORDED_LIBRARIES", "package_version", "source_fingerprint",
-           "code_fingerprint", "function_fingerprint", "library_versions", "provenance_versions"]
+           "parts_fingerprint", "code_fingerprint", "function_fingerprint", "library_versions", "provenance_versions"]

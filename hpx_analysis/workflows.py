@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -24,6 +24,10 @@ from .analyzers.erf import ERFResult, effective_receptive_field
 from .analyzers.fgvis import FgvisSettings
 from .analyzers.methods import ExplanationResult
 from .analyzers.sanity import SanityResult, sanity_check
+from .analyzers.scores import (METRICS, FaithfulnessResult, LocalisationResult, ScoreTable, faithfulness,
+                               localisation, score_table)
+from .boxes import boxes_for_images, read_boxes
+from .errors import HpxError
 from .images import eval_transform, image_sources, model_mean_std
 from .layer_names import LayerLike
 from .models.zoo import load_model, model_label
@@ -51,18 +55,20 @@ class ModelSpec:
 
 
 def erf_models(specs: Sequence[ModelSpec], *, images: Optional[Path | str] = None, num_images: int = 50,
-               input_size: Optional[int] = None, layer: Optional[LayerLike] = None, convention: str = "replknet",
-               batch_size: int = 1, amp: Optional[str] = None, seed: int = 0, device: str | torch.device = "cpu",
-               resume_dir: Optional[Path | str] = None) -> ERFResult:
+               input_size: Union[int, Sequence[int], None] = None,
+               layer: Union[LayerLike, List[LayerLike], None] = None, convention: str = "replknet",
+               gradient: str = "relu", batch_size: int = 1, amp: Optional[str] = None, seed: int = 0,
+               device: str | torch.device = "cpu", resume_dir: Optional[Path | str] = None) -> ERFResult:
     """The effective receptive field of each model on the same images (:func:`~hpx_analysis.images.image_sources`:
-    ``num_images`` of the folder ``images``, or the bundled samples), in one result; its ``meta["options"]`` also
-    records the images, seed, weights and device. The other options go to
+    ``num_images`` of the folder ``images``, or the bundled samples), at every input size and layer asked for (a
+    list of each), in one result: rows model by model, size by size, layer by layer. Its ``meta["options"]``
+    also records the images, seed, weights and device. The other options go to
     :func:`~hpx_analysis.analyzers.erf.effective_receptive_field`."""
     sources = image_sources(images, num_images, seed)
     result = ERFResult.combine([
         effective_receptive_field(spec.load(seed, device), sources, input_size=input_size, layer=layer,
-                                  convention=convention, batch_size=batch_size, amp=amp, label=spec.label,
-                                  resume_dir=resume_dir)
+                                  convention=convention, gradient=gradient, batch_size=batch_size, amp=amp,
+                                  label=spec.label, resume_dir=resume_dir)
         for spec in specs])
     result.meta["options"].update(images=str(images) if images else "skimage samples", num_images=num_images,
                                   seed=seed, weights=[spec.weights for spec in specs], device=str(device))
@@ -71,19 +77,35 @@ def erf_models(specs: Sequence[ModelSpec], *, images: Optional[Path | str] = Non
 
 @dataclass
 class Explanation:
-    """One model's explanation by one method, and its randomisation sanity check when asked for."""
+    """One model's explanation by one method, its randomisation sanity check and its scores when asked for."""
 
     spec: ModelSpec
     method: str
     result: ExplanationResult
     sanity: Optional[SanityResult] = None
+    faithfulness: Optional[FaithfulnessResult] = None
+    localisation: Optional[LocalisationResult] = None
+
+
+def checked_metrics(metrics: Sequence[str], boxes: Optional[Path | str]) -> List[str]:
+    """``metrics`` (of ``scores.METRICS``) without repeats, in order; one-line errors for an unknown one and for
+    the pointing games without ``boxes``."""
+    unknown = [metric for metric in metrics if metric not in METRICS]
+    if unknown:
+        raise HpxError(f"unknown metric '{unknown[0]}'; use one or more of {', '.join(METRICS)}")
+    if boxes is None and {"pointing", "energy-pointing"} & set(metrics):
+        raise HpxError("the pointing games need object boxes: give --boxes PATH (ImageNet's val XMLs, their .tgz, "
+                       "or a CSV filename,xmin,ymin,xmax,ymax)")
+    return list(dict.fromkeys(metrics))
 
 
 def explain_models(specs: Sequence[ModelSpec], methods: Sequence[str] = ("fgvis",), *,
                    images: Optional[Path | str] = None, num_images: int = 2, input_size: Optional[int] = None,
                    target: Optional[int] = None, batch_size: int = 8, sanity: bool = False, seed: int = 0,
                    device: str | torch.device = "cpu", resume_dir: Optional[Path | str] = None,
-                   progress: bool = False, **settings: Any) -> List[Explanation]:
+                   progress: bool = False, metrics: Sequence[str] = (), boxes: Optional[Path | str] = None,
+                   score_steps: int = 100, score_batch_size: int = 16, pointing_tolerance: float = 0.0,
+                   **settings: Any) -> List[Explanation]:
     """Each model's decisions on the same images explained by each method (``attribution.METHODS``), model by model.
 
     Each model reads the images (as :func:`erf_models`) through its own evaluation transform (``input_size``: its
@@ -92,24 +114,56 @@ def explain_models(specs: Sequence[ModelSpec], methods: Sequence[str] = ("fgvis"
     noise seed. sanity: also run the cascading parameter randomisation test
     (:func:`~hpx_analysis.analyzers.sanity.sanity_check`, new weights from ``seed + 1``). resume_dir, batch_size,
     target: as for :func:`~hpx_analysis.analyzers.attribution.explain`.
+
+    metrics: also score every explanation (``scores.METRICS``): ``deletion`` / ``insertion`` run
+    :func:`~hpx_analysis.analyzers.scores.faithfulness` (``score_steps`` steps, ``score_batch_size`` forwards at a
+    time, deleting to ``reference``, its random order seeded by ``seed``), ``pointing`` / ``energy-pointing``
+    :func:`~hpx_analysis.analyzers.scores.localisation` (``pointing_tolerance`` px) against the ``boxes`` file
+    (:func:`~hpx_analysis.boxes.read_boxes`), mapped through each model's evaluation transform.
     """
+    metrics = checked_metrics(metrics, boxes)
     sources = image_sources(images, num_images, seed)
+    pointing = bool({"pointing", "energy-pointing"} & set(metrics))
+    box_file = read_boxes(boxes, [source.name for source in sources]) if pointing else None
     fgvis_settings = FgvisSettings(**settings)
     explained = []
     for spec in specs:
         model = spec.load(seed, device)
         mean, std = model_mean_std(model)
-        inputs, names = load_inputs(sources, eval_transform(model, input_size)[0])
+        transform = eval_transform(model, input_size)[0]
+        inputs, names = load_inputs(sources, transform)
         inputs = inputs.to(device)
         common = {"target": target, "mean": mean, "std": std, "names": names, "batch_size": batch_size,
                   "resume_dir": resume_dir}
+        located = None
+        if pointing:
+            by_name = {source.name: source for source in sources}
+            located = boxes_for_images(box_file, [by_name[name] for name in names], transform)
+            if all(found is None for found in located):
+                raise HpxError(f"none of the {len(names)} images has a box in {boxes} (boxes are matched by file "
+                               "name without its extension)")
         for method in methods:
             options = ({"settings": fgvis_settings, "seed": seed} if method == "fgvis" else
                        {"reference": fgvis_settings.reference})
             result = explain_method(model, inputs, method, **common, **options, progress=progress)
             check = sanity_check(model, inputs, method, init_seed=seed + 1, **common, **options) if sanity else None
-            explained.append(Explanation(spec, method, result, check))
+            item = Explanation(spec, method, result, check)
+            if {"deletion", "insertion"} & set(metrics):
+                item.faithfulness = faithfulness(model, inputs, result, target=target, steps=score_steps,
+                                                 deletion_reference=fgvis_settings.reference,
+                                                 batch_size=score_batch_size, resume_dir=resume_dir, mean=mean,
+                                                 std=std, seed=seed, progress=progress)
+            if located is not None:
+                item.localisation = localisation(result, located, tolerance=pointing_tolerance)
+            explained.append(item)
     return explained
 
 
-__all__ = ["ModelSpec", "erf_models", "Explanation", "explain_models"]
+def explanation_scores(explained: Sequence[Explanation], *, n_resamples: int = 1000, seed: int = 0) -> ScoreTable:
+    """The scores of explanations scored by :func:`explain_models` (``metrics``) side by side, with means and
+    95% bootstrap intervals (:func:`~hpx_analysis.analyzers.scores.score_table`)."""
+    return score_table([(item.spec.label, item.method, item.faithfulness, item.localisation) for item in explained],
+                       n_resamples=n_resamples, seed=seed)
+
+
+__all__ = ["ModelSpec", "erf_models", "Explanation", "checked_metrics", "explain_models", "explanation_scores"]

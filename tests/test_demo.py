@@ -1,9 +1,14 @@
 """The offline demo (issue 7): task generators with known geometry, proxy training and its cache, the
-known answers that the trained proxies must show, and `hpx-analyze demo` end to end."""
+known answers that the trained proxies must show, and `hpx-analyze demo` end to end: from the proxies shipped with
+the package (fast; issue 23) and with `--retrain` (slow); the shipped proxies are what the current code and
+configuration produce."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +17,13 @@ from typer.testing import CliRunner
 
 from hpx_analysis.demo.pipeline import (CONV_PROXY, GLOBAL_TASK, HPX_PROXY, HYENA_ND_PROXY, LOCAL_TASK, DemoSettings,
                                         deleted_mass_on_marks, known_answers)
-from hpx_analysis.demo.tasks import GRID, IMAGE_SIZE, MARK, MIN_GAP, ROW_GAP, sample_task
+from hpx_analysis.demo import ship, shipped
+from hpx_analysis.demo.tasks import GRID, IMAGE_SIZE, MARK, MIN_GAP, ROW_GAP, TASKS, sample_task, task_parameters
 from hpx_analysis.demo.training import TrainingConfig, load_or_train, task_accuracy
-from hpx_analysis.models.proxies import PROXY_NAMES
+from hpx_analysis.errors import HpxError
+from hpx_analysis.models.proxies import PROXY_NAMES, proxy_configuration
 from hpx_analysis.models.zoo import count_parameters, load_model
+from hpx_analysis.results import to_jsonable
 
 from .conftest import library_imports
 
@@ -76,9 +84,19 @@ def test_hyena_nd_proxy_reads_the_whole_image_at_token_0():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The demo's six proxies, trained once with the demo's settings into a module cache."""
-    cache = tmp_path_factory.mktemp("demo_cache")
+def retrained(tmp_path_factory):
+    """``hpx-analyze demo --retrain`` from an empty cache: the six proxies trained from scratch with the demo's
+    settings (not the shipped ones), every analysis run on them. (cache, gallery folder, CLI result)."""
+    from hpx_analysis_cli.app import app
+    cache, out = tmp_path_factory.mktemp("demo_cache"), tmp_path_factory.mktemp("demo_retrained")
+    result = CliRunner().invoke(app, ["demo", "--retrain", "--out", str(out), "--cache", str(cache)])
+    return cache, out, result
+
+
+@pytest.fixture(scope="module")
+def trained(retrained):
+    """The demo's six proxies as trained by ``--retrain`` into the module cache (trained here when that failed)."""
+    cache = retrained[0]
     runs = {}
     for task in (GLOBAL_TASK, LOCAL_TASK):
         for name in PROXY_NAMES:
@@ -157,6 +175,7 @@ def test_cli_defaults_are_the_demo_settings():
     assert parameters["global_steps"].default == DEFAULTS.global_steps
     assert parameters["local_steps"].default == DEFAULTS.local_steps
     assert parameters["hyena_nd_steps"].default == DEFAULTS.hyena_nd_global_steps
+    assert parameters["retrain"].default is False
 
 
 def test_hyena_nd_filter_networks_learn_at_their_own_rate():
@@ -195,22 +214,178 @@ def test_deleted_mass_on_marks():
     np.testing.assert_allclose(deleted_mass_on_marks(maps, marks), [0.75, 0.0])
 
 
-@pytest.mark.slow
-def test_cli_demo_end_to_end(trained, tmp_path):
-    from hpx_analysis_cli.app import app
-    cache, _ = trained
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--cache", str(cache)])
-    assert result.exit_code == 0, result.output
+def _assert_demo_gallery_and_known_answers(out: Path, source: str) -> dict:
+    """The demo's gallery in ``out``, every proxy from ``source``, all eight known answers holding."""
     for stem in ("tasks", "accuracy", "erf", "kernels", "kernels_hyena_nd", "coverage", "truncation", "fgvis"):
-        assert (tmp_path / f"{stem}.png").is_file() and (tmp_path / f"{stem}.pdf").is_file()
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert all(record["cached"] for record in summary["training"].values())  # nothing retrained
+        assert (out / f"{stem}.png").is_file() and (out / f"{stem}.pdf").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert {record["source"] for record in summary["training"].values()} == {source}
     checks = {c["expectation"]: c for c in summary["known_answers"]}
     assert len(checks) == 8 and all(c["holds"] for c in checks.values()), checks
-    assert all(f"| {name} |" in (tmp_path / "summary.md").read_text() for name in PROXY_NAMES)
+    assert all(f"| {name} |" in (out / "summary.md").read_text() for name in PROXY_NAMES)
     assert summary["hyena_nd_truncation_all_blocks"]["untruncated"] >= 0.9
     # the sweep reads the stored 64 px PNGs whole (crop_pct 1): every tap kept is the untruncated model
     every_tap = list(summary["hyena_nd_truncation_per_stage"]["S1"].values())[-1]
     assert every_tap == pytest.approx(summary["hyena_nd_truncation_all_blocks"]["untruncated"], abs=0.02)
-    loaded_acc = summary["accuracy"][HPX_PROXY][GLOBAL_TASK]
-    assert summary["known_answers"][0]["measured"] == loaded_acc
+    assert summary["known_answers"][0]["measured"] == summary["accuracy"][HPX_PROXY][GLOBAL_TASK]
+    return summary
+
+
+def test_cli_demo_end_to_end_on_the_shipped_proxies(tmp_path):
+    """``hpx-analyze demo`` on an empty cache loads the six shipped proxies (nothing trained, no mismatch line),
+    measures their held-out accuracy again and every known answer holds."""
+    from hpx_analysis_cli.app import app
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "do not fit" not in result.output and "train " not in result.output
+    summary = _assert_demo_gallery_and_known_answers(tmp_path / "out", "shipped")
+    for pair, record in summary["training"].items():
+        assert record["cached"] and Path(record["checkpoint"]).parent == shipped.SHIPPED_DIR
+        assert record["accuracy"] == pytest.approx(record["accuracy_when_trained"], abs=0.01), pair
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+    assert "shipped with the package" in (tmp_path / "out" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_cli_demo_retrain_end_to_end(retrained):
+    """``--retrain`` trains the six from scratch (as before this release, through the cache) and reproduces the
+    shipped proxies' known answers: the answers, not necessarily the bits."""
+    cache, out, result = retrained
+    assert result.exit_code == 0, result.output
+    assert "do not fit" not in result.output
+    summary = _assert_demo_gallery_and_known_answers(out, "trained")
+    assert all(not record["cached"] and Path(record["checkpoint"]).parent == cache
+               for record in summary["training"].values())
+    assert len(list(cache.glob("*.safetensors"))) == 6
+
+
+def test_shipped_proxies_are_what_the_code_and_configuration_produce():
+    """Each of the six shipped proxies records the demo's current training configuration, proxy configuration, task
+    parameters and fingerprint of the code its weights depend on (so its key is the current one), its weights match
+    the digest in its metadata and load strictly into the current architecture. After an edit of that code or
+    configuration this fails until the proxies are regenerated: ``python -m hpx_analysis.demo.ship``."""
+    hint = f"the shipped demo proxies are stale; regenerate them with `{shipped.REGENERATE}`"
+    fingerprint, total = shipped.weights_fingerprint(), 0
+    for task in TASKS:
+        for name in PROXY_NAMES:
+            config = DEFAULTS.training(name, task)
+            path = shipped.shipped_path(name, task)
+            assert path.is_file(), hint
+            total += path.stat().st_size
+            meta = shipped.read_metadata(path)
+            assert meta["training"] == to_jsonable(asdict(config)), hint
+            assert meta["proxy"] == to_jsonable(proxy_configuration(name)), hint
+            assert meta["task_parameters"] == to_jsonable(task_parameters(task)), hint
+            assert meta["code_parts"] == shipped.weights_code() and meta["code_fingerprint"] == fingerprint, hint
+            assert meta["key"] == shipped.weights_key(config), hint
+            assert set(meta["record"]) >= {"accuracy", "final_loss", "seconds", "parameters", "torch"}
+            found, why = shipped.mismatch(config)
+            assert found is not None and why == "", why
+            model = shipped.load_shipped(found)  # strict: every key, every shape
+            fresh = load_model(name, "random").state_dict()
+            assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in fresh.items()}
+            assert meta["record"]["parameters"] == count_parameters(model)
+    assert ship.verify() == []
+    assert total < 2_000_000, total
+
+
+def test_the_weights_key_follows_only_what_sets_the_weights(monkeypatch, tmp_path):
+    """The shipped proxies' key changes with the training configuration, the proxy's configuration, the task
+    generator and the fingerprinted code, and not with the rest of the package (unlike the demo cache's key)."""
+    from hpx_analysis import engine
+    from hpx_analysis.demo import tasks
+    from hpx_analysis.models import proxies
+    config = DEFAULTS.training(HPX_PROXY, GLOBAL_TASK)
+    key, cache_key = shipped.weights_key(config), config.key()
+    monkeypatch.setattr(engine, "code_fingerprint", lambda: "another package")  # an edit elsewhere in the package
+    assert config.key() != cache_key and shipped.weights_key(config) == key
+    monkeypatch.undo()
+    assert shipped.weights_key(DEFAULTS.training(HPX_PROXY, LOCAL_TASK)) != key
+    assert shipped.weights_key(TrainingConfig(HPX_PROXY, GLOBAL_TASK, 799)) != key
+    monkeypatch.setitem(proxies.PROXY_DIMS, HPX_PROXY, (48,))
+    assert shipped.weights_key(config) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(tasks, "MIN_GAP", 36)
+    assert shipped.weights_key(config) != key
+    monkeypatch.undo()
+    assert shipped.weights_key(config) == key
+    # the fingerprint reads exactly the listed files: a copy of them gives the same, an edit of one another
+    root = tmp_path / "hpx_analysis"
+    for name in shipped.WEIGHTS_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shipped.PACKAGE_ROOT / name, root / name)
+    assert shipped.weights_fingerprint(root) == shipped.weights_fingerprint()
+    (root / "models/long_filters.py").write_text((root / "models/long_filters.py").read_text() + "\n# edited\n")
+    changed = shipped.weights_code(root)
+    assert [n for n in changed if changed[n] != shipped.weights_code()[n]] == ["models/long_filters.py"]
+    assert shipped.weights_key(config, shipped.weights_fingerprint(root)) != key
+
+
+def test_every_module_the_fingerprinted_code_imports_is_fingerprinted_or_excused():
+    """Following the imports of the fingerprinted modules (and of the modules whose fingerprinted functions the
+    training calls) reaches only modules that are fingerprinted or listed, with a reason, as not setting the
+    weights: a new module that the proxies' code starts to import must be classified."""
+    graph = library_imports()
+    fingerprinted = {"hpx_analysis." + name[:-3].replace("/", ".") for name in shipped.WEIGHTS_FILES}
+    assert fingerprinted <= set(graph)
+    assert {module for module, _ in shipped.WEIGHTS_FUNCTIONS} <= set(shipped.NOT_FINGERPRINTED)
+    unclassified, seen, todo = set(), set(), sorted(fingerprinted)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        for imported in graph[module]:
+            if imported in shipped.NOT_FINGERPRINTED:
+                continue
+            if imported not in fingerprinted:
+                unclassified.add(f"{module} -> {imported}")
+            todo.append(imported)
+    assert not unclassified, unclassified
+
+
+def test_proxies_that_do_not_fit_are_named_in_one_line_and_trained(monkeypatch, capsys, tmp_path):
+    """Other settings or changed code: one line says which shipped proxies do not fit and why, and those (only
+    those) are trained as ``--retrain`` does (here a stand-in for the training); ``retrain`` uses none."""
+    from hpx_analysis.demo import pipeline
+    trained = []
+
+    def fake_load_or_train(config, cache_dir, progress=True):
+        trained.append((config.model, config.task))
+        return load_model(config.model, "random"), {"accuracy": 0.5, "cached": False}, Path(cache_dir) / "x"
+    monkeypatch.setattr(pipeline, "load_or_train", fake_load_or_train)
+    models, records = pipeline.load_proxies(tmp_path, DemoSettings(global_steps=400), progress=False)
+    line = capsys.readouterr().err.strip()
+    assert trained == [(HPX_PROXY, GLOBAL_TASK), (CONV_PROXY, GLOBAL_TASK)] and "\n" not in line
+    assert line.startswith("the shipped demo proxies do not fit this code and configuration (proxy_hpx_former/same-row"
+                           ", proxy_convformer/same-row: trained with other settings (steps 800 here 400))")
+    assert line.endswith("training those as --retrain does")
+    assert records[f"{HPX_PROXY}/{GLOBAL_TASK}"]["source"] == "trained"
+    assert {records[f"{name}/{LOCAL_TASK}"]["source"] for name in PROXY_NAMES} == {"shipped"}
+    assert records[f"{HYENA_ND_PROXY}/{GLOBAL_TASK}"]["source"] == "shipped"
+    assert len(models) == 6
+
+    code = {**shipped.weights_code(), "models/long_filters.py": "0" * 64}
+    monkeypatch.setattr(shipped, "weights_code", lambda root=shipped.PACKAGE_ROOT: code)
+    found, message = shipped.select_shipped({(n, t): DEFAULTS.training(n, t) for t in TASKS for n in PROXY_NAMES})
+    assert found == {} and message == ("the shipped demo proxies do not fit this code and configuration (all: code "
+                                       "changed: models/long_filters.py); training them as --retrain does")
+    trained.clear()
+    pipeline.load_proxies(tmp_path, DEFAULTS, retrain=True, progress=False)
+    assert len(trained) == 6 and capsys.readouterr().err == ""
+
+
+def test_a_damaged_shipped_proxy_is_refused(tmp_path):
+    """Weights that do not match the digest in the metadata: one line, never loaded."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    source = shipped.shipped_path(CONV_PROXY, LOCAL_TASK)
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(source))
+    tensors["head.fc.fc1.weight"][0, 0] += 1.0
+    save_file(tensors, str(shipped.shipped_path(CONV_PROXY, LOCAL_TASK, tmp_path)), metadata=metadata)
+    found, why = shipped.mismatch(DEFAULTS.training(CONV_PROXY, LOCAL_TASK), tmp_path)
+    assert why == ""
+    with pytest.raises(HpxError, match="is damaged: its weights do not match the digest in its metadata"):
+        shipped.load_shipped(found)

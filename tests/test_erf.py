@@ -13,7 +13,7 @@ from scipy.signal import convolve2d
 from torch import nn
 from typer.testing import CliRunner
 
-from hpx_analysis.analyzers.erf import (OPENERF_RADII, ERFResult, area_ratios, display_map,
+from hpx_analysis.analyzers.erf import (OPENERF_RADII, ROW_OPTIONS, ERFResult, area_ratios, display_map,
                                         effective_receptive_field, erf_gradient_maps, gaussian_fit, mass_within,
                                         radial_mass, radial_mass_summary, resolve_output_layer)
 from hpx_analysis.errors import HpxError
@@ -521,3 +521,196 @@ def test_bf16_autocast_approximates_float32(tiny_config, tiny_weights) -> None:
     assert np.corrcoef(exact.ravel(), low.ravel())[0, 1] > 0.95
     with pytest.raises(HpxError):
         effective_receptive_field(model, inputs, amp="int8", progress=False)
+
+
+# -- several layers, input sizes and the gradient's nonlinearity -------------------------------------------------------
+
+def _assert_rows_equal(result: ERFResult, row: int, single: ERFResult) -> None:
+    """Row ``row`` of ``result`` equals the one row of ``single``: map to 1e-6 of its maximum, the display map, the
+    counts and the area ratios."""
+    expected = single.row_map(0)
+    np.testing.assert_allclose(result.row_map(row), expected, rtol=1e-6, atol=1e-6 * expected.max())
+    np.testing.assert_allclose(result.row_map(row, "display"), single.row_map(0, "display"), rtol=1e-6, atol=1e-7)
+    entry, alone = result.meta["models"][row], single.meta["models"][0]
+    assert (entry["layer"], entry["input_size"], entry["images_used"]) == (alone["layer"], alone["input_size"],
+                                                                           alone["images_used"])
+    assert entry["area_ratios"] == alone["area_ratios"]
+
+
+@pytest.mark.parametrize("convention", ["replknet", "kim2023"])
+def test_several_layers_equal_the_separate_single_layer_runs(tiny_config, tiny_weights, convention) -> None:
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    inputs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    layers = [LayerRef(0), 1, "S3 B1", "stages.3"]  # any of the Python API's forms, numbered from 0
+    together = effective_receptive_field(model, inputs, layer=layers, convention=convention, batch_size=2,
+                                         progress=False)
+    paths = ["stages.0", "stages.1", "stages.2.blocks.0", "stages.3"]
+    assert together.layers == paths and together.meta["options"]["layers"] == paths
+    assert together.arrays["maps"].shape == (4, 64, 64) and list(together.arrays["used"]) == [3] * 4
+    assert "layer" not in together.meta["options"] and together.meta["options"]["input_size"] == [64, 64]
+    assert len({entry["run_key"] for entry in together.meta["models"]}) == 1  # one run
+    for row, layer in enumerate(layers):
+        alone = effective_receptive_field(model, inputs, layer=layer, convention=convention, batch_size=2,
+                                          progress=False)
+        _assert_rows_equal(together, row, alone)
+        if convention == "kim2023":
+            assert together.meta["models"][row]["gaussian"] == pytest.approx(alone.meta["models"][0]["gaussian"],
+                                                                             rel=1e-5)
+
+
+def test_several_layers_take_one_forward_per_batch_and_one_backward_per_layer(tiny_config, tiny_weights) -> None:
+    """Three batches, layers S1..S3: the stem runs forward three times and backward three times per batch; the last
+    stage, deeper than every layer asked for, never runs."""
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    calls = {"forward": 0, "backward": 0, "last stage": 0}
+    hooks = [model.stem.register_forward_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1)),
+             model.stem.register_full_backward_hook(lambda *_: calls.__setitem__("backward", calls["backward"] + 1)),
+             model.stages[3].register_forward_hook(lambda *_: calls.__setitem__("last stage", calls["last stage"] + 1))]
+    effective_receptive_field(model, torch.randn(5, 3, 32, 32), layer=[0, 1, 2], batch_size=2, progress=False)
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"forward": 3, "backward": 9, "last stage": 0}
+
+
+def test_several_sizes_and_layers_equal_the_separate_runs(tiny_config, tiny_weights) -> None:
+    """Sizes x layers from the same image files: one row per (size, layer), size-major; the 32 px rows are padded
+    with NaN to 64 px in the arrays and given at their own size by ``row_map``."""
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    images = sample_images(2)
+    result = effective_receptive_field(model, images, input_size=[64, 32], layer=[1, 3], batch_size=2,
+                                       progress=False)
+    assert [(entry["input_size"], entry["layer"]) for entry in result.meta["models"]] == [
+        ([64, 64], "stages.1"), ([64, 64], "stages.3"), ([32, 32], "stages.1"), ([32, 32], "stages.3")]
+    assert result.sizes == [(64, 64), (32, 32)] and result.meta["options"]["input_sizes"] == [64, 32]
+    assert not set(ROW_OPTIONS) & set(result.meta["options"])  # the rows differ in every one
+    assert np.isnan(result.arrays["maps"][2:, 32:]).all() and np.isfinite(result.row_map(2)).all()
+    assert result.meta["options"]["batches_computed"] == 2  # one run (one batch) per size
+    for row, (size, layer) in enumerate([(64, 1), (64, 3), (32, 1), (32, 3)]):
+        alone = effective_receptive_field(model, images, input_size=size, layer=layer, batch_size=2, progress=False)
+        _assert_rows_equal(result, row, alone)
+        assert result.meta["models"][row]["transform"] == alone.meta["options"]["transform"]
+
+
+def test_a_run_at_one_size_is_reused_by_a_request_that_includes_it(tiny_config, tiny_weights, tmp_path) -> None:
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    first = effective_receptive_field(model, sample_images(1), input_size=32, layer=[1, 3], resume_dir=tmp_path,
+                                      progress=False)
+    both = effective_receptive_field(model, sample_images(1), input_size=[32, 64], layer=[1, 3], resume_dir=tmp_path,
+                                     progress=False)
+    assert (both.meta["options"]["batches_resumed"], both.meta["options"]["batches_computed"]) == (1, 1)
+    np.testing.assert_array_equal(both.arrays["maps"][:2, :32, :32], first.arrays["maps"])
+
+
+def test_several_sizes_and_layers_are_refused_where_they_cannot_be(tiny_config, tiny_weights) -> None:
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    inputs = torch.randn(1, 3, 32, 32)
+    for options, message in (({"input_size": [32, 64]}, "a prepared image tensor has one size"),
+                             ({"input_size": [32, 32]}, "input size 32 is given twice"),
+                             ({"layer": [1, "stages.1"]}, "layer 'stages.1' is named twice"),
+                             ({"layer": []}, "no layer given"), ({"gradient": "square"}, "unknown ERF gradient")):
+        with pytest.raises(HpxError, match=message):
+            effective_receptive_field(model, inputs, progress=False, **options)
+    assert effective_receptive_field(model, inputs, input_size=[32], layer=[2], progress=False).layers == ["stages.2"]
+    import timm
+
+    vit = timm.create_model("deit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(HpxError, match="runs only at its build size, so it takes one input size, not 2"):
+        effective_receptive_field(vit.eval(), sample_images(1), input_size=[64, 32], progress=False)
+
+
+class _SignedConv(nn.Module):
+    """One 5x5 convolution with signed weights: the input gradient of its centre output has both signs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 5, padding=2, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("convention", ["replknet", "kim2023"])
+def test_abs_gradient_is_the_absolute_input_gradient(convention, tmp_path) -> None:
+    """By hand: g = d scalar / d input per image; replknet maps relu(g) or |g| summed over RGB, kim2023 relu or
+    |.| of g averaged over RGB; the mean over images (kim2023: normalised to sum 1). abs differs from relu, and
+    its run is another run (key) with the gradient in the metadata."""
+    model = _SignedConv().eval()
+    inputs = torch.rand(3, 3, 15, 15, generator=torch.Generator().manual_seed(1)) + 0.5
+    x = inputs.clone().requires_grad_(True)
+    centre = model(x)[:, :, 7, 7]
+    scalar = torch.relu(centre).sum() if convention == "replknet" else centre.mean(dim=1).sum()
+    (grad,) = torch.autograd.grad(scalar, x)
+    assert (grad < 0).any() and (grad > 0).any()
+    results = {}
+    for gradient, nonlinearity in (("relu", torch.relu), ("abs", torch.abs)):
+        per_image = (nonlinearity(grad).sum(dim=1) if convention == "replknet"
+                     else nonlinearity(grad.mean(dim=1))).double().mean(dim=0).numpy()
+        expected = per_image if convention == "replknet" else per_image / per_image.sum()
+        results[gradient] = effective_receptive_field(model, inputs, layer="", convention=convention,
+                                                      gradient=gradient, resume_dir=tmp_path, progress=False)
+        np.testing.assert_allclose(results[gradient].arrays["maps"][0], expected, rtol=1e-6, atol=1e-12)
+        assert results[gradient].meta["options"]["gradient"] == gradient
+    assert not np.allclose(results["abs"].arrays["maps"], results["relu"].arrays["maps"], rtol=0.05)
+    assert results["abs"].meta["models"][0]["run_key"] != results["relu"].meta["models"][0]["run_key"]
+
+
+def test_cli_several_models_sizes_and_layers_write_one_result_and_resume(tmp_path, tiny_config, tiny_weights) -> None:
+    runner = CliRunner()
+    args = ["erf", "-m", tiny_config("tiny_hpx"), "-m", tiny_config("tiny_hpx_sc"), "-w", tiny_weights("tiny_hpx"),
+            "-w", "random", "--input-size", "32,64", "--layers", "S1,S2", "--layers", "S4", "--gradient", "abs",
+            "--num-images", "2", "--batch-size", "2", "--device", "cpu", "-o", str(tmp_path)]
+    outcome = runner.invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    stem = tmp_path / "erf_tiny_hpx+tiny_hpx_sc"
+    files = ([stem.name + suffix for suffix in (".npz", ".json", ".pdf", ".png", ".figure.json")]
+             + [f"{stem.name}_area_by_{axis}{suffix}" for axis in ("layer", "size")
+                for suffix in (".pdf", ".png", ".figure.json")])
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_file()) == sorted(files)
+    assert [line[len("wrote "):] for line in outcome.stdout.splitlines() if line.startswith("wrote ")] == [
+        str(tmp_path / name) for name in files]
+    saved = ERFResult.load(stem.with_suffix(".npz"))
+    rows = [(label, side, layer) for label in ("tiny_hpx", "tiny_hpx_sc") for side in (32, 64)
+            for layer in ("stages.0", "stages.1", "stages.3")]
+    assert [(e["label"], e["input_size"][0], e["layer"]) for e in saved.meta["models"]] == rows
+    options = saved.meta["options"]
+    assert (options["gradient"], options["input_sizes"], options["layers"]) == ("abs", [32, 64],
+                                                                                ["stages.0", "stages.1", "stages.3"])
+    assert (options["batches_total"], options["batches_computed"]) == (4, 4)  # 2 models x 2 sizes, one batch each
+    assert "tiny_hpx_sc stages.3 @ 64 px: 2 images used" in outcome.stdout
+
+    model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
+    alone = effective_receptive_field(model, sample_images(2), input_size=64, layer=1, gradient="abs",
+                                      batch_size=2, progress=False)
+    _assert_rows_equal(saved, rows.index(("tiny_hpx", 64, "stages.1")), alone)
+
+    rerun = runner.invoke(app, args)  # every run under OUT/runs is reused
+    assert rerun.exit_code == 0, rerun.output
+    options = ERFResult.load(stem.with_suffix(".npz")).meta["options"]
+    assert (options["batches_resumed"], options["batches_computed"]) == (4, 0)
+    replot = runner.invoke(app, ["erf", "--replot", str(stem.with_suffix(".npz")), "--shared-scale"])
+    assert replot.exit_code == 0, replot.output
+    assert len([line for line in replot.stdout.splitlines() if line.startswith("wrote ")]) == 9
+    bad = runner.invoke(app, args[:9] + ["--input-size", "32,large"])
+    assert isinstance(bad.exception, HpxError) and "whole numbers of pixels" in str(bad.exception)
+
+
+def test_results_saved_before_several_layers_load_and_draw(tmp_path) -> None:
+    """A result as written before rows had sizes: one size, rows with no input_size or transform."""
+    maps = np.random.default_rng(0).random((2, 9, 9))
+    entries = [{"label": name, "model": {"model": name}, "layer": "stages.3", "images_used": 1,
+                "images_skipped_nonfinite": 0, "images_unreadable": 0, "area_ratios": area_ratios(display_map(m)),
+                "run_key": None} for name, m in zip(("a", "b"), maps)]
+    old = ERFResult(arrays={"maps": maps, "display": np.stack([display_map(m) for m in maps]).astype(np.float32),
+                            "used": np.array([1, 1]), "skipped": np.array([0, 0])},
+                    meta={"convention": "replknet", "models": entries, "inputs": ["x"],
+                          "options": {"input_size": [9, 9], "size_override": None, "transform": "t",
+                                      "layer": "stages.3", "convention": "replknet", "batch_size": 1, "amp": None}})
+    old.save(tmp_path / "old")
+    loaded = ERFResult.load(tmp_path / "old.npz")
+    assert loaded.sizes == [(9, 9)] and loaded.layers == ["stages.3"] and loaded.caption(1) == "b"
+    np.testing.assert_array_equal(loaded.row_map(1), maps[1])
+    outcome = CliRunner().invoke(app, ["erf", "--replot", str(tmp_path / "old.npz")])
+    assert outcome.exit_code == 0, outcome.output
+    assert (tmp_path / "old.png").is_file() and not (tmp_path / "old_area_by_layer.png").exists()

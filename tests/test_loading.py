@@ -7,6 +7,8 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
+import time
 from unittest import mock
 
 import huggingface_hub
@@ -18,6 +20,7 @@ from timm.models import _registry
 from typer.testing import CliRunner
 
 from hpx_analysis.errors import HpxError
+from hpx_analysis.models import zoo
 from hpx_analysis.models.zoo import load_model, read_checkpoint, training_checkpoint
 from hpx_analysis_cli.app import app
 
@@ -179,6 +182,7 @@ def test_384_downloads_in_order_after_the_cache(monkeypatch, first_repo):
     """Online: both cache look-ups first, then downloads in tag order; a repository the hub lacks
     passes to the next id, a hub that does not answer ends the search (each try would wait for retries)."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(zoo, "_probe_connection", lambda url, timeout=zoo.PROBE_TIMEOUT_S: None)  # the hub "answers"
     calls = []
 
     def hub(repo_id, filename, **kwargs):
@@ -191,6 +195,63 @@ def test_384_downloads_in_order_after_the_cache(monkeypatch, first_repo):
         load_model("hpx_former_s18_384", "pretrained")
     downloads = S18_384_REPOS if first_repo == "missing" else S18_384_REPOS[:1]
     assert calls == [(repo, True) for repo in S18_384_REPOS] + [(repo, False) for repo in downloads]
+
+
+S18_URL = "https://huggingface.co/Spravil/hpx_former_s18.westai_in1k/resolve/main/pytorch_model.bin"
+
+
+@pytest.mark.parametrize("network", ["hangs", "refuses"])
+def test_pretrained_without_network_fails_within_seconds(tmp_path, monkeypatch, network):
+    """Online mode (HF_HUB_OFFLINE unset) on a machine without network: not the hub client's ~27 s of retries but
+    the one-line error within 5 s, after one connection probe to the hub host that hangs (a name look-up or a
+    connect that never answers) or fails at once; the hub client is never asked to download."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    released, probed = threading.Event(), []
+
+    def create_connection(address, timeout=None, *args, **kwargs):
+        probed.append((address, timeout))
+        if network == "hangs":
+            released.wait(30)
+            raise TimeoutError("timed out")
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    calls = _hub_calls(monkeypatch)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(HpxError) as info:
+            load_model("hpx_former_s18", "pretrained")
+        elapsed = time.perf_counter() - started
+    finally:
+        released.set()
+    message = str(info.value)
+    assert elapsed < 5 and probed == [(("huggingface.co", 443), zoo.PROBE_TIMEOUT_S)], (elapsed, probed)
+    assert calls == [("Spravil/hpx_former_s18.westai_in1k", "pytorch_model.bin", True)]  # the cache only
+    assert message.startswith("pretrained weights for 'hpx_former_s18' are not in the local cache and the download "
+                              "failed (OSError: cannot reach huggingface.co:443 (")
+    assert ("no answer within 3 s" if network == "hangs" else "Name or service not known") in message
+    assert f"; download {S18_URL} and pass it with --checkpoint PATH (Python: weights=PATH)" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("environment,reached", [
+    ({}, ("huggingface.co", 443)),
+    ({"HTTPS_PROXY": "http://proxy.example:3128"}, ("proxy.example", 3128)),
+    ({"HTTPS_PROXY": "http://proxy.example:3128", "NO_PROXY": "huggingface.co"}, ("huggingface.co", 443)),
+])
+def test_the_connection_probe_goes_where_the_download_would(monkeypatch, environment, reached):
+    """Direct to the hub host, or to the proxy the environment names (unless NO_PROXY exempts the host)."""
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    addresses = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: addresses.append(address) or
+                        mock.Mock())
+    zoo._probe_connection("https://huggingface.co")
+    assert addresses == [reached]
 
 
 @pytest.mark.parametrize("name,weights,message", [
@@ -241,7 +302,7 @@ def test_cli_models_version_and_inspect():
     for name in ("hpx_former_s18", "hb_former_b36", "convformer_s18", "vgg16"):
         assert name in listing.output
     assert "27.47M" in listing.output  # hpx_former_s18 learnable parameters
-    assert "proxy_hpx_former" in listing.output and "trained by `hpx-analyze demo`" in listing.output
+    assert "proxy_hpx_former" in listing.output and "shipped (`hpx-analyze demo`)" in listing.output
     assert runner.invoke(app, ["--version"]).output.startswith("hpx-analyze ")
     table = runner.invoke(app, ["inspect", "-m", str(TINY / "tiny_hpx_a.json"), "-w", "random", "--input-size", "96"])
     assert table.exit_code == 0, table.output

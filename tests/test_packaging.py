@@ -81,6 +81,7 @@ def test_cli_choices_are_the_librarys() -> None:
 
     assert values(options.Convention) == list(erf.CONVENTIONS)
     assert values(options.Amp) == list(erf.AMP_DTYPES)
+    assert values(options.Gradient) == list(erf.GRADIENTS)
     assert values(options.Method) == list(METHODS)
     assert values(options.Reference) == list(REFERENCES)
     assert values(options.BoundActivations) == list(fgvis.BOUND_ACTIVATIONS)

@@ -23,6 +23,7 @@ from hpx_analysis.errors import HpxError
 from hpx_analysis.images import eval_transform
 from hpx_analysis.inspection import kernel, long_filter_layers
 from hpx_analysis.interventions import kept_taps, relative_tap_distance, truncate_kernels
+from hpx_analysis.statistics import bootstrap_ci
 from hpx_analysis.models.zoo import load_model
 
 from .conftest import one_process, random_image_folder, torchrun
@@ -212,7 +213,7 @@ def test_bootstrap_interval_matches_normal_approximation():
     flags = np.zeros((2, 400))
     flags[0, :200] = 1
     flags[1] = 1
-    ci = trunc._bootstrap_ci(flags, 2000, seed=0)
+    ci = bootstrap_ci(flags, 2000, seed=0)
     half_width = 1.96 * np.sqrt(0.25 / 400)
     assert np.allclose(ci[0], [0.5 - half_width, 0.5 + half_width], atol=0.012)
     assert ci[1].tolist() == [1.0, 1.0]

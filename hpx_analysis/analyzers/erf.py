@@ -6,7 +6,8 @@ Two conventions:
   squared (default 1024 px), no crop; scalar = sum over channels of ``relu`` of the feature at the
   spatial centre (H//2, W//2) ((B, N, C) tokens: the leading class/register tokens dropped, the rest a
   square grid);
-  per-image map = ``relu(d scalar / d input)`` summed over RGB; mean over images. Display map
+  per-image map = ``relu(d scalar / d input)`` summed over RGB (``gradient="abs"``: ``|d scalar / d input|``,
+  the question of RepLKNet issue #62); mean over images. Display map
   ``log10(map + 1) / max``; high-contribution area ratios at t = 0.2, 0.3, 0.5, 0.99 by RepLKNet's
   ``get_rectangle`` (:func:`area_ratios`).
 * ``kim2023`` (Kim et al. 2023 as implemented by OpenERF 0.6.1, ``openerf/erf.py:compute_erf``):
@@ -17,7 +18,8 @@ Two conventions:
   - scalar: channel mean of the centre feature, (H//2, W//2) of (B, C, H, W) maps; for (B, N, C)
     tokens the leading class/register tokens are dropped and the centre of the square token grid is
     ((g-1)//2, (g-1)//2), the upper left of the central 2x2 on even grids (``feature_ops.py``);
-  - map: ``relu`` of the input gradient averaged over RGB, summed over images, normalised to sum 1;
+  - map: ``relu`` of the input gradient averaged over RGB (``gradient="abs"``: the absolute value of that
+    average), summed over images, normalised to sum 1;
   - Gaussian fit (``fit.py:fit_2d_gaussian``): ``amp * exp(-(x-xc)^2/(2 sx^2) - (y-yc)^2/(2 sy^2))
     / (2 pi sx sy)``, no rotation, no offset, x = column, y = row (px); start amp = 2,
     xc = 0.8 (W-1)/2, yc = 0.8 (H-1)/2, sx = max(W/10, 1e-3)/1.5, sy = max(H/6, 1e-3)/1.5; bounds
@@ -41,6 +43,11 @@ Both conventions take the centre on the spatial axes of the output: timm's ``out
 feature outputs ((B, H, W, C) in Swin and MambaOut), else (B, C, H, W) maps and (B, N, C) tokens; an
 output whose layout cannot be told is refused.
 
+Several layers and input sizes in one call: every layer's ERF comes from one forward pass per batch (hooks
+read each layer's centre as its output appears; the pass stops once the last of them has run) and one backward
+pass per layer (the graph kept between them), summed in one run; each input size is its own run (other inputs).
+The result has one row per model, input size and layer (:class:`ERFResult`).
+
 Images whose gradient is not finite are skipped and counted, unreadable files too. The run goes
 through :func:`hpx_analysis.engine.run_batches`: eval mode with frozen parameters (no weight
 gradients), images read one batch at a time; with ``resume_dir`` the running sums are saved (every
@@ -63,11 +70,12 @@ from ..engine import Batch, ImageDataset, SumOutput, run_batches
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform, model_mean_std
 from ..inspection import feature_layer, feature_modules, layer_module
-from ..layer_names import LAYER_SYNTAX, LayerRef, is_layer_syntax
+from ..layer_names import LAYER_SYNTAX, LayerLike, LayerRef, is_layer_syntax
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata
 
 CONVENTIONS = ("replknet", "kim2023")
+GRADIENTS = ("relu", "abs")  # the map from the input gradient: relu (the references') or its absolute value
 AREA_THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 REPLKNET_SIZE = 1024  # px, the replknet default input side
 OPENERF_RADII = (5, 10, 20, 30, 40, 60, 80)  # px, OpenERF's radial-mass radii
@@ -186,40 +194,99 @@ def radial_mass_summary(erf_map: np.ndarray) -> Dict[str, Dict[str, float]]:
 
 # -- result --------------------------------------------------------------------------------------
 
-class ERFResult(Result):
-    """ERFs of one or more models at one input size.
+ROW_OPTIONS = ("layer", "input_size", "size_override", "transform")
+"""Options that describe one row; a result's ``options`` keeps them only while every row has the same value."""
 
-    arrays: ``maps`` (M, H, W) float64 raw mean maps (kim2023: normalised to sum 1), ``display``
-    (M, H, W) display maps, ``used`` / ``skipped`` (M,) image counts, ``radial_mass`` (M, R) at
-    r = 0, 1, ... px (kim2023 only).
-    meta: ``convention``, ``models`` (per model: label, model metadata, layer, image counts, area_ratios,
-    ``run_key`` (None without a resume folder); kim2023: ``gaussian`` (:func:`gaussian_fit`) and
-    ``radial_mass`` (:func:`radial_mass_summary`)), ``inputs`` (image names), ``options`` (``input_size``
-    [H, W] of the maps, ``size_override`` the requested side or None, ``transform`` the preprocessing,
-    layer, convention, batching; the run's ``world_size`` and ``batches_total`` / ``batches_resumed`` /
-    ``batches_computed``, summed over the models of a combined result).
+
+def _stack_rows(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Arrays (n_i, *shape_i) stacked along the rows: (sum n_i, *largest shape), NaN beyond a row's own shape."""
+    if len({part.shape[1:] for part in parts}) == 1:
+        return np.concatenate(parts)
+    shape = np.max([part.shape[1:] for part in parts], axis=0)
+    stacked = np.full((sum(len(part) for part in parts), *shape), np.nan, dtype=np.result_type(*parts))
+    start = 0
+    for part in parts:
+        stacked[(slice(start, start + len(part)), *(slice(0, side) for side in part.shape[1:]))] = part
+        start += len(part)
+    return stacked
+
+
+class ERFResult(Result):
+    """ERFs of one or more models, layers and input sizes: one row per (model, input size, layer), in that order.
+
+    arrays: ``maps`` (R, H, W) float64 raw mean maps (kim2023: normalised to sum 1), ``display`` (R, H, W) display
+    maps, ``used`` / ``skipped`` (R,) image counts, ``radial_mass`` (R, K) at r = 0, 1, ... px (kim2023 only).
+    Rows of different input sizes are padded with NaN to the largest (H, W); :meth:`row_map` gives a row's own.
+    meta: ``convention``, ``models`` (the rows: label, model metadata, layer, ``input_size`` [H, W] of the map,
+    ``size_override`` the requested side or None, ``transform`` the preprocessing, image counts, area_ratios,
+    ``run_key`` (None without a resume folder); kim2023: ``gaussian`` (:func:`gaussian_fit`) and ``radial_mass``
+    (:func:`radial_mass_summary`)), ``inputs`` (image names), ``options`` (``layers`` the module paths,
+    ``input_sizes`` the requested sides (None: the default), ``gradient``, convention, batching; the runs'
+    ``world_size`` and ``batches_total`` / ``batches_resumed`` / ``batches_computed``, summed over the runs of
+    every size and model; and :data:`ROW_OPTIONS` where all rows agree, as in every one-layer, one-size result).
+    Results saved before several layers and sizes load and draw as they are (one size, rows without
+    ``input_size``).
     """
 
     kind = "erf"
 
     @property
     def labels(self) -> List[str]:
+        """The model label of every row."""
         return [entry["label"] for entry in self.meta["models"]]
 
     @property
     def convention(self) -> str:
         return self.meta["convention"]
 
+    def row_size(self, row: int) -> Tuple[int, int]:
+        """(H, W) of row ``row``'s map (the arrays' for results saved before rows recorded it)."""
+        height, width = self.meta["models"][row].get("input_size") or self.arrays["maps"].shape[1:]
+        return int(height), int(width)
+
+    def row_map(self, row: int, name: str = "maps") -> np.ndarray:
+        """Row ``row`` of the (R, H, W) array ``name`` (``maps`` or ``display``) at its own size: (H, W)."""
+        height, width = self.row_size(row)
+        return self.arrays[name][row, :height, :width]
+
+    @property
+    def layers(self) -> List[str]:
+        """The layers of the rows, each once, in order."""
+        return list(dict.fromkeys(entry["layer"] for entry in self.meta["models"]))
+
+    @property
+    def sizes(self) -> List[Tuple[int, int]]:
+        """The (H, W) of the rows, each once, in order."""
+        return list(dict.fromkeys(self.row_size(row) for row in range(len(self.labels))))
+
+    def several(self, what: str) -> bool:
+        """Whether some model has rows at several layers (``what="layer"``) or input sizes (``"input_size"``); models
+        each read at their own one layer (their last stages, say) do not count."""
+        seen: Dict[str, set] = {}
+        for row, entry in enumerate(self.meta["models"]):
+            seen.setdefault(entry["label"], set()).add(entry["layer"] if what == "layer" else self.row_size(row))
+        return max(len(values) for values in seen.values()) > 1
+
+    def caption(self, row: int) -> str:
+        """Row ``row``'s label, with its layer and input side where a model has several."""
+        entry = self.meta["models"][row]
+        layer = f" {entry['layer'] or '(output)'}" if self.several("layer") else ""
+        size = f" @ {self.row_size(row)[0]} px" if self.several("input_size") else ""
+        return entry["label"] + layer + size
+
     @classmethod
     def combine(cls, results: Sequence["ERFResult"]) -> "ERFResult":
-        """One result holding the models of several single-model results (same size and convention)."""
-        if len({r.arrays["maps"].shape[1:] for r in results}) != 1 or len({r.convention for r in results}) != 1:
-            raise HpxError("ERFs to combine must share the input size and the convention")
-        arrays = {key: np.concatenate([r.arrays[key] for r in results]) for key in results[0].arrays}
+        """One result holding the rows of several results (same convention and gradient), in order."""
+        if (len({r.convention for r in results}) != 1
+                or len({r.meta["options"].get("gradient") for r in results}) != 1):
+            raise HpxError("ERFs to combine must share the convention and the gradient")
+        arrays = {key: _stack_rows([r.arrays[key] for r in results]) for key in results[0].arrays}
         meta = dict(results[0].meta)
         meta["models"] = [entry for r in results for entry in r.meta["models"]]
-        meta["options"] = dict(meta["options"])
-        for count in ("batches_total", "batches_resumed", "batches_computed"):  # the runs of all models
+        meta["options"] = {key: value for key, value in meta["options"].items()
+                           if key not in ROW_OPTIONS or all(entry.get(key) == meta["models"][0].get(key)
+                                                            for entry in meta["models"])}
+        for count in ("batches_total", "batches_resumed", "batches_computed"):  # the runs of all results
             if all(count in r.meta["options"] for r in results):
                 meta["options"][count] = sum(r.meta["options"][count] for r in results)
         return cls(arrays=arrays, meta=meta)
@@ -299,23 +366,53 @@ def _nchw_or_nlc(model: nn.Module, layer: str, feature: Tensor) -> Tensor:
     return feature.transpose(1, 2) if layout is Format.NCL else feature
 
 
-def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: str = "replknet",
-                      amp_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Per-image ERF maps (B, H, W) for normalised inputs (B, 3, H, W) on the model's device.
+def _centre_scalar(model: nn.Module, layer: str, output: Any, convention: str) -> Tensor:
+    """The ERF's scalar for a batch: ``layer``'s output (a tensor, or a tuple led by one) read at the spatial
+    centre in the layout timm reports for it (:func:`_nchw_or_nlc`: (B, H, W, C) in Swin and MambaOut); replknet
+    sums ``relu`` of the centre features, kim2023 their channel means; 0-d, summed over the batch."""
+    feature = _nchw_or_nlc(model, layer, (output[0] if isinstance(output, (tuple, list)) else output).float())
+    if feature.dim() == 3 and convention == "kim2023":
+        centre = _centre_token(feature, _prefix_tokens(model))
+    else:
+        if feature.dim() == 3:  # (B, N, C) tokens -> (B, C, h, w) on a square grid, without class/register tokens
+            feature = feature[:, _prefix_tokens(model):]
+            side = int(round(feature.shape[1] ** 0.5))
+            feature = feature.transpose(1, 2).reshape(feature.shape[0], -1, side, feature.shape[1] // side)
+        centre = feature[:, :, feature.shape[-2] // 2, feature.shape[-1] // 2]
+    return torch.relu(centre).sum() if convention == "replknet" else centre.mean(dim=1).sum()
 
-    The centre is taken on the spatial axes of ``layer``'s output in the layout timm reports for it
-    (:func:`_nchw_or_nlc`: (B, H, W, C) in Swin and MambaOut). Images in a batch are independent in
-    eval mode, so one backward pass of the summed centre scalars gives every image's gradient.
-    """
+
+def _check_choices(convention: str, gradient: str) -> None:
+    """A one-line HpxError for an unknown convention or gradient."""
     if convention not in CONVENTIONS:
         raise HpxError(f"unknown ERF convention '{convention}'; use {' or '.join(CONVENTIONS)}")
-    captured: Dict[str, Tensor] = {}
+    if gradient not in GRADIENTS:
+        raise HpxError(f"unknown ERF gradient '{gradient}'; use {' or '.join(GRADIENTS)}")
 
-    def grab(_module: nn.Module, _args: tuple, output: Tensor) -> None:
-        captured["feature"] = output[0] if isinstance(output, (tuple, list)) else output
-        raise _StopForward
 
-    handle = model.get_submodule(layer).register_forward_hook(grab)
+def erf_gradient_maps_by_layer(model: nn.Module, inputs: Tensor, layers: Sequence[str],
+                               convention: str = "replknet", amp_dtype: Optional[torch.dtype] = None,
+                               gradient: str = "relu") -> Tensor:
+    """Per-image ERF maps of each layer, (L, B, H, W), for normalised inputs (B, 3, H, W) on the model's device.
+
+    One forward pass: a hook on each layer turns its first output into the centre scalar
+    (:func:`_centre_scalar`) as it appears, and the pass stops once every layer has given one. Then one backward
+    pass per layer, in order, the graph kept for the next. Images in a batch are independent in eval mode, so one
+    backward pass of the summed centre scalars gives every image's gradient g (B, 3, H, W); the map is
+    ``gradient`` (``relu`` or ``abs``) of g summed over RGB (replknet) or of g averaged over RGB (kim2023).
+    """
+    _check_choices(convention, gradient)
+    scalars: Dict[str, Tensor] = {}
+
+    def reader(layer: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def read(_module: nn.Module, _args: tuple, output: Any) -> None:
+            if layer not in scalars:
+                scalars[layer] = _centre_scalar(model, layer, output, convention)
+            if len(scalars) == len(layers):
+                raise _StopForward
+        return read
+
+    handles = [model.get_submodule(layer).register_forward_hook(reader(layer)) for layer in layers]
     x = inputs.detach().clone().requires_grad_(True)
     autocast = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
@@ -326,22 +423,29 @@ def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: 
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    if "feature" not in captured:
-        raise HpxError(f"layer '{layer}' is not used in the model's forward pass; choose another layer")
-    feature = _nchw_or_nlc(model, layer, captured["feature"].float())
-    if feature.dim() == 3 and convention == "kim2023":
-        centre = _centre_token(feature, _prefix_tokens(model))
-    else:
-        if feature.dim() == 3:  # (B, N, C) tokens -> (B, C, h, w) on a square grid, without class/register tokens
-            feature = feature[:, _prefix_tokens(model):]
-            side = int(round(feature.shape[1] ** 0.5))
-            feature = feature.transpose(1, 2).reshape(feature.shape[0], -1, side, feature.shape[1] // side)
-        centre = feature[:, :, feature.shape[-2] // 2, feature.shape[-1] // 2]
-    scalar = torch.relu(centre).sum() if convention == "replknet" else centre.mean(dim=1).sum()
-    scalar.backward(inputs=[x])  # only the input's gradient (works under FlopCounterMode too)
-    grad = x.grad.float()
-    return torch.relu(grad).sum(dim=1) if convention == "replknet" else torch.relu(grad.mean(dim=1))
+        for handle in handles:
+            handle.remove()
+    unused = [layer for layer in layers if layer not in scalars]
+    if unused:
+        raise HpxError(f"layer '{unused[0]}' is not used in the model's forward pass; choose another layer")
+    nonlinearity = torch.relu if gradient == "relu" else torch.abs
+    maps = []
+    for index, layer in enumerate(layers):  # backward(inputs=[x]): autograd.grad fails under FlopCounterMode
+        scalars[layer].backward(inputs=[x], retain_graph=index < len(layers) - 1)
+        grad, x.grad = x.grad.float(), None
+        maps.append(nonlinearity(grad).sum(dim=1) if convention == "replknet" else nonlinearity(grad.mean(dim=1)))
+    return torch.stack(maps)
+
+
+def erf_gradient_maps(model: nn.Module, inputs: Tensor, layer: str, convention: str = "replknet",
+                      amp_dtype: Optional[torch.dtype] = None, gradient: str = "relu") -> Tensor:
+    """Per-image ERF maps (B, H, W) of one layer for inputs (B, 3, H, W): :func:`erf_gradient_maps_by_layer`."""
+    return erf_gradient_maps_by_layer(model, inputs, [layer], convention, amp_dtype, gradient)[0]
+
+
+def _runs_only_at_build_size(model: nn.Module) -> bool:
+    """Whether timm's pretrained config marks the model ``fixed_input_size`` (ViTs)."""
+    return bool((getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"))
 
 
 def _input_transform(model: nn.Module, convention: str, input_size: Optional[int]
@@ -353,7 +457,7 @@ def _input_transform(model: nn.Module, convention: str, input_size: Optional[int
     if convention == "kim2023":
         transform, size = eval_transform(model, input_size)
         return transform, size, " ".join(repr(transform).split())
-    fixed = bool((getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"))
+    fixed = _runs_only_at_build_size(model)
     side = input_size or (default_input_size(model)[0] if fixed else REPLKNET_SIZE)
     transform, size = eval_transform(model, side, crop=False, interpolation="bicubic")
     mean, std = model_mean_std(model)
@@ -362,77 +466,115 @@ def _input_transform(model: nn.Module, convention: str, input_size: Optional[int
 
 
 def effective_receptive_field(model: nn.Module, images: Union[Sequence[ImageSource], Tensor], *,
-                              input_size: Optional[int] = None, layer: Union[LayerRef, int, str, None] = None,
-                              convention: str = "replknet", batch_size: int = 1,
-                              amp: Optional[str] = None, label: Optional[str] = None,
-                              resume_dir: Optional[Path] = None, progress: bool = True) -> ERFResult:
-    """Mean ERF of ``model`` (on its own device) over ``images``.
+                              input_size: Union[int, Sequence[int], None] = None,
+                              layer: Union[LayerLike, List[LayerLike], None] = None, convention: str = "replknet",
+                              gradient: str = "relu", batch_size: int = 1, amp: Optional[str] = None,
+                              label: Optional[str] = None, resume_dir: Optional[Path] = None,
+                              progress: bool = True) -> ERFResult:
+    """Mean ERF of ``model`` (on its own device) over ``images``, at one or more layers and input sizes.
 
-    images: image sources or a tensor (N, 3, H, W) already prepared. Sources are preprocessed per
-    convention (module docstring): replknet resizes to ``input_size`` squared (None: 1024 px) without
-    crop, kim2023 applies the model's timm eval transform at its pretrained input size, or at
-    ``input_size`` when given. layer: the output, a stage or block numbered from 0 (``LayerRef(1)`` or ``1``
-    is the paper's stage 2) or a module path, see :func:`resolve_output_layer`.
+    images: image sources or a tensor (N, 3, H, W) already prepared (one size). Sources are preprocessed per
+    convention (module docstring): replknet resizes to ``input_size`` squared (None: 1024 px) without crop,
+    kim2023 applies the model's timm eval transform at its pretrained input size, or at ``input_size`` when given;
+    a list of sizes runs each (one run per size). layer: the output, a stage or block numbered from 0
+    (``LayerRef(1)``, ``1`` or ``(1, 0)``) or a module path, see :func:`resolve_output_layer`; a list of them gives
+    every layer's ERF from one forward pass per batch and one backward pass per layer, in one run.
+    gradient: ``relu`` (the references') or ``abs``, applied to the input gradient (module docstring).
     amp: None, "bf16" or "fp16" (autocast on the model's device). resume_dir: the running sums are kept
     under ``resume_dir/<run key>/`` (:mod:`hpx_analysis.engine`), so a rerun with equal arguments resumes
     (a finished run is reused). Under ``torch.distributed`` every rank returns the full result.
-    Returns an :class:`ERFResult` with one model.
+    Returns an :class:`ERFResult` with one row per input size and layer (size-major).
     """
-    if convention not in CONVENTIONS:
-        raise HpxError(f"unknown ERF convention '{convention}'; use {' or '.join(CONVENTIONS)}")
+    _check_choices(convention, gradient)
     if amp is not None and amp not in AMP_DTYPES:
         raise HpxError(f"unknown autocast dtype '{amp}'; use {', '.join(AMP_DTYPES)}")
-    if input_size is not None and input_size < 1:
-        raise HpxError(f"input size must be a positive number of pixels, got {input_size}")
-    layer_path = resolve_output_layer(model, layer)
+    sizes = list(input_size) if isinstance(input_size, (list, tuple)) else [input_size]
+    for index, size in enumerate(sizes):
+        if size is not None and size < 1:
+            raise HpxError(f"input size must be a positive number of pixels, got {size}")
+        if size in sizes[:index]:
+            raise HpxError(f"input size {size} is given twice")
+    if isinstance(images, Tensor) and len(sizes) > 1:
+        raise HpxError("a prepared image tensor has one size; pass image files or arrays to compare input sizes")
+    if len(sizes) > 1 and _runs_only_at_build_size(model):
+        raise HpxError(f"{model_metadata(model).get('model')} runs only at its build size, so it takes one input "
+                       f"size, not {len(sizes)}")
+    paths = [resolve_output_layer(model, item) for item in (layer if isinstance(layer, list) else [layer])]
+    if not paths:
+        raise HpxError("no layer given: name at least one, or None for the last stage")
+    for index, path in enumerate(paths):
+        if path in paths[:index]:
+            raise HpxError(f"layer '{path}' is named twice")
+    settings = {"layers": paths, "input_sizes": sizes, "convention": convention, "gradient": gradient,
+                "batch_size": batch_size, "amp": amp}
+    label = label or str(model_metadata(model).get("model"))
+    return ERFResult.combine([_erf_at_size(model, images, size, settings, label, resume_dir,
+                                           progress) for size in sizes])
+
+
+def _erf_at_size(model: nn.Module, images: Union[Sequence[ImageSource], Tensor], size: Optional[int],
+                 settings: Dict[str, Any], label: str, resume_dir: Optional[Path], progress: bool) -> ERFResult:
+    """The ERFs of ``settings["layers"]`` at input side ``size`` (one run): one row per layer."""
     if isinstance(images, Tensor):
         dataset, description = ImageDataset(images), "none (tensor given)"
-        height, width = images.shape[-2:]
+        height, width = (int(side) for side in images.shape[-2:])
     else:
-        transform, (height, width), description = _input_transform(model, convention, input_size)
+        transform, (height, width), description = _input_transform(model, settings["convention"], size)
         dataset = ImageDataset(images, transform)
     if not len(dataset):
         raise HpxError("no images to compute the ERF over")
+    paths, convention = settings["layers"], settings["convention"]
     device = next(model.parameters()).device
-    options = {"input_size": [int(height), int(width)], "size_override": input_size, "transform": description,
-               "layer": layer_path, "convention": convention, "batch_size": batch_size, "amp": amp}
-    label = label or str(model_metadata(model).get("model"))
+    shared = {"input_size": [height, width], "size_override": size, "transform": description}
 
     def step(batch: Batch) -> Dict[str, Tensor]:
-        """The batch's sum of finite maps (H, W) float64 and its counts of finite and non-finite maps."""
-        maps = erf_gradient_maps(model, batch.images.to(device), layer_path, convention,
-                                 AMP_DTYPES.get(amp) if amp else None).double()
-        finite = torch.isfinite(maps).flatten(1).all(dim=1)
-        return {"sum": maps[finite].sum(dim=0), "used": finite.sum(), "skipped_nonfinite": (~finite).sum()}
+        """Per layer: the batch's sum of finite maps (L, H, W) float64, its counts of finite and non-finite maps
+        (L,)."""
+        maps = erf_gradient_maps_by_layer(model, batch.images.to(device), paths, convention,
+                                          AMP_DTYPES.get(settings["amp"]), settings["gradient"]).double()
+        finite = torch.isfinite(maps).flatten(2).all(dim=2)  # (L, B)
+        return {"sum": torch.where(finite[:, :, None, None], maps, 0.0).sum(dim=1), "used": finite.sum(dim=1),
+                "skipped_nonfinite": (~finite).sum(dim=1)}
 
-    run = run_batches(model, dataset, step, {"sum": SumOutput((int(height), int(width))),
-                                             "used": SumOutput((), "int64"),
-                                             "skipped_nonfinite": SumOutput((), "int64")},
-                      batch_size=batch_size, resume_dir=resume_dir, identity={"analysis": "erf", **options},
-                      desc=f"ERF {label}", progress=progress)
-    used, skipped, unreadable = int(run.arrays["used"]), int(run.arrays["skipped_nonfinite"]), len(run.unreadable)
-    if used == 0:
-        raise HpxError(f"no image gave a finite ERF for {label} ({skipped} skipped, {unreadable} unreadable)")
+    count = len(paths)
+    run = run_batches(model, dataset, step, {"sum": SumOutput((count, height, width)),
+                                             "used": SumOutput((count,), "int64"),
+                                             "skipped_nonfinite": SumOutput((count,), "int64")},
+                      batch_size=settings["batch_size"], resume_dir=resume_dir,
+                      identity={"analysis": "erf", **shared,  # the other sizes asked for leave this run's sums alone
+                                **{key: value for key, value in settings.items() if key != "input_sizes"}},
+                      desc=f"ERF {label}" + (f" at {size} px" if len(settings["input_sizes"]) > 1 else ""),
+                      progress=progress)
+    rows, arrays = [], []
+    for index, path in enumerate(paths):
+        used, skipped = int(run.arrays["used"][index]), int(run.arrays["skipped_nonfinite"][index])
+        if used == 0:
+            raise HpxError(f"no image gave a finite ERF for {label} at layer '{path}' ({skipped} skipped, "
+                           f"{len(run.unreadable)} unreadable)")
+        mean_map = run.arrays["sum"][index] / used
+        if convention == "kim2023":
+            mean_map = mean_map / mean_map.sum() if mean_map.sum() > 0 else mean_map
+        shown = display_map(mean_map, convention)
+        row = {"maps": mean_map, "display": shown.astype(np.float32), "used": used, "skipped": skipped}
+        entry: Dict[str, Any] = {"label": label, "model": model_metadata(model), "layer": path, **shared,
+                                 "images_used": used, "images_skipped_nonfinite": skipped,
+                                 "images_unreadable": len(run.unreadable), "area_ratios": area_ratios(shown),
+                                 "run_key": run.key}
+        if convention == "kim2023":
+            row["radial_mass"] = radial_mass(mean_map)
+            entry["gaussian"] = gaussian_fit(mean_map)
+            entry["radial_mass"] = radial_mass_summary(mean_map)
+        rows.append(entry)
+        arrays.append(row)
+    one_layer = {"layer": paths[0]} if count == 1 else {}
+    return ERFResult(arrays={key: np.stack([row[key] for row in arrays]) for key in arrays[0]},
+                     meta={"convention": convention, "models": rows,
+                           "inputs": [dataset.name(i) for i in range(len(dataset))],
+                           "options": {**settings, **shared, **one_layer, **run.counts}})
 
-    mean_map = run.arrays["sum"] / used
-    if convention == "kim2023":
-        mean_map = mean_map / mean_map.sum() if mean_map.sum() > 0 else mean_map
-    shown = display_map(mean_map, convention)
-    arrays = {"maps": mean_map[None], "display": shown.astype(np.float32)[None],
-              "used": np.array([used]), "skipped": np.array([skipped])}
-    entry: Dict[str, Any] = {"label": label, "model": model_metadata(model), "layer": layer_path,
-                             "images_used": used, "images_skipped_nonfinite": skipped,
-                             "images_unreadable": unreadable, "area_ratios": area_ratios(shown), "run_key": run.key}
-    if convention == "kim2023":
-        arrays["radial_mass"] = radial_mass(mean_map)[None]
-        entry["gaussian"] = gaussian_fit(mean_map)
-        entry["radial_mass"] = radial_mass_summary(mean_map)
-    return ERFResult(arrays=arrays, meta={"convention": convention, "models": [entry],
-                                          "inputs": [dataset.name(i) for i in range(len(dataset))],
-                                          "options": {**options, **run.counts}})
 
-
-__all__ = ["AREA_THRESHOLDS", "CONVENTIONS", "OPENERF_RADII", "RELATIVE_RADII", "REPLKNET_SIZE", "ERFResult",
-           "area_ratios", "display_map", "effective_receptive_field", "erf_gradient_maps",
+__all__ = ["AREA_THRESHOLDS", "CONVENTIONS", "GRADIENTS", "OPENERF_RADII", "RELATIVE_RADII", "REPLKNET_SIZE",
+           "ROW_OPTIONS", "ERFResult", "area_ratios", "display_map", "effective_receptive_field",
+           "erf_gradient_maps", "erf_gradient_maps_by_layer",
            "gaussian_fit", "mass_within", "radial_mass", "radial_mass_summary",
            "resolve_output_layer"]

@@ -45,7 +45,6 @@ the flags are all-reduced.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -63,6 +62,7 @@ from ..inspection import MixerInfo, kernel, list_mixers, select_mixers
 from ..interventions import TOLERANCE, check_cut, kept_taps, relative_tap_distance
 from ..layer_names import GroupLike, LayerRef, group_label, group_refs
 from ..results import Result, model_metadata, write_rows_csv
+from ..statistics import bootstrap_ci
 
 if TYPE_CHECKING:
     from .coverage import CoverageResult
@@ -144,20 +144,6 @@ def _distinct_truncations(distances: Sequence[Tensor], sizes: Sequence[float]
             keys.append(key)
         column.append(keys.index(key))
     return column, keys
-
-
-def _bootstrap_ci(flags: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
-    """95% percentile bootstrap interval of the mean of each row of ``flags`` (K, N): (K, 2)."""
-    from scipy.stats import DegenerateDataWarning, bootstrap
-    if flags.shape[1] < 2:
-        mean = flags.mean(axis=1) if flags.shape[1] else np.full(len(flags), np.nan)
-        return np.stack([mean, mean], axis=1)
-    batch = max(1, int(2e7 // flags.size))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DegenerateDataWarning)
-        ci = bootstrap((flags.astype(np.float64),), np.mean, axis=-1, n_resamples=n_resamples, batch=batch,
-                       vectorized=True, method="percentile", rng=np.random.default_rng(seed)).confidence_interval
-    return np.stack([ci.low, ci.high], axis=1)
 
 
 class _StagePlan:
@@ -385,7 +371,7 @@ def _summarise(model: nn.Module, samples: Sequence[LabelledImage], plans: Sequen
         raise HpxError("no image could be read; nothing was evaluated")
     flags = np.concatenate([top1[evaluated].T, top5[evaluated].T])  # (2 * settings, N)
     accuracy = flags.mean(axis=1)
-    ci = _bootstrap_ci(flags, options["n_resamples"], options["seed"])
+    ci = bootstrap_ci(flags, options["n_resamples"], options["seed"])
     settings = top1.shape[1]
     coverage = compute_coverage(model, input_size=tuple(options["input_size"]))
     shape_sr = (len(plans), len(sizes))

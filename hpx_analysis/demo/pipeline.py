@@ -1,4 +1,4 @@
-"""``hpx-analyze demo``: train (or reuse) the proxies, run every analyzer on them, write a gallery.
+"""``hpx-analyze demo``: load the shipped proxies (or train them), run every analyzer on them, write a gallery.
 
 The HyenaPixel, ConvFormer and Hyena N-D proxies are trained on the global ``same-row`` task and, for
 contrast, on the local ``stripes`` task. :func:`known_answers` then checks what the task design predicts
@@ -6,6 +6,9 @@ contrast, on the local ``stripes`` task. :func:`known_answers` then checks what 
 its long kernels to the centre tap brings it to chance; FGVis deletes the marks; the Hyena N-D proxy also
 solves the global task and falls to chance without its long kernels) against what the analyzers measure,
 and the summary reports each check, met or not.
+
+The six trained proxies ship with the package (:mod:`.shipped`); they are used when they fit the current code and
+configuration, else (and with ``retrain``) the proxies are trained as before, through the cache (resumable).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import content_key
+from ..engine import announce, content_key
 from ..images import model_mean_std, normalise
 from ..inspection import long_filter_layers
 from ..interventions import cut_short_convs
 from ..models.proxies import HYENA_ND_PROXY, PROXY_NAMES
 from ..storage import write_text_atomic
+from .shipped import SHIPPED_DIR, Shipped, load_shipped, select_shipped
 from .tasks import IMAGE_SIZE, TASKS, sample_task, task_parameters
 from .training import EVAL_SEED_OFFSET, TrainingConfig, load_or_train, task_accuracy
 
@@ -108,11 +112,46 @@ def _accuracy_by_cut(model: nn.Module, images: int, seed: int) -> Dict[str, floa
     return cut
 
 
+def load_proxies(cache_dir: Path, settings: DemoSettings, retrain: bool = False, shipped_dir: Path | str | None = None,
+                 progress: bool = True) -> Tuple[Dict[Tuple[str, str], nn.Module], Dict[str, Dict[str, Any]]]:
+    """The six trained proxies ((model, task) -> eval-mode model) and their records (``model/task`` -> training
+    record with ``checkpoint``, ``source`` (``shipped``, ``cache`` or ``trained``) and ``cached`` (not trained now)).
+
+    Shipped proxies (:mod:`.shipped`) that fit ``settings`` and the current code are loaded and their held-out accuracy
+    measured again here (``accuracy``; the one measured when they were trained is ``accuracy_when_trained``); the
+    others, or all with ``retrain``, come from :func:`.training.load_or_train` (the cache, else trained). When shipped
+    proxies do not fit, one line says which and why."""
+    configs = {(name, task): settings.training(name, task)
+               for task in (GLOBAL_TASK, LOCAL_TASK) for name in PROXY_NAMES}
+    shipped: Dict[Tuple[str, str], Shipped] = {}
+    if not retrain:
+        shipped, message = select_shipped(configs, SHIPPED_DIR if shipped_dir is None else shipped_dir)
+        if message:
+            announce(message)
+    models: Dict[Tuple[str, str], nn.Module] = {}
+    records: Dict[str, Dict[str, Any]] = {}
+    for (name, task), config in configs.items():
+        if (name, task) in shipped:
+            found = shipped[name, task]
+            model = load_shipped(found, config.seed)
+            record = {**found.record, "config": found.meta["training"],
+                      "accuracy_when_trained": found.record["accuracy"],
+                      "accuracy": task_accuracy(model, task, config.eval_images, config.seed),
+                      "checkpoint": str(found.path), "source": "shipped", "cached": True}
+        else:
+            model, record, checkpoint = load_or_train(config, cache_dir, progress)
+            record = {**record, "checkpoint": str(checkpoint), "source": "cache" if record["cached"] else "trained"}
+        models[name, task] = model
+        records[f"{name}/{task}"] = record
+    return models, records
+
+
 def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = DemoSettings(),
-             progress: bool = True) -> Dict[str, Any]:
-    """Train or load the proxies, run ERF, kernels, coverage, truncation and FGVis on them and write the
-    gallery (PNG + PDF + metadata per figure), ``summary.md`` and ``summary.json`` into ``out``.
-    Returns the summary numbers."""
+             progress: bool = True, retrain: bool = False, shipped_dir: Path | str | None = None) -> Dict[str, Any]:
+    """Load the shipped proxies (or train them: ``retrain``, or when they do not fit; :func:`load_proxies`), run
+    ERF, kernels, coverage, truncation and FGVis on them and write the gallery (PNG + PDF + metadata per figure),
+    ``summary.md`` and ``summary.json`` into ``out``. ``cache_dir`` holds trained proxies and evaluation images;
+    ``shipped_dir`` (default the package's) the shipped proxies. Returns the summary numbers."""
     from ..analyzers.coverage import compute_coverage
     from ..analyzers.erf import ERFResult, effective_receptive_field
     from ..analyzers.fgvis import FgvisSettings, fgvis
@@ -130,13 +169,7 @@ def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = De
     out, cache_dir = Path(out), Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed = settings.seed
-    models: Dict[Tuple[str, str], nn.Module] = {}
-    records: Dict[str, Dict[str, Any]] = {}
-    for task in (GLOBAL_TASK, LOCAL_TASK):
-        for name in PROXY_NAMES:
-            model, record, checkpoint = load_or_train(settings.training(name, task), cache_dir, progress)
-            models[name, task] = model
-            records[f"{name}/{task}"] = {**record, "checkpoint": str(checkpoint)}
+    models, records = load_proxies(cache_dir, settings, retrain, shipped_dir, progress)
     written: List[Path] = []
     written += save_figure(plot_task_examples({t: sample_task(t, 4, EVAL_SEED_OFFSET + seed + 7) for t in TASKS}),
                            out / "tasks", metadata={"tasks": {t: asdict(v) for t, v in TASKS.items()}})
@@ -254,6 +287,15 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     for name in PROXY_NAMES:
         params = summary["training"][f"{name}/{GLOBAL_TASK}"]["parameters"]
         lines.append(f"| {name} | {params} | {_percent(acc[name][GLOBAL_TASK])} | {_percent(acc[name][LOCAL_TASK])} |")
+    by_source: Dict[str, List[str]] = {}
+    for pair, record in summary["training"].items():
+        by_source.setdefault(record.get("source", "cache"), []).append(pair)
+    origin = {"shipped": "shipped with the package (`--retrain` trains them afresh)",
+              "cache": "trained earlier, from the cache", "trained": "trained in this run"}
+    lines += ["", "Proxies " + "; ".join(
+        f"{origin[source]}: {'all six' if len(pairs) == len(summary['training']) else ', '.join(pairs)}"
+        for source, pairs in by_source.items()) + ". Each is an ordinary checkpoint (`summary.json` names all six), "
+        f"e.g. `{summary['training'][f'{HPX_PROXY}/{GLOBAL_TASK}']['checkpoint']}`."]
     lines += [
         "", "## What the analyses measure", "",
         "- ERF area ratio at t = 0.5: " + ", ".join(f"{name} {_percent(erf[name])}" for name in PROXY_NAMES) + ".",

@@ -5,7 +5,9 @@ records the model name, where the weights came from and their SHA-256 (saved nex
 
 Where published weights live is known only to timm's pretrained configs (``default_cfgs``: hub id and
 file name, or URL). ``pretrained`` looks for that file in the local Hugging Face cache first (no network),
-then downloads it unless ``HF_HUB_OFFLINE`` is set, and lets timm load it. Files are read by timm's
+then downloads it unless ``HF_HUB_OFFLINE`` is set, and lets timm load it. Before downloading, one TCP connection
+to the download host (or the configured proxy) must open within :data:`PROBE_TIMEOUT_S` seconds, so that a machine
+without network fails at once instead of after the hub client's retries (about 27 s). Files are read by timm's
 ``load_state_dict`` (``weights_only=True``) and loaded strictly, with a one-line error naming the keys
 that do not fit. A Hyena N-D model reads its file as a checkpoint of the official training script
 (:func:`training_checkpoint`: ``argparse.Namespace`` is the only class it may unpickle) and is configured from
@@ -19,10 +21,13 @@ import difflib
 import hashlib
 import json
 import os
+import socket
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import huggingface_hub
 import timm
@@ -234,9 +239,53 @@ class _NoConnection(Exception):
     """A download failed for want of a connection (not a missing file): no other download will work either."""
 
 
+PROBE_TIMEOUT_S = 3.0
+"""Seconds the connection probe before a download waits for the host (name look-up and TCP connect together)."""
+
+
+def _download_url(cfg: PretrainedCfg) -> str:
+    """The URL whose host a download of ``cfg``'s weights contacts first: the hub endpoint, or the config's URL."""
+    return huggingface_hub.constants.ENDPOINT if cfg.hf_hub_id else (cfg.url or "")
+
+
+def _probe_connection(url: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`_NoConnection` unless a TCP connection to ``url``'s host (or to the HTTP(S) proxy the
+    environment names for it, as the download clients use) opens within ``timeout`` seconds, name look-up included.
+    The hub client retries a failed connection for about 27 s; without network this fails in ``timeout``."""
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host = proxy_parts.hostname or host
+        port = proxy_parts.port or (1080 if proxy_parts.scheme.startswith("socks") else 80)
+    outcome: Dict[str, Optional[BaseException]] = {}
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except BaseException as err:  # any failure to connect (conftest's guard raises a RuntimeError) counts
+            outcome["error"] = err
+        else:
+            outcome["ok"] = None
+
+    worker = threading.Thread(target=connect, name="hpx-connection-probe", daemon=True)  # a name look-up can hang
+    worker.start()
+    worker.join(timeout)
+    if "ok" not in outcome:
+        cause = outcome.get("error")
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else f"no answer within {timeout:g} s"
+        raise _NoConnection from OSError(f"cannot reach {host}:{port} ({detail})")
+
+
 def _weights_file(cfg: PretrainedCfg, cached_only: bool) -> Optional[Path]:
     """The weights file of a pretrained config from the local cache (``cached_only``: no network at all)
     or downloaded; None when the cache lacks it or the hub has no such repository or file."""
+    if not cached_only and (cfg.hf_hub_id or not check_cached_file(cfg.url, check_hash=False)):
+        _probe_connection(_download_url(cfg))  # a download will contact the host (timm reuses a file it has)
     if not cfg.hf_hub_id:
         if cached_only and not check_cached_file(cfg.url):
             return None
