@@ -2,7 +2,7 @@
 
 Plain loop: batch 1, parameters requiring grad, full forward, backward of the centre scalar.
 Analyzer: :func:`hpx_analysis.analyzers.erf.effective_receptive_field` (frozen parameters, forward
-stopped at the output layer, batches).
+stopped at the output layer, frozen StarReLUs fused, batches).
 
 Timing: one process, two copies of the same seeded model, the variants alternate image by image
 (so load from other processes hits all of them alike); one untimed warm-up round first. Memory: each

@@ -3,9 +3,13 @@
 1. Time per optimisation step with the activation-bound defense versus a plain forward + backward
    (gradient to the input) of the same model and batch. Target: at most 15% overhead.
 2. Images/s of batched versus one-at-a-time explanation (same settings, same seeds).
+3. ``--search``: the whole lambda search on the shipped HyenaPixel demo proxy (4 noisy same-row images, reference
+   ``mean``, the demo's run), the tries side by side (``fgvis``) against the reference's procedure, one image and
+   one try at a time until a try flips; the chosen tries must agree.
 
     python benchmarks/explain.py --quick              # tiny HyenaPixel, 64 px (seconds on a CPU)
     python benchmarks/explain.py -m hpx_former_s18 --size 224 --batch 8 --device cuda
+    python benchmarks/explain.py --search             # lambda search on the demo proxy (a few minutes on a CPU)
 """
 
 from __future__ import annotations
@@ -46,6 +50,49 @@ def _timed(variants: Dict[str, Callable[[], object]], repeats: int, device: torc
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
+def search_comparison(repeats: int) -> None:
+    """Part 3: seconds of the lambda search side by side and one try at a time, interleaved, and their records."""
+    from hpx_analysis.demo.pipeline import FGVIS_REFERENCE, GLOBAL_TASK, HPX_PROXY, DemoSettings, load_proxies
+    from hpx_analysis.demo.tasks import sample_task
+    from hpx_analysis.demo.training import EVAL_SEED_OFFSET
+    from hpx_analysis.images import normalise
+
+    model = load_proxies(Path("/nonexistent-cache"), DemoSettings(), progress=False)[0][HPX_PROXY, GLOBAL_TASK]
+    batch = sample_task(GLOBAL_TASK, 64, EVAL_SEED_OFFSET + 2)
+    images = normalise(batch.images[torch.nonzero(batch.labels == 1).flatten()[:4]], *model_mean_std(model))
+    settings = FgvisSettings(reference=FGVIS_REFERENCE)
+    records: Dict[str, list] = {}
+
+    def side_by_side() -> None:
+        records["side by side"] = [(r["lambda"], r["iterations"]) for r in fgvis(model, images, seed=0,
+                                                                                 settings=settings).records]
+
+    def one_at_a_time() -> None:
+        chosen = []
+        mean, std = model_mean_std(model)
+        with activation_bounds(model) as bounds:
+            for n in range(len(images)):  # image n has seed n, as in fgvis(seed=0)
+                image, row = images[n:n + 1], torch.zeros(1, dtype=torch.long)
+                with bounds.record(), torch.no_grad():
+                    target = model(image).argmax(-1)
+                reference = reference_image(image, FGVIS_REFERENCE, mean, std)
+                for attempt in range(settings.lambda_tries):
+                    lambdas = torch.tensor([settings.lambda_of(attempt)])
+                    outcome = optimise_masks(model, bounds, image, reference, target, lambdas,
+                                             [sample_seed(n, attempt)], row, settings)[0]
+                    if outcome.stopped or attempt == settings.lambda_tries - 1:
+                        chosen.append((settings.lambda_of(attempt), outcome.iterations))
+                        break
+        records["one at a time"] = chosen
+
+    seconds = _timed({"side by side": side_by_side, "one at a time": one_at_a_time}, repeats, torch.device("cpu"))
+    print(f"lambda search, demo proxy, {len(images)} images, reference {FGVIS_REFERENCE}: "
+          + ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
+          + f"; speed-up {seconds['one at a time'] / seconds['side by side']:.2f}x")
+    print(f"chosen (lambda, iterations): {records['side by side']}; "
+          f"{'the same' if records['side by side'] == records['one at a time'] else 'DIFFERENT'} one at a time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "-m", default=str(TINY / "tiny_hpx.json"))
@@ -56,7 +103,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="tiny model, 64 px, batch 4, few steps")
+    parser.add_argument("--search", action="store_true", help="only part 3, the lambda search on the demo proxy")
     args = parser.parse_args()
+    if args.search:
+        search_comparison(max(1, args.repeats // 5))
+        return
     if args.quick:
         args.model, args.size, args.batch, args.steps, args.repeats = str(TINY / "tiny_hpx.json"), 64, 4, 10, 3
 

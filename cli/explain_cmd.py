@@ -34,6 +34,9 @@ def explain(
                          "blur or mean.")] = options.Reference.black,
     iterations: Annotated[int, typer.Option("--iterations", help="FGVis: SGD steps per lambda.")] = 500,
     lambda_start: Annotated[float, typer.Option("--lambda", help="FGVis: first sparsity weight.")] = 1e-4,
+    lr: Annotated[float, typer.Option("--lr", help="FGVis: SGD learning rate of the mask (the reference's 0.1).")] = 0.1,
+    noise_std: Annotated[float, typer.Option("--noise-std", help="FGVis: std of the Gaussian noise added to "
+                         "the evidence each step (the reference's 0.1).")] = 0.1,
     lambda_tries: Annotated[int, typer.Option("--lambda-tries", help="FGVis: lambdas tried, dividing by 10 "
                             "(6: down to 1e-9, the reference's weight).")] = 6,
     bounds: Annotated[bool, typer.Option("--bounds/--no-bounds", help="FGVis: activation-bounded gradients "
@@ -87,7 +90,8 @@ def explain(
         explained = explain_models(specs, methods, images=images, num_images=num_images, input_size=input_size,
                                    target=target, batch_size=batch_size, sanity=sanity, seed=seed, device=torch_device,
                                    resume_dir=options.runs_dir(out, resume), progress=True, reference=reference.value,
-                                   iterations=iterations, lambda_start=lambda_start, lambda_tries=lambda_tries,
+                                   iterations=iterations, lambda_start=lambda_start, lambda_tries=lambda_tries, lr=lr,
+                                   noise_std=noise_std,
                                    bounded=bounds, bound_activations=bound_activations.value, metrics=scored,
                                    boxes=boxes, score_steps=score_steps, score_batch_size=score_batch_size,
                                    pointing_tolerance=pointing_tolerance)

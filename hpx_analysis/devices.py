@@ -18,3 +18,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HpxError(f"device '{name}' requested but CUDA is not available on this machine")
     return device
+
+
+def model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first parameter (else its first buffer; CPU float32 for a model with
+    neither, e.g. a function wrapped as a module)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32

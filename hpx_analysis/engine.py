@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .devices import model_placement
 from .distributed import all_reduce_sum, raise_if_any_rank_failed, rank_and_world
 from .errors import HpxError
 from .images import ImageLike, as_image_sources, read_rgb
@@ -481,7 +482,7 @@ def run_batches(model: nn.Module, dataset: ImageDataset, step: Step, outputs: Ma
                                workers, SAVE_EVERY_S if save_every_s is None else save_every_s,
                                tqdm(total=len(mine), initial=len(done), desc=desc, unit="batch",
                                     disable=not progress or rank != 0))
-    device = next(model.parameters()).device
+    device = model_placement(model)[0]
     raise_if_any_rank_failed(failure, device)
     names = list(outputs)
     *arrays, status_all, batch_counts = all_reduce_sum(

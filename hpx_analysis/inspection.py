@@ -25,6 +25,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 from torch import Tensor, nn
 
+from .devices import model_placement
 from .errors import HpxError
 from .layer_names import LayerLike, LayerRef
 from .models.long_filters import LongFilterBase
@@ -169,9 +170,9 @@ def _feature_sizes(model: nn.Module, modules: Sequence[nn.Module], input_hw: Tup
     handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(modules)]
     was_training = model.training
     try:
-        param = next(model.parameters())
+        device, dtype = model_placement(model)
         model.eval()
-        model(torch.zeros(1, 3, *input_hw, device=param.device, dtype=param.dtype))
+        model(torch.zeros(1, 3, *input_hw, device=device, dtype=dtype))
     finally:
         model.train(was_training)
         for handle in handles:

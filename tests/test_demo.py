@@ -16,9 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 from hpx_analysis.demo.pipeline import (CONV_PROXY, GLOBAL_TASK, HPX_PROXY, HYENA_ND_PROXY, LOCAL_TASK, DemoSettings,
-                                        deleted_mass_on_marks, known_answers)
+                                        explain_and_score, fgvis_checks, fgvis_numbers, known_answers, mark_boxes)
 from hpx_analysis.demo import ship, shipped
-from hpx_analysis.demo.tasks import GRID, IMAGE_SIZE, MARK, MIN_GAP, ROW_GAP, TASKS, sample_task, task_parameters
+from hpx_analysis.demo.tasks import (GRID, IMAGE_SIZE, MARK, MIN_GAP, ROW_GAP, TASKS, TaskBatch, sample_task,
+                                     task_parameters)
 from hpx_analysis.demo.training import TrainingConfig, load_or_train, task_accuracy
 from hpx_analysis.errors import HpxError
 from hpx_analysis.models.proxies import PROXY_NAMES, proxy_configuration
@@ -193,35 +194,94 @@ def test_hyena_nd_filter_networks_learn_at_their_own_rate():
     assert len(parameter_groups(load_model(HPX_PROXY, "random"), config)) == 1
 
 
+FGVIS_NUMBERS = {"deletion_auc": [0.1, 0.2], "random_deletion_auc": [0.6, 0.6], "insertion_auc": [0.9, 0.8],
+                 "random_insertion_auc": [0.5, 0.6], "pointing": [1.0, 1.0], "energy_pointing": [0.2, 0.3],
+                 "deleted_share": [0.02, 0.05], "flipped": [True, True]}
+
+
 def test_known_answers_include_the_hyena_nd_proxy():
     """Hand-made summary numbers: the two Hyena N-D checks read its global accuracy and its r = 0 cut."""
     accuracy = {name: {GLOBAL_TASK: 1.0, LOCAL_TASK: 1.0} for name in PROXY_NAMES}
     accuracy[CONV_PROXY][GLOBAL_TASK] = 0.5
     accuracy[HYENA_ND_PROXY][GLOBAL_TASK] = 0.93
     summary = {"accuracy": accuracy, "erf_area_ratio_t0.5": {HPX_PROXY: 0.07, CONV_PROXY: 0.01},
-               "truncation_all_stages": {"0.0": 0.5}, "fgvis_deleted_mass_on_marks": [1.0],
+               "truncation_all_stages": {"0.0": 0.5}, "fgvis": {HPX_PROXY: FGVIS_NUMBERS},
                "hyena_nd_truncation_all_blocks": {"0.0": 0.61}}
     checks = {c["expectation"]: (c["measured"], c["holds"]) for c in known_answers(summary)}
     assert checks["Hyena N-D proxy solves the global task (>= 90%)"] == (0.93, True)
     assert checks["its long kernels cut to the centre tap (r = 0): global task near chance (<= 60%)"] == (0.61, False)
 
 
-def test_deleted_mass_on_marks():
-    maps = np.zeros((2, 4, 4))
-    marks = np.zeros((2, 4, 4), bool)
-    marks[:, 0, :2] = True
-    maps[0, 0, 0], maps[0, 3, 3] = 3.0, 1.0
-    np.testing.assert_allclose(deleted_mass_on_marks(maps, marks), [0.75, 0.0])
+@pytest.mark.parametrize("change, failing", [
+    ({}, []),
+    ({"deletion_auc": [0.5, 0.6]}, [0]),                  # deletes no faster than a random order
+    ({"deletion_auc": [0.55, 0.56]}, [0]),                # below it, but not by 0.1
+    ({"insertion_auc": [0.1, 0.1]}, []),                  # insertion is reported, not checked
+    ({"pointing": [1.0, 0.0]}, [1]),                      # one image's maximum off the marks
+    ({"pointing": [1.0, np.nan]}, []),                    # an empty map points nowhere: left out
+    ({"pointing": [np.nan, np.nan]}, [1]),                # but at least half of the images must count
+    ({"deleted_share": [0.02, 0.11]}, [2]),               # over the 10% budget
+    ({"flipped": [True, False]}, [2]),                    # one image never flipped
+])
+def test_fgvis_checks_on_hand_made_numbers(change, failing):
+    checks = fgvis_checks({**FGVIS_NUMBERS, **change})
+    assert [i for i, (*_, holds) in enumerate(checks) if not holds] == failing
+    if not change:
+        assert [shown for _, _, shown, _ in checks] == ["0.150 vs 0.600", "2 of 2", "at most 5.0%"]
+    if change == {"pointing": [1.0, np.nan]}:
+        assert checks[1][2] == "1 of 1 (1 map empty)"
+
+
+def test_mark_boxes_are_the_marks_bounding_boxes():
+    batch = sample_task(GLOBAL_TASK, 6, seed=4)
+    for marks, boxes in zip(batch.marks, mark_boxes(batch.marks)):
+        assert boxes.shape == (2, 4)
+        painted = torch.zeros_like(marks)
+        for xmin, ymin, xmax, ymax in boxes.astype(int):
+            assert (xmax - xmin, ymax - ymin) == (MARK, MARK)
+            painted[ymin:ymax, xmin:xmax] = True
+        assert torch.equal(painted, marks)
+
+
+class CornerReader(torch.nn.Module):
+    """Ignores the marks: class 1's logit is 20 x the spread of the normalised pixels in the top-left 16 x 16 px,
+    class 0's a constant 2 (the background noise there makes class 1 the top-1; greying the corner flips it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spread = x[:, :, :16, :16].flatten(1).std(1)
+        return torch.stack([torch.full_like(spread, 2.0), 20 * spread], 1)
+
+
+def test_fgvis_known_answers_fail_on_models_that_do_not_use_the_marks():
+    """The demo's FGVis checks can fail. A model reading only a corner without marks: FGVis deletes the corner (a
+    faithful order: the deletion check holds) but points off the marks in every image. The shipped ConvFormer proxy,
+    at chance on the task: no order beats the random one (deletion or insertion) and the maxima miss the marks."""
+    batch = sample_task(GLOBAL_TASK, 32, seed=11)
+    clear = torch.nonzero(~batch.marks[:, :20, :20].flatten(1).any(1) & (batch.labels == 1)).flatten()[:3]
+    shown = TaskBatch(batch.images[clear], batch.labels[clear], batch.marks[clear])
+    names = [str(int(i)) for i in clear]
+    corner = fgvis_numbers(explain_and_score(CornerReader().eval(), shown, names, seed=0))
+    deletion, pointing, flip = fgvis_checks(corner)
+    assert len(clear) == 3 and corner["pointing"] == [0.0] * 3 and not pointing[-1]
+    assert deletion[-1] and flip[-1]
+    found, _ = shipped.select_shipped({(CONV_PROXY, GLOBAL_TASK): DEFAULTS.training(CONV_PROXY, GLOBAL_TASK)})
+    convformer = shipped.load_shipped(found[CONV_PROXY, GLOBAL_TASK])
+    numbers = fgvis_numbers(explain_and_score(convformer, shown, names, seed=0))
+    deletion, pointing, _ = fgvis_checks(numbers)
+    assert not deletion[-1] and not pointing[-1]
+    assert abs(np.mean(numbers["insertion_auc"]) - np.mean(numbers["random_insertion_auc"])) < 0.05
 
 
 def _assert_demo_gallery_and_known_answers(out: Path, source: str) -> dict:
-    """The demo's gallery in ``out``, every proxy from ``source``, all eight known answers holding."""
-    for stem in ("tasks", "accuracy", "erf", "kernels", "kernels_hyena_nd", "coverage", "truncation", "fgvis"):
+    """The demo's gallery in ``out``, every proxy from ``source``, all ten known answers holding, the ConvFormer
+    proxy's FGVis scores beside."""
+    for stem in ("tasks", "accuracy", "erf", "kernels", "kernels_hyena_nd", "coverage", "truncation", "fgvis", "scores"):
         assert (out / f"{stem}.png").is_file() and (out / f"{stem}.pdf").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert {record["source"] for record in summary["training"].values()} == {source}
     checks = {c["expectation"]: c for c in summary["known_answers"]}
-    assert len(checks) == 8 and all(c["holds"] for c in checks.values()), checks
+    assert len(checks) == 10 and all(c["holds"] for c in checks.values()), checks
+    assert set(summary["fgvis"]) == {HPX_PROXY, CONV_PROXY}
     assert all(f"| {name} |" in (out / "summary.md").read_text() for name in PROXY_NAMES)
     assert summary["hyena_nd_truncation_all_blocks"]["untruncated"] >= 0.9
     # the sweep reads the stored 64 px PNGs whole (crop_pct 1): every tap kept is the untruncated model

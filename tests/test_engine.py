@@ -136,3 +136,12 @@ def test_a_step_must_return_every_output(model, images) -> None:
         run_batches(model, ImageDataset(images), lambda batch: {"double": np.zeros((len(batch.indices), 3)),
                                                                 "total": np.zeros(3)},
                     OUTPUTS, batch_size=4, progress=False)
+
+
+def test_model_placement_without_parameters():
+    """A function wrapped as a module has neither parameters nor buffers: CPU float32; else its first tensor's."""
+    from hpx_analysis.devices import model_placement
+    assert model_placement(torch.nn.ReLU()) == (torch.device("cpu"), torch.float32)
+    assert model_placement(torch.nn.Linear(2, 2).double()) == (torch.device("cpu"), torch.float64)
+    batch_norm = torch.nn.BatchNorm1d(2, affine=False).half()
+    assert model_placement(batch_norm) == (torch.device("cpu"), torch.float16)

@@ -446,3 +446,24 @@ def test_cli_does_not_reuse_results_of_a_retrained_checkpoint(tiny_config, tiny_
     save_file({key: value + 0.01 if value.is_floating_point() else value for key, value in state.items()}, str(weights))
     retrained = CliRunner().invoke(app, args)
     assert retrained.exit_code == 0 and "reusing" not in retrained.output, retrained.output
+
+
+def test_cli_passes_the_learning_rate_and_noise_on(tiny_config, tiny_weights, tmp_path) -> None:
+    """``--lr`` and ``--noise-std`` reach FGVis (its options and its masks); impossible values: one line, exit 2."""
+    from hpx_analysis_cli.app import app
+
+    args = ["explain", "-m", tiny_config("tiny_hpx"), "-w", tiny_weights("tiny_hpx"), "--method", "fgvis",
+            "--input-size", "32", "--num-images", "1", "--iterations", "3", "--lambda-tries", "1", "--device", "cpu"]
+    masks = {}
+    for lr, noise in (("0.1", "0.1"), ("0.02", "0")):
+        out = tmp_path / f"{lr}_{noise}"
+        run = CliRunner().invoke(app, [*args, "--lr", lr, "--noise-std", noise, "-o", str(out)])
+        assert run.exit_code == 0, run.output
+        meta = json.loads((out / "explain" / "tiny_hpx_fgvis.json").read_text())
+        assert (meta["options"]["lr"], meta["options"]["noise_std"]) == (float(lr), float(noise))
+        masks[lr] = np.load(out / "explain" / "tiny_hpx_fgvis.npz")["masks"]
+    assert not np.array_equal(masks["0.1"], masks["0.02"])
+    run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", *args, "--lr", "0",
+                          "-o", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert run.returncode == 2 and "learning rate must be > 0" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

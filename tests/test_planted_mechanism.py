@@ -23,9 +23,10 @@ import timm
 import torch
 
 from hpx_analysis.analyzers.fgvis import FgvisSettings, fgvis
+from hpx_analysis.analyzers.scores import energy_pointing_game
 from hpx_analysis.analyzers.truncation import truncation_sweep
 from hpx_analysis.datasets import labelled_images
-from hpx_analysis.demo.pipeline import GLOBAL_TASK, deleted_mass_on_marks, write_task_folder
+from hpx_analysis.demo.pipeline import GLOBAL_TASK, mark_boxes, write_task_folder
 from hpx_analysis.demo.tasks import IMAGE_SIZE, sample_task
 from hpx_analysis.demo.training import EVAL_SEED_OFFSET, TrainingConfig, fit_on_task, task_accuracy
 from hpx_analysis.images import model_mean_std, normalise
@@ -91,7 +92,7 @@ def test_fgvis_deletes_the_marks(planted):
                    settings=FgvisSettings(reference="mean"))
     assert all(record["success"] for record in result.records)
     maps, marks = result.arrays["maps"], batch.marks[chosen].numpy()
-    on_marks = deleted_mass_on_marks(maps, marks)
+    on_marks = energy_pointing_game(maps, mark_boxes(batch.marks[chosen]))  # share of the mass on the marks
     mark_share = marks.reshape(len(marks), -1).mean(axis=1)
     enrichment = (on_marks / mark_share) / ((1 - on_marks) / (1 - mark_share))
     assert (enrichment >= 4).all(), enrichment

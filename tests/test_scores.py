@@ -215,12 +215,14 @@ def test_pointing_game_and_its_tolerance() -> None:
     maps[0, 14, 19] = 1  # the box's last pixel: a hit
     maps[1, 14, 30] = 1  # 11 px right of it
     maps[2, 25, 5] = 1   # no box for this image
-    maps[3] = 0.5        # flat: the maximum is the first pixel, (0, 0), 5 rows and 10 columns from the box
+    maps[3] = 0.5        # flat: no maximum, points nowhere
     boxes = [box, box, None, box]
-    np.testing.assert_array_equal(pointing_game(maps, boxes), [1, 0, np.nan, 0])
-    np.testing.assert_array_equal(pointing_game(maps, boxes, tolerance=11), [1, 1, np.nan, 0])
-    np.testing.assert_array_equal(pointing_game(maps, boxes, tolerance=10.9), [1, 0, np.nan, 0])
-    np.testing.assert_array_equal(pointing_game(maps, boxes, tolerance=15), [1, 1, np.nan, 1])  # sqrt(125) = 11.2
+    np.testing.assert_array_equal(pointing_game(maps, boxes), [1, 0, np.nan, np.nan])
+    np.testing.assert_array_equal(pointing_game(maps, boxes, tolerance=11), [1, 1, np.nan, np.nan])
+    np.testing.assert_array_equal(pointing_game(maps, boxes, tolerance=10.9), [1, 0, np.nan, np.nan])
+    np.testing.assert_array_equal(pointing_game(maps, boxes, tolerance=15), [1, 1, np.nan, np.nan])  # sqrt(125) = 11.2
+    maps[3, 0, 0] = 0.6  # the first pixel, 5 rows and 10 columns from the box
+    np.testing.assert_array_equal(pointing_game(maps, boxes, tolerance=15)[3], 1)
 
 
 def test_energy_pointing_game_counts_the_positive_mass_inside_the_boxes() -> None:

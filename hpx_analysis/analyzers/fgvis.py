@@ -434,6 +434,9 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
     """
     if settings.iterations < 0 or settings.lambda_tries < 1 or batch_size < 1:
         raise HpxError("iterations must be >= 0, lambda tries >= 1 and batch size >= 1")
+    if not settings.lr > 0 or not settings.noise_std >= 0:
+        raise HpxError(f"the learning rate must be > 0 and the noise std >= 0, got {settings.lr} and "
+                       f"{settings.noise_std}")
     if settings.bound_activations not in BOUND_ACTIVATIONS:
         raise HpxError(f"unknown bound activations '{settings.bound_activations}'; use {', '.join(BOUND_ACTIVATIONS)}")
     types = tuple(activation_types) if activation_types is not None else BOUND_ACTIVATIONS[settings.bound_activations]

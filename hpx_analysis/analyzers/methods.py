@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..devices import model_placement
 from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, run_batches
 from ..errors import HpxError
 from ..provenance import function_fingerprint
@@ -149,8 +150,7 @@ def batch_target(target: Optional[int | Sequence[int]], indices: Sequence[int],
 
 def to_model(model: nn.Module, images: Tensor) -> Tensor:
     """``images`` (N, 3, H, W) on the device and in the dtype of the model's parameters."""
-    parameter = next(model.parameters())
-    return images.to(parameter.device, parameter.dtype)
+    return images.to(*model_placement(model))
 
 
 @dataclass

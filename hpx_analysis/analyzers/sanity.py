@@ -18,6 +18,7 @@ import numpy as np
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
+from ..devices import model_placement
 from ..errors import HpxError
 from ..results import Result, model_metadata
 from .attribution import explain
@@ -63,8 +64,7 @@ def _fresh_model(model: nn.Module, seed: int) -> nn.Module:
     name = model_metadata(model).get("model")
     if not getattr(model, "hpx_provenance", None) or not name:
         raise HpxError("sanity check needs a model from load_model, or pass random_model= (same architecture)")
-    param = next(model.parameters())
-    return load_model(name, "random", seed=seed, device=param.device)
+    return load_model(name, "random", seed=seed, device=model_placement(model)[0])
 
 
 def sanity_check(model: nn.Module, images: Tensor, method: str, *, random_model: Optional[nn.Module] = None,

@@ -273,7 +273,8 @@ def _box_masks(boxes: BoxesPerImage, count: int, size: Tuple[int, int]) -> List[
 
 
 def pointing_game(maps: MapsLike, boxes: BoxesPerImage, *, tolerance: float = 0.0) -> np.ndarray:
-    """Pointing game (Zhang et al. 2016) per image (N,): 1.0 a hit, 0.0 a miss, NaN for an image with no box.
+    """Pointing game (Zhang et al. 2016) per image (N,): 1.0 a hit, 0.0 a miss, NaN for an image with no box or a
+    constant map (it has no maximum: an empty explanation points nowhere).
 
     The map's maximum is its first pixel in flat order among the largest values (``argmax``, the first pixel of
     :func:`faithfulness`'s order); a hit when that pixel lies in a box (its centre inside; :mod:`..boxes`), or within
@@ -284,7 +285,7 @@ def pointing_game(maps: MapsLike, boxes: BoxesPerImage, *, tolerance: float = 0.
     relevance = pixel_maps(maps)
     hits = np.full(len(relevance), np.nan)
     for i, mask in enumerate(_box_masks(boxes, len(relevance), relevance.shape[1:])):
-        if mask is not None:
+        if mask is not None and relevance[i].max() > relevance[i].min():
             row, column = np.unravel_index(np.argmax(relevance[i]), mask.shape)
             hits[i] = float(mask[row, column] if tolerance <= 0 else
                             distance_transform_edt(~mask)[row, column] <= tolerance)

@@ -55,6 +55,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..datasets import LabelledImage
+from ..devices import model_placement
 from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, run_batches
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform
@@ -325,7 +326,7 @@ def truncation_sweep(model: nn.Module, samples: Sequence[LabelledImage], stages:
     if num_classes is not None and samples and max(s.label for s in samples) >= num_classes:
         raise HpxError(f"labels reach {max(s.label for s in samples)} but the model has {num_classes} classes")
     transform, input_hw = eval_transform(model, input_size)
-    device = next(model.parameters()).device
+    device = model_placement(model)[0]
     if sizes is None:
         sizes = default_sizes(model, stages, shape, hb_cut, input_hw)
     sizes = [float(s) for s in sizes]
