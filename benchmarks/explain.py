@@ -5,7 +5,7 @@
 2. Images/s of batched versus one-at-a-time explanation (same settings, same seeds).
 3. ``--search``: the whole lambda search on the shipped HyenaPixel demo proxy (4 noisy same-row images, reference
    ``mean``, the demo's run), the tries side by side (``fgvis``) against the reference's procedure, one image and
-   one try at a time until a try flips; the chosen tries must agree.
+   one try at a time until a try flips (``lambda_search(max_samples=1)``); the chosen tries must agree.
 
     python benchmarks/explain.py --quick              # tiny HyenaPixel, 64 px (seconds on a CPU)
     python benchmarks/explain.py -m hpx_former_s18 --size 224 --batch 8 --device cuda
@@ -21,13 +21,16 @@ from typing import Callable, Dict, List
 
 import torch
 
-from hpx_analysis.analyzers.fgvis import FgvisSettings, activation_bounds, fgvis, optimise_masks, sample_seed
+from hpx_analysis.analyzers.fgvis import (FgvisSettings, activation_bounds, class_ranks, fgvis, lambda_search,
+                                          optimise_masks, sample_seed)
 from hpx_analysis.analyzers.attribution import reference_image
 from hpx_analysis.devices import resolve_device
 from hpx_analysis.images import model_mean_std
 from hpx_analysis.models.zoo import load_model
 
 TINY = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden" / "tiny"
+STILL_LR = 1e-12
+"""A learning rate whose steps (at most 1e-12, the gradient being divided by its maximum) leave a float32 mask at 1."""
 
 
 def _sync(device: torch.device) -> None:
@@ -52,12 +55,12 @@ def _timed(variants: Dict[str, Callable[[], object]], repeats: int, device: torc
 
 def search_comparison(repeats: int) -> None:
     """Part 3: seconds of the lambda search side by side and one try at a time, interleaved, and their records."""
-    from hpx_analysis.demo.pipeline import FGVIS_REFERENCE, GLOBAL_TASK, HPX_PROXY, DemoSettings, load_proxies
+    from hpx_analysis.demo.pipeline import FGVIS_REFERENCE, GLOBAL_TASK, HPX_PROXY, shipped_proxy
     from hpx_analysis.demo.tasks import sample_task
     from hpx_analysis.demo.training import EVAL_SEED_OFFSET
     from hpx_analysis.images import normalise
 
-    model = load_proxies(Path("/nonexistent-cache"), DemoSettings(), progress=False)[0][HPX_PROXY, GLOBAL_TASK]
+    model = shipped_proxy(HPX_PROXY, GLOBAL_TASK)
     batch = sample_task(GLOBAL_TASK, 64, EVAL_SEED_OFFSET + 2)
     images = normalise(batch.images[torch.nonzero(batch.labels == 1).flatten()[:4]], *model_mean_std(model))
     settings = FgvisSettings(reference=FGVIS_REFERENCE)
@@ -68,22 +71,14 @@ def search_comparison(repeats: int) -> None:
                                                                                  settings=settings).records]
 
     def one_at_a_time() -> None:
-        chosen = []
-        mean, std = model_mean_std(model)
         with activation_bounds(model) as bounds:
-            for n in range(len(images)):  # image n has seed n, as in fgvis(seed=0)
-                image, row = images[n:n + 1], torch.zeros(1, dtype=torch.long)
-                with bounds.record(), torch.no_grad():
-                    target = model(image).argmax(-1)
-                reference = reference_image(image, FGVIS_REFERENCE, mean, std)
-                for attempt in range(settings.lambda_tries):
-                    lambdas = torch.tensor([settings.lambda_of(attempt)])
-                    outcome = optimise_masks(model, bounds, image, reference, target, lambdas,
-                                             [sample_seed(n, attempt)], row, settings)[0]
-                    if outcome.stopped or attempt == settings.lambda_tries - 1:
-                        chosen.append((settings.lambda_of(attempt), outcome.iterations))
-                        break
-        records["one at a time"] = chosen
+            with bounds.record(), torch.no_grad():
+                probs = model(images).softmax(-1)
+            targets = probs.argmax(-1)
+            references = reference_image(images, FGVIS_REFERENCE, *model_mean_std(model))
+            chosen = lambda_search(model, bounds, images, references, targets, class_ranks(probs, targets),
+                                   list(range(len(images))), settings, max_samples=1)  # fgvis(seed=0)'s seeds
+        records["one at a time"] = [(settings.lambda_of(attempt), outcome.iterations) for attempt, outcome in chosen]
 
     seconds = _timed({"side by side": side_by_side, "one at a time": one_at_a_time}, repeats, torch.device("cpu"))
     print(f"lambda search, demo proxy, {len(images)} images, reference {FGVIS_REFERENCE}: "
@@ -119,11 +114,12 @@ def main() -> None:
     lambdas = torch.full((args.batch,), 1e-4, device=device)
     rows = torch.arange(args.batch, device=device)
     seeds = [sample_seed(0, i) for i in range(args.batch)]
-    # every sample runs all steps: the target is the clean top-1 and, with lr = 0 and no noise, the
-    # evidence stays the clean image (the work per step is the same as in a real run)
+    # every sample runs all steps: the target is the clean top-1 and, with no noise and a learning rate whose steps
+    # vanish below float32 resolution (fgvis refuses lr = 0), the mask stays 1 and the evidence the clean image (the
+    # work per step is the same as in a real run)
     with torch.no_grad():
         targets = model(images).argmax(-1)
-    settings = FgvisSettings(iterations=args.steps, lr=0.0, noise_std=0.0)
+    settings = FgvisSettings(iterations=args.steps, lr=STILL_LR, noise_std=0.0)
 
     def plain() -> None:
         for _ in range(args.steps):
@@ -150,7 +146,7 @@ def main() -> None:
           f"(overhead {100 * (t_bound / t_plain - 1):+.1f}%, target <= +15%)")
     print(f"bounds alone (vs unbounded step)                  overhead {100 * (t_bound / t_nobound - 1):+.1f}%")
 
-    explain_settings = FgvisSettings(iterations=args.steps, lr=0.0, noise_std=0.0, lambda_tries=1)
+    explain_settings = FgvisSettings(iterations=args.steps, lr=STILL_LR, noise_std=0.0, lambda_tries=1)
     count = args.batch
 
     def explain(batch_size: int):

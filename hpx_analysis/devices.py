@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .errors import HpxError
@@ -23,7 +25,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the model's first parameter (else its first buffer; CPU float32 for a model with
     neither, e.g. a function wrapped as a module)."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):  # stops at the first floating one
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
     return torch.device("cpu"), torch.float32

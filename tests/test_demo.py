@@ -16,7 +16,8 @@ import torch
 from typer.testing import CliRunner
 
 from hpx_analysis.demo.pipeline import (CONV_PROXY, GLOBAL_TASK, HPX_PROXY, HYENA_ND_PROXY, LOCAL_TASK, DemoSettings,
-                                        explain_and_score, fgvis_checks, fgvis_numbers, known_answers, mark_boxes)
+                                        explain_and_score, fgvis_checks, fgvis_numbers, known_answers, mark_boxes,
+                                        shipped_proxy)
 from hpx_analysis.demo import ship, shipped
 from hpx_analysis.demo.tasks import (GRID, IMAGE_SIZE, MARK, MIN_GAP, ROW_GAP, TASKS, TaskBatch, sample_task,
                                      task_parameters)
@@ -264,8 +265,7 @@ def test_fgvis_known_answers_fail_on_models_that_do_not_use_the_marks():
     deletion, pointing, flip = fgvis_checks(corner)
     assert len(clear) == 3 and corner["pointing"] == [0.0] * 3 and not pointing[-1]
     assert deletion[-1] and flip[-1]
-    found, _ = shipped.select_shipped({(CONV_PROXY, GLOBAL_TASK): DEFAULTS.training(CONV_PROXY, GLOBAL_TASK)})
-    convformer = shipped.load_shipped(found[CONV_PROXY, GLOBAL_TASK])
+    convformer = shipped_proxy(CONV_PROXY, GLOBAL_TASK)
     numbers = fgvis_numbers(explain_and_score(convformer, shown, names, seed=0))
     deletion, pointing, _ = fgvis_checks(numbers)
     assert not deletion[-1] and not pointing[-1]

@@ -67,6 +67,7 @@ from timm.layers import Format
 from timm.models.metaformer import StarReLU
 from torch import Tensor, nn
 
+from ..devices import model_placement
 from ..engine import Batch, ImageDataset, SumOutput, run_batches
 from ..errors import HpxError
 from ..images import ImageSource, eval_transform, model_mean_std
@@ -560,7 +561,7 @@ def _erf_at_size(model: nn.Module, images: Union[Sequence[ImageSource], Tensor],
     if not len(dataset):
         raise HpxError("no images to compute the ERF over")
     paths, convention = settings["layers"], settings["convention"]
-    device = next(model.parameters()).device
+    device = model_placement(model)[0]
     shared = {"input_size": [height, width], "size_override": size, "transform": description}
 
     def step(batch: Batch) -> Dict[str, Tensor]:

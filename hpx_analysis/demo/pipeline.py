@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import announce, content_key
+from ..errors import HpxError
 from ..images import model_mean_std, normalise
 from ..inspection import long_filter_layers
 from ..interventions import cut_short_convs
@@ -215,6 +216,16 @@ def load_proxies(cache_dir: Path, settings: DemoSettings, retrain: bool = False,
         models[name, task] = model
         records[f"{name}/{task}"] = record
     return models, records
+
+
+def shipped_proxy(name: str, task: str, settings: DemoSettings = DemoSettings()) -> nn.Module:
+    """The shipped proxy ``name`` trained on ``task`` as an eval-mode model; a one-line error when it does not fit the
+    current code and ``settings``."""
+    found, _ = select_shipped({(name, task): settings.training(name, task)})
+    if (name, task) not in found:
+        raise HpxError(f"the shipped proxy {name}/{task} does not fit this code and these settings; train it with "
+                       "`hpx-analyze demo --retrain`, or ship new ones with `python -m hpx_analysis.demo.ship`")
+    return load_shipped(found[name, task], settings.seed)
 
 
 def run_demo(out: Path | str, cache_dir: Path | str, settings: DemoSettings = DemoSettings(),
