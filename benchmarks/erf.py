@@ -7,13 +7,16 @@ stopped at the output layer, frozen StarReLUs fused, batches).
 Timing: one process, two copies of the same seeded model, the variants alternate image by image
 (so load from other processes hits all of them alike); one untimed warm-up round first. Memory: each
 variant once more in its own subprocess for one image after a warm-up, peak RSS (sampled every 5 ms)
-minus RSS before the pass (CUDA: peak allocated). A ``torch.compile`` variant was dropped: it lost to
+minus RSS before the pass, the free heap given back first (CUDA: peak allocated). With ``--keep-freed-memory``
+the whole process (both variants) keeps freed memory for reuse, as the ``hpx-analyze`` command does
+(:func:`hpx_analysis.devices.keep_freed_memory`); without it, glibc's default. A ``torch.compile`` variant was dropped: it lost to
 eager on CPU (see README, ERF).
 Prints seconds per image, speed-up, pass GFLOP (torch.utils.flop_counter, FFTs excluded), achieved
 GFLOP/s as a fraction of a 2048x2048 float32 matmul rate measured in the same run, peak memory per
 image, and the maximum map difference relative to the map's maximum (must be <= 1e-4).
 
     python benchmarks/erf.py            # hpx_former_s18, 1024 px, 2 timed images per variant
+    python benchmarks/erf.py --keep-freed-memory   # the process keeps freed memory, as hpx-analyze runs
     python benchmarks/erf.py --quick    # tiny model at 64 px: checks the script in seconds
 """
 
@@ -80,6 +83,7 @@ def _sync(device: str) -> None:
 
 def measure_memory(args: argparse.Namespace) -> None:
     """Subprocess body: one warm-up and one measured image of ``args.variant``; prints peak GB per image."""
+    from hpx_analysis.devices import release_freed_memory
     from hpx_analysis.inspection import feature_layer
     from hpx_analysis.models.zoo import load_model
 
@@ -88,6 +92,7 @@ def measure_memory(args: argparse.Namespace) -> None:
     images = _inputs(model, args.size, args.batch_size).to(args.device)
     run = _runner(args.variant, model, layer, args.batch_size)
     run(images)  # warm-up outside the measured peak
+    release_freed_memory()  # a kept heap would hide the pass's peak in the RSS before it
     rss_before, rss_peak, done = _rss_gb(), [0.0], threading.Event()
 
     def sample() -> None:  # RSS every 5 ms: the peak of this pass alone (ru_maxrss spans the process)
@@ -153,12 +158,14 @@ def benchmark(args: argparse.Namespace) -> float:
 
     count = args.images * args.batch_size
     print(f"model {Path(args.model).stem} at {args.size} px, {count} timed images per variant (interleaved), "
-          f"device {args.device}, {torch.get_num_threads()} threads, analyzer batch {args.batch_size}")
+          f"device {args.device}, {torch.get_num_threads()} threads, analyzer batch {args.batch_size}, freed memory "
+          f"{'kept (both variants)' if args.keep_freed_memory else 'returned (glibc default)'}")
     print(f"matmul 2048x2048: {rate:.1f} GFLOP/s; ERF pass (forward to the layer + input backward): {gflop:.1f} GFLOP")
     plain_time, worst = seconds["plain loop"] / count, 0.0
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--memory-of", variant, "--model", args.model, "--size", str(args.size),
                    "--batch-size", str(args.batch_size), "--device", args.device]
+        command += ["--keep-freed-memory"] if args.keep_freed_memory else []
         memory = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout
                             .strip().splitlines()[-1])["peak_gb_per_image"]
         per_image = seconds[variant] / count
@@ -179,10 +186,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="analyzer batch size")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny model at 64 px (a smoke run)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="keep freed memory in the process for reuse (both variants), as hpx-analyze does")
     parser.add_argument("--memory-of", dest="variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.model, args.size = str(TINY_CONFIG), 64
+    if args.keep_freed_memory:
+        from hpx_analysis.devices import keep_freed_memory
+        keep_freed_memory()
     if args.variant:
         measure_memory(args)
     elif benchmark(args) > 1e-4:

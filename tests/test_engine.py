@@ -145,3 +145,45 @@ def test_model_placement_without_parameters():
     assert model_placement(torch.nn.Linear(2, 2).double()) == (torch.device("cpu"), torch.float64)
     batch_norm = torch.nn.BatchNorm1d(2, affine=False).half()
     assert model_placement(batch_norm) == (torch.device("cpu"), torch.float16)
+
+
+FAULT_PROBE = """
+import resource, sys, torch
+from hpx_analysis.devices import keep_freed_memory, release_freed_memory
+
+def faults_of_a_new_tensor():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensor = torch.ones(16 << 20)  # 64 MB: above glibc's largest mmap threshold (32 MB)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del tensor
+    return faults
+
+faults_of_a_new_tensor()
+default = faults_of_a_new_tensor()
+applied = keep_freed_memory()
+faults_of_a_new_tensor()
+kept = faults_of_a_new_tensor()
+release_freed_memory()
+released = faults_of_a_new_tensor()
+print(default, int(applied), kept, released)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_kept_memory_is_reused_without_page_faults() -> None:
+    """By default glibc maps a 64 MB tensor afresh each time (16,384 page faults with 4 KB pages); after
+    keep_freed_memory the second one reuses the first one's pages (no faults); release_freed_memory gives them back,
+    so the next one faults in again. With HPX_KEEP_FREED_MEMORY=0 nothing changes."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True, check=True)
+    default, applied, kept, released = (int(word) for word in done.stdout.split())
+    if default < 1000:
+        pytest.skip(f"{default} faults for a new 64 MB tensor: huge pages in effect, nothing to measure")
+    assert applied == 1 and kept < 100 and released > default // 2, done.stdout
+    opted_out = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True, check=True,
+                               env={**os.environ, "HPX_KEEP_FREED_MEMORY": "0"})
+    default, applied, kept, _ = (int(word) for word in opted_out.stdout.split())
+    assert applied == 0 and kept > default // 2, opted_out.stdout

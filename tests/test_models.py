@@ -138,6 +138,19 @@ def test_fft_conv_equals_direct_true_convolution_2d(size, kernel_size):
     torch.testing.assert_close(fft_conv_same(signal, kernel, centre).double(), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_fft_conv_keeps_a_channels_last_layout():
+    """A channels-last signal gives a channels-last output with the values of the NCHW one (mixed layouts after the
+    long filter made every elementwise operation of the mixer several times slower); an NCHW signal stays NCHW."""
+    gen = torch.Generator().manual_seed(1)
+    signal = torch.randn(2, 4, 10, 12, generator=gen)
+    kernel = torch.randn(4, 7, 7, generator=gen)
+    plain = fft_conv_same(signal, kernel, (3, 3))
+    last = fft_conv_same(signal.contiguous(memory_format=torch.channels_last), kernel, (3, 3))
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain, last)
+
+
 def test_fft_conv_1d_centred_and_causal():
     gen = torch.Generator().manual_seed(0)
     length, taps = 11, 7
