@@ -21,7 +21,7 @@ from hpx_analysis.errors import HpxError
 from hpx_analysis.layer_names import LayerRef
 from hpx_analysis.workflows import ModelSpec, erf_models, explain_models
 from hpx_analysis_cli import options
-from hpx_analysis_cli.app import app, main
+from hpx_analysis_cli.app import app, main, run
 
 from .conftest import free_port, random_image_folder
 
@@ -209,3 +209,16 @@ def test_erf_models_from_python(tiny_config: Any) -> None:
     assert result.labels == ["tiny_hpx", "tiny_hpx_sc"] and result.arrays["maps"].shape == (2, 32, 32)
     assert result.meta["options"]["weights"] == ["random", "random"] and result.meta["options"]["seed"] == 0
     assert [entry["layer"] for entry in result.meta["models"]] == ["stages.1", "stages.1"]
+
+
+@pytest.mark.parametrize("argv,kept", [(["models"], True), (["erf", "--help"], False), (["--version"], False)])
+def test_the_console_script_keeps_freed_memory_for_commands_only(argv: List[str], kept: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hpx-analyze`` (``run``) makes the process keep freed memory before a command, not for help or the version,
+    which stay free of torch."""
+    calls: List[int] = []
+    monkeypatch.setattr("hpx_analysis.devices.keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(sys, "argv", ["hpx-analyze", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code in (0, None) and bool(calls) == kept
