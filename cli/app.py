@@ -54,7 +54,7 @@ def root(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 def run() -> None:
     """The ``hpx-analyze`` console script: :func:`main` in a process that keeps freed memory for reuse
     (:func:`hpx_analysis.devices.keep_freed_memory`; not for ``--help``/``--version``, which stay free of torch)."""
-    if len(sys.argv) > 1 and not {"--help", "-h", "--version"} & set(sys.argv[1:]):
+    if len(sys.argv) > 1 and not {"--help", "--version"} & set(sys.argv[1:]):
         from hpx_analysis.devices import keep_freed_memory
         keep_freed_memory()
     main()

@@ -36,7 +36,6 @@ def model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 KEEP_MEMORY_ENV = "HPX_KEEP_FREED_MEMORY"

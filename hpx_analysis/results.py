@@ -15,7 +15,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, TypeVar, overload
 
 import numpy as np
 
@@ -62,11 +62,34 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+class ArrayField:
+    """A read-only attribute of a result: the array stored in its ``arrays`` under the attribute's own name
+    (``deletion = ArrayField()`` reads ``arrays["deletion"]``)."""
+
+    name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, result: None, owner: type) -> "ArrayField": ...
+
+    @overload
+    def __get__(self, result: "Result", owner: type) -> np.ndarray: ...
+
+    def __get__(self, result: Optional["Result"], owner: type) -> Any:
+        return self if result is None else result.arrays[self.name]
+
+    def __set__(self, result: "Result", value: Any) -> None:
+        raise AttributeError(f"'{self.name}' is read from the result's arrays; set arrays['{self.name}'] instead")
+
+
 @dataclass
 class Result:
     """Base of all analyzer results: ``arrays`` (name -> ndarray) and ``meta`` (JSON-serialisable).
 
-    Subclasses set ``kind`` (the analyzer's name) and add typed accessors over arrays/meta.
+    Subclasses set ``kind`` (the analyzer's name) and add typed accessors over arrays/meta (:class:`ArrayField`
+    for an array read as it is stored).
     """
 
     arrays: Dict[str, np.ndarray] = field(default_factory=dict)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from ..engine import ItemOutput, RunOutputs
 from ..errors import HpxError
+from ..results import ArrayField
 from .methods import ExplanationBatch, Explainer, ExplanationResult, register_method, run_explanation
 
 RELU_ACTIVATIONS: Tuple[type, ...] = (nn.ReLU, nn.ReLU6)
@@ -298,9 +299,7 @@ class FgvisResult(ExplanationResult):
 
     kind = "fgvis"
 
-    @property
-    def masks(self) -> np.ndarray:
-        return self.arrays["masks"]
+    masks = ArrayField()
 
     @property
     def records(self) -> List[Dict[str, Any]]:

@@ -36,7 +36,7 @@ from ..devices import model_placement
 from ..engine import Batch, ImageDataset, ItemOutput, RunOutputs, run_batches
 from ..errors import HpxError
 from ..provenance import function_fingerprint
-from ..results import Result, model_metadata
+from ..results import ArrayField, Result, model_metadata
 
 REFERENCES = ("black", "blur", "mean")
 BLUR_SIGMA = 10.0
@@ -50,13 +50,8 @@ class ExplanationResult(Result):
 
     kind = "explanation"
 
-    @property
-    def maps(self) -> np.ndarray:
-        return self.arrays["maps"]
-
-    @property
-    def inputs(self) -> np.ndarray:
-        return self.arrays["inputs"]
+    maps = ArrayField()
+    inputs = ArrayField()
 
     @property
     def method(self) -> str:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..devices import model_placement
 from ..errors import HpxError
-from ..results import Result, model_metadata
+from ..results import ArrayField, Result, model_metadata
 from .attribution import explain
 from .methods import predict, resolve_targets, to_model
 
@@ -32,9 +32,7 @@ class SanityResult(Result):
 
     kind = "sanity"
 
-    @property
-    def correlations(self) -> np.ndarray:
-        return self.arrays["correlations"]
+    correlations = ArrayField()
 
     @property
     def steps(self) -> List[str]:

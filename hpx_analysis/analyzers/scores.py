@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..boxes import box_mask
 from ..engine import Batch, ImageDataset, ItemOutput, SumOutput, array_digest, run_batches
 from ..errors import HpxError
-from ..results import Result, model_metadata
+from ..results import ArrayField, Result, model_metadata
 from .methods import REFERENCES, ExplanationResult, batch_target, reference_image, resolve_targets, to_model
 
 METRICS = ("deletion", "insertion", "pointing", "energy-pointing")
@@ -100,41 +100,15 @@ class FaithfulnessResult(Result):
 
     kind = "faithfulness"
 
-    @property
-    def deletion(self) -> np.ndarray:
-        return self.arrays["deletion"]
-
-    @property
-    def insertion(self) -> np.ndarray:
-        return self.arrays["insertion"]
-
-    @property
-    def random_deletion(self) -> np.ndarray:
-        return self.arrays["random_deletion"]
-
-    @property
-    def random_insertion(self) -> np.ndarray:
-        return self.arrays["random_insertion"]
-
-    @property
-    def deletion_auc(self) -> np.ndarray:
-        return self.arrays["deletion_auc"]
-
-    @property
-    def insertion_auc(self) -> np.ndarray:
-        return self.arrays["insertion_auc"]
-
-    @property
-    def random_deletion_auc(self) -> np.ndarray:
-        return self.arrays["random_deletion_auc"]
-
-    @property
-    def random_insertion_auc(self) -> np.ndarray:
-        return self.arrays["random_insertion_auc"]
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self.arrays["targets"]
+    deletion = ArrayField()
+    insertion = ArrayField()
+    random_deletion = ArrayField()
+    random_insertion = ArrayField()
+    deletion_auc = ArrayField()
+    insertion_auc = ArrayField()
+    random_deletion_auc = ArrayField()
+    random_insertion_auc = ArrayField()
+    targets = ArrayField()
 
     @property
     def steps(self) -> int:
@@ -310,13 +284,8 @@ class LocalisationResult(Result):
 
     kind = "localisation"
 
-    @property
-    def pointing(self) -> np.ndarray:
-        return self.arrays["pointing"]
-
-    @property
-    def energy_pointing(self) -> np.ndarray:
-        return self.arrays["energy_pointing"]
+    pointing = ArrayField()
+    energy_pointing = ArrayField()
 
 
 def localisation(maps: MapsLike, boxes: BoxesPerImage, *, tolerance: float = 0.0,
