@@ -83,6 +83,10 @@ def _child(name: str, data: Path, resume_dir: Optional[Path], out: Path, log: Pa
     os.dup2(descriptor, 2)
     import threading
 
+    # Python's own handler even when the test runner ignores SIGINT (a shell's background job does), which
+    # the fork server and its children would inherit: then no SIGINT would interrupt a run
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     import torch
     from tqdm.auto import tqdm
     from hpx_analysis import engine
