@@ -132,8 +132,9 @@ def time_variant(args: argparse.Namespace) -> None:
         seconds += time.perf_counter() - start
     np.save(args.map_to, summed)
     peak = peak_memory_gb(run, batches[-1], args.device)
+    together = args.batch_size if args.variant == "analyzer" else 1  # the plain loop takes one image at a time
     print(json.dumps({"seconds_per_image": seconds / (args.images * args.batch_size), "matmul_gflops": rate,
-                      "peak_gb_per_image": None if peak is None else peak / args.batch_size}))
+                      "peak_gb_per_image": None if peak is None else peak / together}))
 
 
 def matmul_rate(device: str, repeats: int = 10) -> float:
