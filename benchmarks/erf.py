@@ -180,7 +180,8 @@ def benchmark(args: argparse.Namespace) -> float:
                            "--model", args.model, "--size", str(args.size), "--batch-size", str(args.batch_size),
                            "--warm-up", str(args.warm_up), "--images", str(args.images), "--device", args.device,
                            "--map-to", str(map_file)]
-                environment = {**os.environ, "HPX_KEEP_FREED_MEMORY": "1" if malloc == "kept" else "0"}
+                # --malloc alone decides; a user's HPX_KEEP_FREED_MEMORY=0 must not turn the kept rows into default ones
+                environment = {**os.environ, "HPX_KEEP_FREED_MEMORY": "1"}
                 if tree:  # the earlier release's package first on the path
                     environment["PYTHONPATH"] = os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])
                 done = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
