@@ -2,7 +2,7 @@
 
 Plain loop: batch 1, parameters requiring grad, full forward, backward of the centre scalar (a user's script).
 Analyzer: :func:`hpx_analysis.analyzers.erf.effective_receptive_field` (frozen parameters, forward
-stopped at the output layer, frozen StarReLUs fused, batches).
+stopped at the output layer, frozen StarReLUs and HyenaPixel gatings fused, batches).
 
 Each variant runs in processes of its own, with glibc's default malloc (``default``: what a script gets) and with
 freed memory kept in the process (``kept``: what ``hpx-analyze`` sets, :func:`hpx_analysis.devices.keep_freed_memory`).

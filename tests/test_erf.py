@@ -14,7 +14,7 @@ from timm.models.metaformer import StarReLU
 from torch import nn
 from typer.testing import CliRunner
 
-import hpx_analysis.analyzers.erf as erf_module
+import hpx_analysis.models.frozen as frozen
 from hpx_analysis.analyzers.erf import (OPENERF_RADII, ROW_OPTIONS, ERFResult, area_ratios, display_map,
                                         effective_receptive_field, erf_gradient_maps, erf_gradient_maps_by_layer,
                                         gaussian_fit, mass_within, radial_mass, radial_mass_summary,
@@ -372,9 +372,10 @@ def test_batches_and_tiny_hyenapixel_match_single_images(tiny_config, tiny_weigh
     assert all(p.requires_grad for p in model.parameters())  # restored after the run
 
 
-def test_fused_star_relus_give_timms_gradients(tiny_config, tiny_weights, monkeypatch) -> None:
-    """Frozen StarReLUs run fused (one per block here, the one whose inner ReLU is read unfused) and the maps equal
-    those of timm's own graph (parameters requiring gradients), with scales and biases away from 1 and 0."""
+def test_fused_frozen_modules_give_timms_gradients(tiny_config, tiny_weights, monkeypatch) -> None:
+    """Frozen StarReLUs and HyenaPixel gatings run fused (one StarReLU per block here, the one whose inner ReLU is read
+    unfused; the gating of all four blocks) and the maps equal those of the modules' own graph (parameters requiring
+    gradients), with StarReLU scales and biases away from 1 and 0."""
     model = load_model(tiny_config("tiny_hpx"), tiny_weights("tiny_hpx"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -384,13 +385,15 @@ def test_fused_star_relus_give_timms_gradients(tiny_config, tiny_weights, monkey
     inputs = torch.randn(2, 3, 64, 64, generator=generator)
     layers = ["stages.1.blocks.0.mlp.act.relu", "stages.3"]
     timm_maps = erf_gradient_maps_by_layer(model, inputs, layers)
-    calls = []
-    apply = erf_module._FrozenStarReLU.apply
-    monkeypatch.setattr(erf_module._FrozenStarReLU, "apply", lambda *args: calls.append(1) or apply(*args))
+    calls = {"star": 0, "gating": 0}
+    for name, function in (("star", frozen.FrozenStarReLU), ("gating", frozen.FrozenHyenaPixelGating)):
+        monkeypatch.setattr(function, "apply", lambda *args, name=name, apply=function.apply:
+                            calls.__setitem__(name, calls[name] + 1) or apply(*args))
     with analysis_mode(model):
         fused = erf_gradient_maps_by_layer(model, inputs, layers)
-    assert len(calls) == 3  # stages.0, 2 and 3; stages.1's act is read at its inner ReLU
+    assert calls == {"star": 3, "gating": 4}  # StarReLU: stages.0, 2 and 3; stages.1's act is read at its inner ReLU
     torch.testing.assert_close(fused, timm_maps, rtol=1e-5, atol=1e-6 * float(timm_maps.abs().max()))
+
 
 def test_output_layer_resolution(tiny_config, tiny_weights) -> None:
     model = load_model(tiny_config("tiny_hb"), tiny_weights("tiny_hb"))

@@ -59,12 +59,11 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from timm.layers import Format
-from timm.models.metaformer import StarReLU
 from torch import Tensor, nn
 
 from ..devices import model_placement
@@ -73,6 +72,7 @@ from ..errors import HpxError
 from ..images import ImageSource, eval_transform, model_mean_std
 from ..inspection import feature_layer, feature_modules, layer_module
 from ..layer_names import LAYER_SYNTAX, LayerLike, LayerRef, is_layer_syntax
+from ..models.frozen import fused_frozen
 from ..models.zoo import default_input_size
 from ..results import Result, model_metadata
 
@@ -87,40 +87,6 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class _StopForward(Exception):
     """Raised by the output hook: nothing after the analysed layer needs computing."""
-
-
-class _FrozenStarReLU(torch.autograd.Function):
-    """timm's StarReLU ``s * relu(x)**2 + b`` with frozen s, b (1,) on x of any shape: the one saved tensor is the
-    slope ``2 s relu(x)``, the gradient ``grad * slope``; 4 elementwise passes over x's size against the 9 of
-    autograd's graph of timm's forward (relu, pow, mul, add; mul, pow, 2 mul, threshold_backward)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-        rectified = torch.relu(x)
-        slope = rectified * (2 * scale)
-        ctx.save_for_backward(slope)
-        return torch.addcmul(bias, rectified, slope, value=0.5)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
-        slope, = ctx.saved_tensors
-        return grad * slope, None, None
-
-
-@contextlib.contextmanager
-def _fused_star_relus(model: nn.Module) -> Iterator[None]:
-    """Inside the block every StarReLU of ``model`` with frozen scale and bias runs as :class:`_FrozenStarReLU`, unless
-    its inner ReLU has hooks (e.g. the ERF is read there), which the fused function would skip."""
-    frozen = [module for module in model.modules() if isinstance(module, StarReLU)
-              and not (module.scale.requires_grad or module.bias.requires_grad)
-              and not (module.relu._forward_hooks or module.relu._forward_pre_hooks)]
-    for module in frozen:
-        module.forward = lambda x, module=module: _FrozenStarReLU.apply(x, module.scale, module.bias)
-    try:
-        yield
-    finally:
-        for module in frozen:
-            del module.forward
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -436,7 +402,8 @@ def erf_gradient_maps_by_layer(model: nn.Module, inputs: Tensor, layers: Sequenc
     pass per layer, in order, the graph kept for the next. Images in a batch are independent in eval mode, so one
     backward pass of the summed centre scalars gives every image's gradient g (B, 3, H, W); the map is
     ``gradient`` (``relu`` or ``abs``) of g summed over RGB (replknet) or of g averaged over RGB (kim2023).
-    StarReLUs with frozen parameters run fused (:class:`_FrozenStarReLU`): the same values, fewer memory passes.
+    Frozen StarReLUs and HyenaPixel gatings run fused (:func:`..models.frozen.fused_frozen`): the same values to
+    float32 rounding, fewer memory passes.
     """
     _check_choices(convention, gradient)
     scalars: Dict[str, Tensor] = {}
@@ -454,7 +421,7 @@ def erf_gradient_maps_by_layer(model: nn.Module, inputs: Tensor, layers: Sequenc
     autocast = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     try:
-        with torch.enable_grad(), autocast, _fused_star_relus(model):
+        with torch.enable_grad(), autocast, fused_frozen(model):
             try:
                 model(x)
             except _StopForward:

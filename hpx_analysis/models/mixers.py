@@ -57,16 +57,20 @@ class HyenaPixelMixer(nn.Module):
             return self.long_vertical_conv(self.long_horizontal_conv(u))
         return self.long_conv(u)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        q, k, v = self.depthwise_conv(self.pointwise_conv(x)).chunk(3, dim=1)
+    def gate(self, qkv: Tensor) -> Tensor:
+        """The gating ``v * long(norm(q * k))`` (normed): qkv (B, 3C, H, W) -> (B, C, H, W)."""
+        q, k, v = qkv.chunk(3, dim=1)
         u = q * k
         if self.use_layernorm:
             u = self.qk_norm(u)
         y = v * self.long(u)
         if self.use_layernorm:
             y = self.out_norm(y)
-        return self.out_proj(y)
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return self.out_proj(self.gate(self.depthwise_conv(self.pointwise_conv(x))))
 
 
 class HyenaMixer(nn.Module):
