@@ -48,18 +48,18 @@ class FrozenStarReLU(torch.autograd.Function):
         return grad * slope, None, None
 
 
-def _norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """Bias-free layer norm over the channels of x (B, C, H, W), or x itself where weight is None; and the statistics
-    its backward needs (mean and 1/std, (B, H, W, 1) each; none without a norm)."""
+def _norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
+    """Bias-free layer norm over the channels of x (B, C, H, W), or x itself where weight is None; and what its
+    backward needs: (x, mean, 1/std) with the statistics (B, H, W, 1), or three Nones without a norm."""
     if weight is None:
-        return x, ()
+        return x, (None, None, None)
     out, mean, rstd = torch.native_layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, None, eps)
-    return out.permute(0, 3, 1, 2), (mean, rstd)
+    return out.permute(0, 3, 1, 2), (x, mean, rstd)
 
 
 def _norm_backward(grad: Tensor, weight: Optional[Tensor], x: Optional[Tensor], mean: Optional[Tensor],
                    rstd: Optional[Tensor]) -> Tensor:
-    """Input gradient (B, C, H, W) of :func:`_norm` from its input x and statistics; grad itself without a norm."""
+    """Input gradient (B, C, H, W) of :func:`_norm` from what it saved; grad itself without a norm."""
     if weight is None:
         return grad
     return torch.ops.aten.native_layer_norm_backward(
@@ -78,13 +78,10 @@ class FrozenHyenaPixelGating(torch.autograd.Function):
                 kernel_f: Tensor, skip: Tensor, fft_shape: Tuple[int, ...], centre: Tuple[int, ...]) -> Tensor:
         q, k, v = qkv.chunk(3, dim=1)
         product = q * k
-        normed, qk_stats = _norm(product, qk_weight, eps)
+        normed, qk_saved = _norm(product, qk_weight, eps)
         filtered = torch.addcmul(apply_kernel_fft(normed, kernel_f, fft_shape, centre), normed, skip)
-        gated = v * filtered
-        out, out_stats = _norm(gated, out_weight, eps)
-        ctx.save_for_backward(qkv, filtered, kernel_f, skip, qk_weight, out_weight,
-                              *((product,) + qk_stats if qk_stats else (None,) * 3),
-                              *((gated,) + out_stats if out_stats else (None,) * 3))
+        out, out_saved = _norm(v * filtered, out_weight, eps)
+        ctx.save_for_backward(qkv, filtered, kernel_f, skip, qk_weight, out_weight, *qk_saved, *out_saved)
         ctx.fft = (fft_shape, centre)
         return out
 
@@ -124,13 +121,13 @@ def _fusable_mixer(mixer: nn.Module) -> bool:
 
 def _fused_mixer_forward(mixer: HyenaPixelMixer, x: Tensor) -> Tensor:
     """:meth:`HyenaPixelMixer.forward` with :class:`FrozenHyenaPixelGating`: x (B, C, H, W) -> (B, C, H, W)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return HyenaPixelMixer.forward(mixer, x)
     qkv = mixer.depthwise_conv(mixer.pointwise_conv(x))
     kernel_f, fft_shape = mixer.long_conv.spectrum(qkv.shape[-2:], qkv.device)
-    if kernel_f.requires_grad:  # an override kernel or a kernel modifier that needs its gradient
+    # an override kernel or a kernel modifier that needs its gradient, or autocast: the mixer's own gating
+    if kernel_f.requires_grad or torch.is_autocast_enabled(qkv.device.type):
         return mixer.out_proj(mixer.gate(qkv))
-    norms = (mixer.qk_norm.weight, mixer.out_norm.weight, mixer.qk_norm.eps) if mixer.use_layernorm else (None, None, 0.0)
+    norms = ((mixer.qk_norm.weight, mixer.out_norm.weight, mixer.qk_norm.eps) if mixer.use_layernorm
+             else (None, None, 0.0))
     y = FrozenHyenaPixelGating.apply(qkv, *norms, kernel_f, mixer.long_conv.bias, fft_shape, mixer.long_conv.centre)
     return mixer.out_proj(y)
 
