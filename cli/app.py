@@ -60,13 +60,20 @@ def run() -> None:
     main()
 
 
+INTERRUPTED = "interrupted; partial results already saved are kept and a rerun resumes"
+
+
 def main() -> None:
     """Run the app, turning user errors into one line and exit code 2."""
     try:
         app()
     except KeyboardInterrupt:
-        typer.echo("interrupted; partial results already saved are kept and a rerun resumes", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    except SystemExit as exit_:
+        if exit_.code == 130:  # typer turns Ctrl-C inside a command into a silent exit 130
+            typer.echo(INTERRUPTED, err=True)
+        raise
     except Exception as err:  # HpxError is user-facing; others keep their traceback for bug reports
         from hpx_analysis.errors import HpxError
         if isinstance(err, HpxError):

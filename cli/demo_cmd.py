@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from typing_extensions import Annotated
 
-from .options import DEFAULT_SEED, Seed, report_written
+from .options import DEFAULT_SEED, Seed, report_written, writable_folder
 
 DEFAULT_DEMO_OUT = Path("figures") / "demo"
 DEFAULT_CACHE = Path.home() / ".cache" / "hpx-analysis" / "demo"
@@ -18,18 +18,19 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Gallery folder.")] = DEFAULT_DEMO_OUT,
+    out: Annotated[Path, typer.Option("--out", "-o", callback=writable_folder,
+                                      help="Gallery folder.")] = DEFAULT_DEMO_OUT,
     cache: Annotated[Path, typer.Option("--cache", help="Trained proxies (when not the shipped ones) and evaluation "
                                         "images; a rerun with the same settings reuses them.")] = DEFAULT_CACHE,
     retrain: Annotated[bool, typer.Option("--retrain", help="Train the proxies from scratch (through --cache: "
                                           "each is cached as soon as it is trained, so an interrupted run resumes) "
                                           "instead of loading the ones shipped with the package.")] = False,
-    global_steps: Annotated[int, typer.Option("--global-steps", help="Training steps on the global "
+    global_steps: Annotated[int, typer.Option("--global-steps", min=1, help="Training steps on the global "
                                               "same-row task.")] = 800,
-    local_steps: Annotated[int, typer.Option("--local-steps", help="Training steps on the local stripes "
+    local_steps: Annotated[int, typer.Option("--local-steps", min=1, help="Training steps on the local stripes "
                                              "task.")] = 300,
-    hyena_nd_steps: Annotated[int, typer.Option("--hyena-nd-steps", help="Training steps of the Hyena N-D proxy "
-                                                "on the global same-row task.")] = 800,
+    hyena_nd_steps: Annotated[int, typer.Option("--hyena-nd-steps", min=1, help="Training steps of the Hyena N-D "
+                                                "proxy on the global same-row task.")] = 800,
     seed: Seed = DEFAULT_SEED,
 ) -> None:
     """Run ERF, kernels, coverage, truncation and FGVis on a HyenaPixel, a ConvFormer and a Hyena N-D proxy trained

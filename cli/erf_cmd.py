@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 def erf(
+    context: typer.Context,
     model: options.Models = None,
     weights: options.WeightsPerModel = None,
     images: options.Images = None,
@@ -44,11 +45,12 @@ def erf(
     gradient: Annotated[options.Gradient, typer.Option("--gradient", help="The map from the input gradient: relu (the "
                         "references') or abs, its absolute value.")] = options.Gradient.relu,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per backward pass.")] = 1,
-    amp: Annotated[Optional[options.Amp], typer.Option("--amp", help="Autocast dtype bf16 or fp16 (GPU).")] = None,
+    amp: Annotated[Optional[options.Amp], typer.Option("--amp", help="Autocast dtype bf16 or fp16 (GPU; fp16 "
+                   "gradients are scaled so the ERF's tails do not flush to zero).")] = None,
     shared_scale: Annotated[bool, typer.Option("--shared-scale/--per-panel", help="One colour scale for all "
                             "panels or a colorbar per panel.")] = False,
     replot: Annotated[Optional[Path], typer.Option("--replot", help="Redraw a saved erf_*.npz without "
-                      "recomputing.")] = None,
+                      "recomputing (beside it, or in --out when given).")] = None,
     resume: options.Resume = options.DEFAULT_RESUME,
     device: options.Device = options.DEFAULT_DEVICE,
     out: options.Out = options.DEFAULT_OUT,
@@ -66,7 +68,11 @@ def erf(
     from hpx_analysis.plotting.erf import save_erf_figure
 
     if replot is not None:
-        stem = Path(replot).with_suffix("")
+        ignored = [f"--{name.replace('_', '-')}" for name in ("model", "weights", "images", "input_size", "layers")
+                   if options.given(context, name)]
+        if ignored:
+            typer.echo(f"note: --replot redraws the saved result; {', '.join(ignored)} ignored", err=True)
+        stem = Path(out) / Path(replot).stem if options.given(context, "out") else Path(replot).with_suffix("")
         options.report_written(save_erf_figure(ERFResult.load(replot), stem, shared_scale))
         return
     from hpx_analysis import distributed

@@ -46,7 +46,8 @@ def explain(
                                  "the ReLU inside StarReLU/SquaredReLU) or all (also GELU, SiLU, ...).")
                                  ] = options.BoundActivations.relu,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples (images x lambdas) per batch.")] = 8,
-    exponent: Annotated[float, typer.Option("--exponent", help="Display exponent of the FGVis mask.")] = 7.0,
+    exponent: Annotated[float, typer.Option("--exponent", min=0.01, max=100.0, callback=options.finite,
+                                            help="Display exponent of the FGVis mask.")] = 7.0,
     sanity: Annotated[bool, typer.Option("--sanity", help="Also run the cascading parameter randomisation "
                       "test and report Spearman correlations.")] = False,
     metrics: options.Metrics = None,
@@ -58,7 +59,7 @@ def explain(
                                 "GPU more).")] = 16,
     pointing_tolerance: Annotated[float, typer.Option("--pointing-tolerance", help="Pointing game: a maximum within "
                                   "this many px of a box is a hit (Zhang et al. used 15).")] = 0.0,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the scores' 95% "
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples for the scores' 95% "
                          "intervals.")] = 1000,
     resume: options.Resume = options.DEFAULT_RESUME,
     device: options.Device = options.DEFAULT_DEVICE,

@@ -32,7 +32,7 @@ def kernels(
     weights: Weights = DEFAULT_WEIGHTS,
     reduction: Annotated[str, typer.Option(help="mean, abs-mean, top-k (gallery of the --top-k channels "
                                                 "with most energy) or a channel index.")] = "mean",
-    top_k: Annotated[int, typer.Option("--top-k", help="Channels shown per layer with --reduction top-k.")] = 4,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Channels shown per layer with --reduction top-k.")] = 4,
     normalise: Annotated[Normalisation, typer.Option("--normalise", help="maxabs ([-1, 1], diverging map centred "
                                                      "at 0), minmax ([0, 1]) or none.")] = Normalisation.maxabs,
     layers: Layers = None,

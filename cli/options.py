@@ -4,6 +4,8 @@ equal the library's constants, which a test checks). Types and plain helpers onl
 from __future__ import annotations
 
 import ast
+import math
+import os
 import re
 from enum import Enum
 from pathlib import Path
@@ -29,9 +31,12 @@ WeightsPerModel = Annotated[Optional[List[str]], typer.Option(
     "--weights", "--checkpoint", "-w", show_default=False,
     help="'pretrained' (hub or local HF cache), 'random' (seeded), or a checkpoint file (.pth/.bin/.safetensors); "
          "one for every model, or repeated once per --model in the same order. Default: pretrained.")]
-InputSize = Annotated[Optional[int], typer.Option("--input-size", help="Input resolution in px (it sets the "
-                                                 "feature-map sides F); default: the model's pretrained "
-                                                 "resolution.")]
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 4096
+"""Input sides the commands take: every stage keeps a feature map of at least 1 px (strides up to 32), and a
+4096 px ERF pass already needs about 50 GB."""
+InputSize = Annotated[Optional[int], typer.Option("--input-size", min=MIN_INPUT_SIZE, max=MAX_INPUT_SIZE,
+                                                 help="Input resolution in px (it sets the feature-map sides F); "
+                                                 "default: the model's pretrained resolution.")]
 Images = Annotated[Optional[Path], typer.Option("--images", help="Image folder (recursive) or ImageFolder tree; "
                                                 "default: scikit-image's bundled photographs.")]
 NumImages = Annotated[int, typer.Option("--num-images", help="How many images to use (sorted, seeded, spread over "
@@ -45,8 +50,29 @@ Layers = Annotated[Optional[List[str]], typer.Option("--layers", metavar="LAYERS
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an interrupted run and reuse a finished "
                                       "one with the same model, inputs and options (runs are kept under OUT/runs).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="Output folder for figures and results.")]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed (weights='random', image selection, noise).")]
+def given(context: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given on the command line (not left at its default)."""
+    source = context.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"  # typer's own ParameterSource, not click's
+
+
+def writable_folder(value: Path) -> Path:
+    """Option callback: a folder that exists or can be made (its nearest existing ancestor a folder this process
+    may write in), checked before any work; nothing is created here."""
+    existing = value.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise typer.BadParameter(f"{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"cannot write in {existing}")
+    return value
+
+
+Out = Annotated[Path, typer.Option("--out", "-o", callback=writable_folder,
+                                   help="Output folder for figures and results.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2 ** 32 - 1,
+                                   help="Random seed (weights='random', image selection, noise).")]
 Metrics = Annotated[Optional[List[str]], typer.Option(
     "--metrics", metavar="METRICS", show_default=False,
     help="Score every explanation, comma-separated or repeated: deletion, insertion (RISE curves and their AUCs, "
@@ -62,6 +88,13 @@ ModelKwargs = Annotated[Optional[List[str]], typer.Option(
     help="Model constructor option, e.g. directions=4dir or embed_dim=32 (the value read as a Python literal, "
          "else as text, as timm's train.py); repeat for several; they apply to every --model and win over a "
          "checkpoint's saved args.")]
+
+def finite(value: Optional[float]) -> Optional[float]:
+    """Option callback: a finite number (click's ranges let NaN through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
 
 DEFAULT_WEIGHTS = "pretrained"
 DEFAULT_DEVICE = "auto"
@@ -131,15 +164,16 @@ def parse_model_kwargs(values: Optional[List[str]]) -> Dict[str, Any]:
 def model_specs(models: Optional[List[str]], weights: Optional[List[str]], weights_key: Optional[str],
                 model_kwargs: Optional[List[str]]) -> List["ModelSpec"]:
     """What ``--model``, ``--weights`` (:func:`weights_per_model`), ``--weights-key`` and ``--model-kwargs`` name: one
-    :class:`~hpx_analysis.workflows.ModelSpec` per model; a one-line error without ``--model``."""
+    :class:`~hpx_analysis.workflows.ModelSpec` per model, labels made distinct (one model with two weights files);
+    a one-line error without ``--model``."""
     from hpx_analysis.errors import HpxError
-    from hpx_analysis.workflows import ModelSpec
+    from hpx_analysis.workflows import ModelSpec, distinct_labels
 
     if not models:
         raise HpxError("missing --model: name a model (`hpx-analyze models` lists them), a timm model or a model "
                        "config .json")
     kwargs, sources = parse_model_kwargs(model_kwargs), weights_per_model(models, weights)
-    return [ModelSpec(name, source, weights_key, kwargs) for name, source in zip(models, sources)]
+    return distinct_labels([ModelSpec(name, source, weights_key, kwargs) for name, source in zip(models, sources)])
 
 
 def model_spec(model: Optional[str], weights: str, weights_key: Optional[str],
@@ -167,6 +201,8 @@ def input_sizes(values: Optional[List[str]]) -> List[int]:
     for item in listed(values):
         if not item.lstrip("+-").isdigit():
             raise HpxError(f"--input-size takes whole numbers of pixels (224 or 224,512,1024), got '{item}'")
+        if not MIN_INPUT_SIZE <= int(item) <= MAX_INPUT_SIZE:
+            raise HpxError(f"the input size must be {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} px (--input-size), got {item}")
         sizes.append(int(item))
     return sizes
 
@@ -197,6 +233,16 @@ def report_written(paths: Iterable[Path | str]) -> None:
         typer.echo(f"wrote {path}")
 
 
+MAX_NAME = 120
+"""Longest file stem written (file systems refuse names over 255 bytes; the suffixes and a ``.damaged-...`` stay)."""
+
+
 def safe_filename(text: str) -> str:
-    """``text`` with every run of characters other than letters, digits and ``_.+-`` replaced by ``_``."""
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
+    """``text`` with every run of characters other than letters, digits and ``_.+-`` replaced by ``_``; a stem over
+    :data:`MAX_NAME` characters is cut and ends in 12 hex digits of its SHA-256, so long names stay distinct."""
+    import hashlib
+
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[:MAX_NAME - 13]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,6 +19,10 @@ def register(app: typer.Typer) -> None:
     app.command("truncate")(truncate)
 
 
+MAX_SIZES = 1000
+"""Most relative sizes one sweep takes (each costs one evaluation of the image set)."""
+
+
 def parse_sizes(text: Optional[str]) -> Optional[List[float]]:
     """``start:stop:step`` (stop included) or a comma-separated list of relative sizes; None for the default."""
     from hpx_analysis.errors import HpxError
@@ -26,13 +31,17 @@ def parse_sizes(text: Optional[str]) -> Optional[List[float]]:
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
+            if not (math.isfinite(start) and math.isfinite(stop) and step > 0 and math.isfinite(step)):
                 raise ValueError
             count = int(round((stop - start) / step)) + 1
-            return [round(start + i * step, 10) for i in range(count)]
-        return [float(v) for v in text.split(",") if v.strip()]
+            sizes = [round(start + i * step, 10) for i in range(count)]
+        else:
+            sizes = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise HpxError(f"--sizes must be 'start:stop:step' or a comma list such as '0,0.5,1', got '{text}'") from None
+    if not 1 <= len(sizes) <= MAX_SIZES:
+        raise HpxError(f"--sizes gives {len(sizes)} sizes; give 1 to {MAX_SIZES} ('{text}')")
+    return sizes
 
 
 def truncate(
@@ -70,8 +79,8 @@ def truncate(
                                          "skipping and listing it.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 32,
     input_size: InputSize = None,
-    workers: Annotated[int, typer.Option("--workers", help="Data-loading worker processes.")] = 0,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% "
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading worker processes.")] = 0,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples for the 95% "
                                            "intervals.")] = 1000,
     resume: Resume = DEFAULT_RESUME,
     device: Device = DEFAULT_DEVICE,

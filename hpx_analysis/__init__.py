@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, List
 
-from .provenance import package_version  # noqa: E402
+from .provenance import code_fingerprint, package_version  # noqa: E402
 
 __version__ = package_version()  # the one version: the installed package's metadata
+code_fingerprint()  # the source as this process loads it: run keys refuse once the files change (provenance.py)
 
 from . import models  # noqa: E402,F401  (registers the HyenaPixel entrypoints with timm)
 

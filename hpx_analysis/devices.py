@@ -22,8 +22,13 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise HpxError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise HpxError(f"unsupported device '{name}'; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HpxError(f"device '{name}' requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HpxError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} GPU(s): "
+                       f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,22 +17,31 @@ from torch import Tensor
 
 from .errors import HpxError
 
+T = TypeVar("T")
+
 
 def backend_for(device: torch.device, local_world: int) -> str:
-    """nccl when every local rank has a GPU of its own, else gloo (CPU, or several ranks sharing one GPU, which
-    nccl refuses)."""
-    return "nccl" if device.type == "cuda" and torch.cuda.device_count() >= local_world else "gloo"
+    """The backend for ``local_world`` ranks on this node asking for ``device``: nccl when every rank gets a GPU of its
+    own (``cuda`` without an index and at least as many GPUs as ranks, or a single rank), else gloo (CPU, or ranks
+    sharing one GPU, fewer GPUs than ranks or a fixed ``cuda:N``, which nccl refuses as duplicate GPUs)."""
+    if device.type != "cuda":
+        return "gloo"
+    own_gpus = local_world == 1 or (device.index is None and torch.cuda.device_count() >= local_world)
+    return "nccl" if own_gpus else "gloo"
 
 
 def setup(device: torch.device) -> Tuple[torch.device, int, int]:
     """Under ``torchrun`` (WORLD_SIZE > 1) join the process group (:func:`backend_for`) and use this rank's GPU
-    (local rank modulo the GPUs there are); returns (device, rank, world size), (device, 0, 1) otherwise."""
+    (``cuda``: local rank modulo the GPUs there are; ``cuda:N``: that one); returns (device, rank, world size),
+    (device, 0, 1) otherwise."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        backend = backend_for(device, local_world)
+        if device.type == "cuda":
+            if device.index is None:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend_for(device, local_world))
+        dist.init_process_group(backend=backend)
     return (device, *rank_and_world())
 
 
@@ -92,3 +101,26 @@ def raise_if_any_rank_failed(failure: Optional[Exception], device: torch.device)
     if failed.item():
         raise HpxError(f"rank {int(failed.item()) - 1} failed (its error is printed above); "
                        f"partial results are kept for a resumed run")
+
+
+def computed_on_rank0(compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0 only, its value (picklable) sent to every rank: work every rank would repeat, such as
+    hashing the input files into one shared digest cache, whose writes would otherwise queue behind one another's
+    lock. An error on rank 0 stops every rank (HpxError there with its message); ``compute()`` itself when not
+    distributed."""
+    if not dist.is_initialized():
+        return compute()
+    error: Optional[Exception] = None
+    message: List[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            message = [("value", compute())]
+        except Exception as err:  # the other ranks wait in the broadcast: they hear of it and stop too
+            error, message = err, [("error", f"rank 0 failed: {err}")]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    kind, payload = message[0]
+    if kind == "error":
+        raise HpxError(str(payload))
+    return payload

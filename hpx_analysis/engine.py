@@ -26,12 +26,14 @@ template. :func:`run_batches` does the rest:
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import os
 import sqlite3
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -42,11 +44,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .devices import model_placement
-from .distributed import all_reduce_sum, raise_if_any_rank_failed, rank_and_world
+from .distributed import all_reduce_sum, computed_on_rank0, raise_if_any_rank_failed, rank_and_world
 from .errors import HpxError
 from .images import ImageLike, as_image_sources, read_rgb
 from .models.long_filters import LongFilterBase
-from .provenance import KEYED_LIBRARIES, code_fingerprint, library_versions, package_version
+from .provenance import KEYED_LIBRARIES, checked_code_fingerprint, library_versions, package_version
 from .results import model_metadata, to_jsonable
 from .storage import FileLock, atomic_output, move_aside, remove_stale_temporaries
 
@@ -56,6 +58,42 @@ SAVE_EVERY_S = 60.0
 
 
 # -- inputs --------------------------------------------------------------------------------------
+
+_DESCRIBED_TRANSFORMS = ("torchvision.transforms.", "timm.data.", "hpx_analysis.")
+"""Modules whose transform classes are described by their state (:func:`describe_transform`)."""
+_PROCESS = uuid.uuid4().hex
+"""This process, in descriptions of callables that cannot be described."""
+
+
+def describe_transform(transform: Optional[Callable]) -> Any:
+    """What decides a transform's output, as JSON: a ``Compose``'s parts in order; a transform class of torchvision,
+    timm or this package (``Lambda`` aside) by its class and public attributes at full precision (tensors as lists:
+    their repr rounds to 4 decimals); any other callable (a function, a ``Lambda``) by its identity in this process,
+    so a run with it is reused in this process only, never by another whose callable merely prints the same."""
+    if transform is None:
+        return None
+    kind = type(transform)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if kind.__name__ == "Compose" and isinstance(getattr(transform, "transforms", None), (list, tuple)):
+        return {name: [describe_transform(part) for part in transform.transforms]}
+    if kind.__module__.startswith(_DESCRIBED_TRANSFORMS) and kind.__name__ != "Lambda":
+        state = {key: value for key, value in vars(transform).items() if not key.startswith("_") and key != "training"}
+        return {name: to_jsonable({key: _exact(value) for key, value in state.items()})}
+    return {name: f"object {id(transform)} of process {_PROCESS}"}
+
+
+def _exact(value: Any) -> Any:
+    """A transform attribute for :func:`describe_transform`: tensors and arrays as lists, enums by name."""
+    if isinstance(value, Tensor):
+        return {"tensor": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.ndarray):
+        return {"array": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, (list, tuple)):
+        return [_exact(item) for item in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
 
 class ImageDataset(Dataset):
     """Item i: (image (3, H, W) after ``transform`` or None when unreadable, label, i).
@@ -94,9 +132,8 @@ class ImageDataset(Dataset):
                 digest.update((digests.file(source.path) if source.array is None else array_digest(source.array))
                               .encode())
             digests.commit()
-        # timm's transforms describe themselves; any other callable keeps its address, so it is never taken for another
-        transform = " ".join(repr(self.transform).split()) if self.transform is not None else ""
-        digest.update(json.dumps({"labels": self.labels, "transform": transform}).encode())
+        digest.update(json.dumps({"labels": self.labels, "transform": describe_transform(self.transform)},
+                                 sort_keys=True).encode())
         return digest.hexdigest()
 
     def __getitem__(self, index: int) -> Tuple[Optional[Tensor], int, int]:
@@ -276,21 +313,32 @@ def kernel_edits_digest(model: nn.Module) -> Optional[str]:
     return digest.hexdigest()
 
 
+KEYED_VARIABLES = ("NVIDIA_TF32_OVERRIDE", "TIMM_FUSED_ATTN")
+"""Environment variables that change the numbers: TF32 forced on or off in cuBLAS and cuDNN; timm's fused attention."""
+
+
 def environment(model: nn.Module) -> Dict[str, Any]:
-    """What computes a run besides the model and code: the torch / timm / captum versions and the model's device
-    type and parameter dtype."""
+    """What computes a run besides the model and code: the versions of :data:`KEYED_LIBRARIES`, the model's device
+    type and parameter dtype, torch's float32 matmul precision, on CUDA whether convolutions and matmuls may round
+    float32 to TF32 (cuDNN's default: yes; it moves results by about 1e-3), and :data:`KEYED_VARIABLES` that are
+    set."""
     parameter = next(model.parameters(), None)
-    return {"libraries": library_versions(KEYED_LIBRARIES),
-            "device": parameter.device.type if parameter is not None else "cpu",
-            "dtype": str(parameter.dtype) if parameter is not None else None}
+    device = parameter.device.type if parameter is not None else "cpu"
+    described = {"libraries": library_versions(KEYED_LIBRARIES), "device": device,
+                 "dtype": str(parameter.dtype) if parameter is not None else None,
+                 "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    if device == "cuda":
+        described["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    described["variables"] = {name: os.environ[name] for name in KEYED_VARIABLES if name in os.environ}
+    return described
 
 
 def content_key(description: Any, length: int = 20) -> str:
     """Short SHA-256 of ``description`` (JSON-able), the package version and the code fingerprint
     (:mod:`.provenance`): the one key of every cached run and artefact, so changed code never reuses what other
     code saved."""
-    blob = json.dumps(to_jsonable({"version": package_version(), "code": code_fingerprint(),
-                                   "description": description}), sort_keys=True, default=str)
+    blob = json.dumps(to_jsonable({"version": package_version(), "code": checked_code_fingerprint(),
+                                   "description": description}, nonfinite_as_text=True), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
@@ -466,7 +514,8 @@ def run_batches(model: nn.Module, dataset: ImageDataset, step: Step, outputs: Ma
     resume = None
     if resume_dir is not None:
         store = RunStore(resume_dir)
-        key = run_key(model, dataset.content_digest(store.digests()), dict(identity or {}, batch_size=batch_size))
+        inputs = computed_on_rank0(lambda: dataset.content_digest(store.digests()))
+        key = run_key(model, inputs, dict(identity or {}, batch_size=batch_size))
         resume = _Resume(store, key, rank, world)
     with (resume.store.lock(resume.key, rank, world) if resume else contextlib.nullcontext()):
         saved = resume.store.load(resume.key, rank, world, outputs, count) if resume else None
@@ -478,10 +527,16 @@ def run_batches(model: nn.Module, dataset: ImageDataset, step: Step, outputs: Ma
                      else f"resuming the run {where}: {len(done)} of {len(mine)} batches done, computing the rest")
             announce("  (to recompute: --no-resume on the command line, resume_dir=None in Python)")
         todo = [b for b in mine if b not in done]
-        state, failure = _loop(model, dataset, step, outputs, [batches[b] for b in todo], state, resume, strict,
-                               workers, SAVE_EVERY_S if save_every_s is None else save_every_s,
-                               tqdm(total=len(mine), initial=len(done), desc=desc, unit="batch",
-                                    disable=not progress or rank != 0))
+        skipped_before = np.flatnonzero(state.status == UNREADABLE)
+        if strict and len(skipped_before):  # a run saved without --strict skipped it: --strict stops here too
+            failure: Optional[Exception] = HpxError(
+                f"unreadable image {dataset.name(int(skipped_before[0]))} in the saved run (drop --strict to skip "
+                "such files)")
+        else:
+            state, failure = _loop(model, dataset, step, outputs, [batches[b] for b in todo], state, resume, strict,
+                                   workers, SAVE_EVERY_S if save_every_s is None else save_every_s,
+                                   tqdm(total=len(mine), initial=len(done), desc=desc, unit="batch",
+                                        disable=not progress or rank != 0))
     device = model_placement(model)[0]
     raise_if_any_rank_failed(failure, device)
     names = list(outputs)

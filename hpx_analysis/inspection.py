@@ -211,8 +211,13 @@ def long_filter(layer: Union[MixerInfo, LongFilterBase]) -> LongFilterBase:
 @torch.no_grad()
 def kernel(layer: Union[MixerInfo, LongFilterBase]) -> Tensor:
     """The kernel a long-filter layer applies (after any active modification), as a true convolution: (C, S, S) or
-    (C, T)."""
-    return long_filter(layer).kernel().detach()
+    (C, T); a one-line HpxError when it holds NaN or infinite values (damaged weights), which every figure and
+    extent would silently show as blank or zero."""
+    values = long_filter(layer).kernel().detach()
+    if not bool(torch.isfinite(values).all()):
+        where = f"layer {layer.path}" if isinstance(layer, MixerInfo) else type(layer).__name__
+        raise HpxError(f"the kernel of {where} holds NaN or infinite values: are the weights damaged?")
+    return values
 
 
 @torch.no_grad()

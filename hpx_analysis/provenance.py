@@ -2,8 +2,10 @@
 code and the versions of the libraries that compute it.
 
 The version comes from one place, the installed package's metadata (``pyproject.toml``). The code fingerprint is a
-SHA-256 over every ``.py`` file of the package (relative path and bytes), computed once per process: any edit of
-the library, a fix of an analyzer included, gives another fingerprint, so cached runs keyed on it are recomputed.
+SHA-256 over every ``.py`` file of the package (relative path and bytes), taken once per process, when
+``hpx_analysis`` is imported: any edit of the library, a fix of an analyzer included, gives another fingerprint, so
+cached runs keyed on it are recomputed. Run keys take it through :func:`checked_code_fingerprint`, which refuses
+when the files changed after the import (the process may run a mix of old and new code).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import importlib.metadata as metadata
 import marshal
 import platform
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import HpxError
 
 DISTRIBUTION = "hpx-analysis"
-KEYED_LIBRARIES = ("torch", "timm", "captum")
-"""Libraries whose versions are part of every run key: they compute the numbers."""
-RECORDED_LIBRARIES = (DISTRIBUTION, "torch", "timm", "captum", "numpy", "scipy", "matplotlib")
+KEYED_LIBRARIES = ("torch", "torchvision", "timm", "captum", "numpy", "scipy", "pillow")
+"""Libraries whose versions are part of every run key: they compute the numbers (Pillow and torchvision decode,
+resize and blur the images; numpy draws random orders and seeds; scipy fits and filters)."""
+RECORDED_LIBRARIES = (DISTRIBUTION, "torch", "torchvision", "timm", "captum", "numpy", "scipy", "pillow", "matplotlib")
 """Libraries whose versions are recorded in every saved result."""
 
 
@@ -32,11 +37,16 @@ def package_version() -> str:
         return "unknown"
 
 
+def _source_files(root: Path) -> List[Path]:
+    """The ``.py`` files under ``root``, sorted; hidden names (an editor's ``.#module.py`` lock links) left out."""
+    return sorted(path for path in root.rglob("*.py") if not path.name.startswith(".") and path.is_file())
+
+
 def source_fingerprint(root: Path) -> str:
     """SHA-256 over the ``.py`` files under ``root``, in sorted order: each file's relative path and content, both
     length-prefixed so no two trees share a digest by shifting bytes between names and contents."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in _source_files(root):
         for part in (path.relative_to(root).as_posix().encode(), path.read_bytes()):
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
@@ -56,10 +66,44 @@ def parts_fingerprint(parts: Mapping[str, Union[bytes, str]]) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+def _source_stats(root: Path) -> Dict[str, Tuple[int, int]]:
+    """(mtime_ns, size) of each file of :func:`_source_files`, by relative path."""
+    return {path.relative_to(root).as_posix(): (path.stat().st_mtime_ns, path.stat().st_size)
+            for path in _source_files(root)}
+
+
+class _LoadedSource:
+    """The package's source as this process loaded it: its fingerprint, taken when ``hpx_analysis`` is imported, and
+    the files' times and sizes then."""
+
+    root = Path(__file__).parent
+    stats: Optional[Dict[str, Tuple[int, int]]] = None
+    fingerprint = ""
+
+
 def code_fingerprint() -> str:
-    """:func:`source_fingerprint` of the installed ``hpx_analysis`` package, computed once per process."""
-    return source_fingerprint(Path(__file__).parent)
+    """:func:`source_fingerprint` of the installed ``hpx_analysis`` package as this process loaded it (taken once, at
+    ``import hpx_analysis``)."""
+    if _LoadedSource.stats is None:
+        _LoadedSource.stats = _source_stats(_LoadedSource.root)
+        _LoadedSource.fingerprint = source_fingerprint(_LoadedSource.root)
+    return _LoadedSource.fingerprint
+
+
+def checked_code_fingerprint() -> str:
+    """:func:`code_fingerprint`, refused (HpxError) when the package's files have changed since this process loaded
+    them (an update, an edit, a reload): modules imported before and after would then run different code under one
+    fingerprint, and a result keyed on it could be served to the other code. Files touched but equal pass."""
+    fingerprint = code_fingerprint()
+    stats = _source_stats(_LoadedSource.root)
+    if stats != _LoadedSource.stats:
+        if source_fingerprint(_LoadedSource.root) != fingerprint:
+            changed = sorted(set(stats.items()) ^ set((_LoadedSource.stats or {}).items()))
+            names = ", ".join(sorted({name for name, _ in changed})[:3])
+            raise HpxError(f"hpx_analysis's source changed since this process loaded it ({names}); restart Python "
+                           "so its results are keyed on the code that computes them")
+        _LoadedSource.stats = stats
+    return fingerprint
 
 
 def function_fingerprint(function: Callable[..., object]) -> str:
@@ -90,4 +134,5 @@ def provenance_versions() -> Dict[str, str]:
 
 
 __all__ = ["DISTRIBUTION", "KEYED_LIBRARIES", "RECORDED_LIBRARIES", "package_version", "source_fingerprint",
-           "parts_fingerprint", "code_fingerprint", "function_fingerprint", "library_versions", "provenance_versions"]
+           "parts_fingerprint", "code_fingerprint", "checked_code_fingerprint", "function_fingerprint",
+           "library_versions", "provenance_versions"]

@@ -44,19 +44,21 @@ def model_metadata(model: Any) -> Dict[str, Any]:
     return provenance
 
 
-def to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any, nonfinite_as_text: bool = False) -> Any:
+    """``value`` with numpy scalars and arrays, tuples and paths made JSON types; infinities and NaN become null, or
+    with ``nonfinite_as_text`` the text ``"inf"``, ``"-inf"``, ``"nan"`` (keys: inf and -inf must differ)."""
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, nonfinite_as_text) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, nonfinite_as_text) for v in value]
     if isinstance(value, (np.integer,)):
         return int(value)
-    if isinstance(value, (np.floating,)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return str(float(value)) if nonfinite_as_text else None
+    if isinstance(value, np.floating):
+        return float(value)
     if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
+        return to_jsonable(value.tolist(), nonfinite_as_text)
     if isinstance(value, Path):
         return str(value)
     return value

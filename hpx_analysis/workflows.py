@@ -11,7 +11,7 @@ group around the call (:func:`hpx_analysis.distributed.session`) and let rank 0 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Union
 
@@ -36,22 +36,36 @@ from .models.zoo import load_model, model_label
 @dataclass(frozen=True)
 class ModelSpec:
     """A model to load by name: :func:`~hpx_analysis.models.zoo.load_model` ``(name, weights, weights_key=...,
-    **kwargs)``; ``weights`` is ``pretrained``, ``random`` or a checkpoint file."""
+    **kwargs)``; ``weights`` is ``pretrained``, ``random`` or a checkpoint file; ``tag`` tells apart specs of one
+    model in one run (:func:`distinct_labels`)."""
 
     name: str
     weights: str
     weights_key: Optional[str] = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    tag: str = ""
 
     @property
     def label(self) -> str:
-        """The model's short label (a config file's stem), as in output file names."""
-        return model_label(self.name)
+        """The model's short label (a config file's stem, and the tag if any), as in output file names."""
+        return model_label(self.name) + (f"-{self.tag}" if self.tag else "")
 
     def load(self, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
         """The model in eval mode on ``device`` (``seed``: its random weights)."""
         return load_model(self.name, self.weights, seed=seed, device=device, weights_key=self.weights_key,
                           **self.kwargs)
+
+
+def distinct_labels(specs: Sequence[ModelSpec]) -> List[ModelSpec]:
+    """``specs`` with a tag on each whose label another one shares (the weights' name, and its position where that
+    is shared too), so their results are not written over one another."""
+    def weights_name(spec: ModelSpec) -> str:
+        return Path(spec.weights).stem if spec.weights not in ("pretrained", "random") else spec.weights
+    labels = [spec.label for spec in specs]
+    tagged = [replace(spec, tag=weights_name(spec)) if labels.count(spec.label) > 1 else spec for spec in specs]
+    labels = [spec.label for spec in tagged]
+    return [replace(spec, tag=f"{spec.tag or 'model'}{index + 1}") if labels.count(spec.label) > 1 else spec
+            for index, spec in enumerate(tagged)]
 
 
 def erf_models(specs: Sequence[ModelSpec], *, images: Optional[Path | str] = None, num_images: int = 50,
@@ -166,4 +180,4 @@ def explanation_scores(explained: Sequence[Explanation], *, n_resamples: int = 1
                        n_resamples=n_resamples, seed=seed)
 
 
-__all__ = ["ModelSpec", "erf_models", "Explanation", "checked_metrics", "explain_models", "explanation_scores"]
+__all__ = ["ModelSpec", "distinct_labels", "erf_models", "Explanation", "checked_metrics", "explain_models", "explanation_scores"]

@@ -222,3 +222,57 @@ def test_the_console_script_keeps_freed_memory_for_commands_only(argv: List[str]
     with pytest.raises(SystemExit) as exit_info:
         run()
     assert exit_info.value.code in (0, None) and bool(calls) == kept
+
+
+def test_one_model_with_two_weights_gets_two_labels() -> None:
+    """Two runs of one model in one command (trained and random weights) must not write over each other's files."""
+    from hpx_analysis_cli.options import model_specs
+
+    labels = [spec.label for spec in model_specs(["tiny.json", "tiny.json", "other", "other"],
+                                                 ["random", "runs/best.safetensors", "random", "random"], None, None)]
+    assert labels == ["tiny-random", "tiny-best", "other-random3", "other-random4"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["kernels", "--input-size", "1"], "Invalid value for '--input-size'"),
+    (["kernels", "--input-size", "100000"], "Invalid value for '--input-size'"),
+    (["erf", "--input-size", "1"], "input size must be 32 to 4096 px"),
+    (["erf", "--seed", "-1"], "Invalid value for '--seed'"),
+    (["kernels", "--top-k", "0"], "Invalid value for '--top-k'"),
+    (["truncate", "--workers", "-1", "--data", "."], "Invalid value for '--workers'"),
+    (["truncate", "--bootstrap", "0", "--data", "."], "Invalid value for '--bootstrap'"),
+    (["truncate", "--sizes", "0:inf:1", "--data", "."], "--sizes must be"),
+    (["truncate", "--sizes", "0:1:0.0000001", "--data", "."], "give 1 to 1000"),
+    (["explain", "--exponent", "nan"], "Invalid value for '--exponent'"),
+    (["kernels", "--device", "meta"], "unsupported device 'meta'"),
+    (["demo", "--local-steps", "0"], "Invalid value for '--local-steps'"),
+])
+def test_impossible_options_stop_before_any_work(args: List[str], message: str, tiny_config: Any,
+                                                  tmp_path: Path) -> None:
+    """Each is refused up front with one message naming the option (the audit of this release found tracebacks or
+    silent fallbacks for all of them)."""
+    model = [] if args[0] == "demo" else ["-m", tiny_config("tiny_hpx"), "-w", "random"]
+    result = CliRunner().invoke(app, [*args, *model, "-o", str(tmp_path / "out")])
+    shown = result.output + (str(result.exception) if isinstance(result.exception, HpxError) else "")
+    assert result.exit_code != 0 and message in shown, (result.exit_code, shown, result.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_up_front(tiny_config: Any, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    for out, message in ((tmp_path / "a_file", "is a file, not a folder"),
+                         (tmp_path / "a_file" / "below", "is a file, not a folder")):
+        result = CliRunner().invoke(app, ["kernels", "-m", tiny_config("tiny_hpx"), "-w", "random", "-o", str(out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_an_interrupt_inside_a_command_says_what_is_kept(monkeypatch, capsys) -> None:
+    """typer turns Ctrl-C inside a command into a silent exit 130; the console script still says what is kept."""
+    import hpx_analysis_cli.app as cli_app
+
+    def interrupted() -> None:
+        raise SystemExit(130)
+    monkeypatch.setattr(cli_app, "app", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 130 and "interrupted; partial results already saved are kept" in capsys.readouterr().err

@@ -357,7 +357,8 @@ def test_the_weights_key_follows_only_what_sets_the_weights(monkeypatch, tmp_pat
     from hpx_analysis.models import proxies
     config = DEFAULTS.training(HPX_PROXY, GLOBAL_TASK)
     key, cache_key = shipped.weights_key(config), config.key()
-    monkeypatch.setattr(engine, "code_fingerprint", lambda: "another package")  # an edit elsewhere in the package
+    # an edit elsewhere in the package
+    monkeypatch.setattr(engine, "checked_code_fingerprint", lambda: "another package")
     assert config.key() != cache_key and shipped.weights_key(config) == key
     monkeypatch.undo()
     assert shipped.weights_key(DEFAULTS.training(HPX_PROXY, LOCAL_TASK)) != key

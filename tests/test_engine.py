@@ -71,6 +71,12 @@ def test_unreadable_files_are_skipped_and_counted_or_fail_strictly(model, tmp_pa
     with pytest.raises(HpxError, match="unreadable image 2.png"):
         run_batches(model, ImageDataset(sources, transform), _step([]), OUTPUTS, batch_size=2, strict=True,
                     progress=False)
+    # a saved run that skipped the file is not reused by a strict rerun either
+    run_batches(model, ImageDataset(sources, transform), _step([]), OUTPUTS, batch_size=2, progress=False,
+                resume_dir=tmp_path / "runs")
+    with pytest.raises(HpxError, match="unreadable image 2.png in the saved run"):
+        run_batches(model, ImageDataset(sources, transform), _step([]), OUTPUTS, batch_size=2, strict=True,
+                    progress=False, resume_dir=tmp_path / "runs")
 
 
 def _digest(images) -> str:
@@ -190,3 +196,42 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
                                env={**os.environ, "OMP_NUM_THREADS": "1", "HPX_KEEP_FREED_MEMORY": "0"})
     default, applied, steady, _ = (int(word) for word in opted_out.stdout.split())
     assert applied == 0 and steady > 3 * default, opted_out.stdout
+
+
+
+def _rank0_worker(rank: int, store_path: str, answers) -> None:
+    """One of two gloo ranks calling :func:`computed_on_rank0` twice, the second time failing on rank 0: its answers
+    and which ranks computed into ``answers``."""
+    import torch.distributed as dist
+
+    from hpx_analysis.distributed import computed_on_rank0
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    calls: List[str] = []
+
+    def compute(fail: bool) -> str:
+        calls.append(f"rank {rank}")
+        if fail:
+            raise HpxError("cannot read the folder")
+        return f"digest from rank {rank}"
+    got = []
+    try:
+        for fail in (False, True):
+            try:
+                got.append(computed_on_rank0(lambda: compute(fail)))
+            except HpxError as err:
+                got.append(f"error: {err}")
+        answers[rank] = (got, calls)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_work_computed_on_rank0_reaches_every_rank(tmp_path) -> None:
+    """Only rank 0 computes, both ranks get its value; an error there stops rank 1 too, with rank 0's message."""
+    import torch.multiprocessing as mp
+
+    answers = mp.Manager().dict()
+    mp.spawn(_rank0_worker, args=(str(tmp_path / "store"), answers), nprocs=2, join=True)
+    assert answers[0] == (["digest from rank 0", "error: cannot read the folder"], ["rank 0", "rank 0"])
+    assert answers[1] == (["digest from rank 0", "error: rank 0 failed: cannot read the folder"], [])

@@ -471,6 +471,10 @@ def test_cli_writes_figure_and_result_and_replots(tmp_path, tiny_config, tiny_we
     replot = runner.invoke(app, ["erf", "--replot", str(stem.with_suffix(".npz")), "--shared-scale"])
     assert replot.exit_code == 0, replot.output
     assert png.is_file()
+    elsewhere = tmp_path / "replotted"
+    replot = runner.invoke(app, ["erf", "--replot", str(stem.with_suffix(".npz")), "-o", str(elsewhere), "-m", "x"])
+    assert replot.exit_code == 0 and "--model ignored" in replot.output, replot.output
+    assert (elsewhere / png.name).is_file()
 
 
 def test_cli_kim_convention_and_bad_input(tmp_path, tiny_config, tiny_weights) -> None:
@@ -548,6 +552,24 @@ def test_bf16_autocast_approximates_float32(tiny_config, tiny_weights) -> None:
     assert np.corrcoef(exact.ravel(), low.ravel())[0, 1] > 0.95
     with pytest.raises(HpxError):
         effective_receptive_field(model, inputs, amp="int8", progress=False)
+
+
+@pytest.mark.parametrize("first_scale", [2.0 ** 12, 2.0 ** 20])
+def test_fp16_keeps_the_far_tails(tiny_config, monkeypatch, first_scale) -> None:
+    """Unscaled fp16 gradients flush the ERF's tails to zero (14.8% zero pixels against float32's 11.7% on this
+    model); the scaled ones keep them. A first factor of 2**20 overflows float16 at once and is retried smaller."""
+    import hpx_analysis.analyzers.erf as erf
+
+    monkeypatch.setattr(erf, "FP16_FIRST_SCALE", first_scale)
+    model = load_model(tiny_config("tiny_hpx"), "random", seed=0)
+    inputs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with analysis_mode(model):
+        layer = resolve_output_layer(model, None)
+        exact = erf_gradient_maps(model, inputs, layer)
+        half = erf_gradient_maps(model, inputs, layer, amp_dtype=torch.float16)
+    assert torch.isfinite(half).all()
+    assert abs(float((half == 0).float().mean() - (exact == 0).float().mean())) < 0.002
+    assert float((half - exact).abs().max() / exact.max()) < 5e-3
 
 
 # -- several layers, input sizes and the gradient's nonlinearity -------------------------------------------------------

@@ -298,6 +298,17 @@ def test_sanity_correlation_is_one_for_identical_weights_and_drops_for_random(ti
     assert randomised.correlations[-1].mean() < 0.95
 
 
+def test_sanity_randomises_the_architecture_the_model_was_built_with(tiny_config) -> None:
+    """The fresh weights come from the same constructor options (here 5 classes, not the config's 10)."""
+    from hpx_analysis.analyzers.sanity import _fresh_model
+    from hpx_analysis.models.zoo import load_model
+
+    model = load_model(tiny_config("tiny_hpx"), "random", seed=0, num_classes=5)
+    fresh = _fresh_model(model, seed=1)
+    assert fresh.num_classes == 5 and {k: v.shape for k, v in fresh.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()}
+
+
 def test_sanity_explains_the_trained_class_at_every_step(tiny_config, tiny_weights) -> None:
     """Without a target every step explains the trained model's top-1, also where the randomised
     model predicts another class (Adebayo et al. fix the class)."""
@@ -327,6 +338,9 @@ def test_noise_stream_of_a_sample_ignores_its_batch() -> None:
         draws_together.append(together.draw(active, step)[active.index(1)])
     assert torch.equal(torch.stack(draws_alone), torch.stack(draws_together))
     assert not torch.equal(draws_alone[0], draws_alone[1])
+    # the noise is defined by the CPU generator of the seed, so a run on a GPU uses the same numbers
+    cpu_stream = torch.randn((4, *shape), generator=torch.Generator().manual_seed(11)).mul_(std)
+    assert torch.equal(torch.stack(draws_alone[:4]), cpu_stream)
     many = NoiseStreams([3], (3, 64, 64), std, torch.device("cpu")).draw([0], 0)
     assert abs(float(many.std()) - std) < 0.005
 
@@ -463,7 +477,11 @@ def test_cli_passes_the_learning_rate_and_noise_on(tiny_config, tiny_weights, tm
         assert (meta["options"]["lr"], meta["options"]["noise_std"]) == (float(lr), float(noise))
         masks[lr] = np.load(out / "explain" / "tiny_hpx_fgvis.npz")["masks"]
     assert not np.array_equal(masks["0.1"], masks["0.02"])
-    run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", *args, "--lr", "0",
-                          "-o", str(tmp_path / "bad")], capture_output=True, text=True)
-    assert run.returncode == 2 and "learning rate must be > 0" in run.stderr, run.stderr
-    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    for option, value, message in (("--lr", "0", "learning rate (--lr) must be a finite number > 0"),
+                                   ("--lr", "inf", "learning rate (--lr) must be a finite number > 0"),
+                                   ("--lambda", "nan", "first lambda (--lambda) must be a finite number > 0"),
+                                   ("--lambda", "-1", "first lambda (--lambda) must be a finite number > 0")):
+        run = subprocess.run([sys.executable, "-c", "from hpx_analysis_cli.app import main; main()", *args, option,
+                              value, "-o", str(tmp_path / "bad")], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

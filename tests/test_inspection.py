@@ -167,6 +167,45 @@ def test_kernel_fft_cache_reused_and_invalidated(tiny_hpx, image, tiny_weights):
     assert len(filt.fft_cache) == 2
 
 
+@torch.no_grad()
+def test_kernel_fft_cache_sees_edits_that_keep_tensor_versions(tiny_hpx, image):
+    """An edit through ``.data`` leaves a tensor's version alone, and a kernel modifier's closure is no tensor of the
+    filter: the cache compares values, so both give the outputs of a model built with the edit."""
+    filters = [info.long_filter for info in inspection.long_filter_layers(tiny_hpx)]
+    first = tiny_hpx(image)
+    for filt in filters:
+        filt.shift.data.add_(0.5)  # no version bump
+    edited = tiny_hpx(image)
+    for filt in filters:
+        filt.use_cache = False
+    assert not torch.allclose(edited, first) and torch.equal(edited, tiny_hpx(image))
+    for filt in filters:
+        filt.use_cache = True
+    gain = torch.ones(1)
+    with interventions.modify_kernels(tiny_hpx, lambda kernel, info: kernel * gain):
+        unit = tiny_hpx(image)
+        gain.fill_(3.0)
+        tripled = tiny_hpx(image)
+    with interventions.modify_kernels(tiny_hpx, lambda kernel, info: kernel * 3.0):
+        truth = tiny_hpx(image)
+    assert torch.equal(unit, edited) and torch.equal(tripled, truth) and not torch.allclose(tripled, unit)
+
+
+@torch.no_grad()
+def test_kernel_fft_cache_is_the_same_with_and_without_autocast(tiny_hpx):
+    """A spectrum cached under bf16 autocast must not serve a float32 pass (nor the reverse): the kernel is
+    computed in float32 either way."""
+    filt = inspection.long_filter_layers(tiny_hpx)[0].long_filter
+    sizes, device = (16, 16), torch.device("cpu")
+    filt.use_cache = False
+    plain, _ = filt.spectrum(sizes, device)
+    filt.use_cache = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast, _ = filt.spectrum(sizes, device)
+    torch.testing.assert_close(under_autocast, plain, atol=0, rtol=0)
+    assert torch.equal(filt.spectrum(sizes, device)[0], plain)
+
+
 def test_no_cache_when_kernel_needs_gradients(tiny_hpx, image):
     filt = inspection.long_filter_layers(tiny_hpx)[0].long_filter
     tiny_hpx.train()

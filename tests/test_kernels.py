@@ -295,3 +295,14 @@ def test_large_kernel_panels_are_the_effective_kernel_a_forward_pass_gives():
     with torch.no_grad():
         shown = (module(impulses)[:, 0, 8, 8] - bias[0]).reshape(13, 13)
     np.testing.assert_allclose(response, shown.double().numpy(), atol=1e-6)
+
+
+def test_damaged_weights_are_refused_not_drawn_blank(tiny_config) -> None:
+    """A NaN in a filter's weights would draw blank kernels and zero extents: one line names the layer instead."""
+    from hpx_analysis.models.zoo import load_model
+
+    model = load_model(tiny_config("tiny_hpx"), "random", seed=0)
+    with torch.no_grad():
+        long_filter_layers(model)[1].long_filter.shift.fill_(float("nan"))
+    with pytest.raises(HpxError, match="kernel of layer stages.1.blocks.0.token_mixer holds NaN"):
+        compute_kernels(model)

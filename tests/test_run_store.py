@@ -150,7 +150,7 @@ def test_an_override_is_in_the_key_and_equal_kernels_share_it(model) -> None:
 
 def test_a_code_change_or_another_library_version_gives_another_key(model, monkeypatch) -> None:
     key = run_key(model, "inputs", {})
-    monkeypatch.setattr(engine, "code_fingerprint", lambda: "0" * 64)
+    monkeypatch.setattr(engine, "checked_code_fingerprint", lambda: "0" * 64)
     assert run_key(model, "inputs", {}) != key
     monkeypatch.undo()
     assert run_key(model, "inputs", {}) == key
@@ -159,6 +159,62 @@ def test_a_code_change_or_another_library_version_gives_another_key(model, monke
     assert run_key(model, "inputs", {}) != key
     monkeypatch.undo()
     assert run_key(model.double(), "inputs", {}) != key  # the dtype
+
+
+def test_a_model_config_file_is_keyed_on_its_content(tmp_path: Path) -> None:
+    """An edit of a config file that keeps every weight's shape (attention heads) still changes the computation:
+    the key follows the file's content, not its name."""
+    from hpx_analysis.models.zoo import load_model
+
+    config = json.loads((Path(__file__).parent / "data" / "golden" / "tiny" / "tiny_hpx_a.json").read_text())
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(config))
+    before = load_model(str(path), "random", seed=0)
+    for spec in config["token_mixers"]:
+        if spec["type"] == "attention":
+            spec["head_dim"] = 4
+    path.write_text(json.dumps(config))
+    after = load_model(str(path), "random", seed=0)
+    assert engine.weights_digest(before) == engine.weights_digest(after)
+    assert not torch.equal(before(torch.ones(1, 3, 64, 64)), after(torch.ones(1, 3, 64, 64)))
+    assert run_key(before, "inputs", {}) != run_key(after, "inputs", {})
+    assert after.hpx_provenance["config"] == config
+
+
+def test_transforms_are_keyed_on_what_they_compute(model) -> None:
+    """torchvision's and timm's transforms by their exact state (a Normalize mean that its repr rounds away still
+    counts); a Lambda or function by its identity in this process, never by how it prints; inf and -inf differ."""
+    from torchvision import transforms as T
+
+    images = [np.zeros((4, 4, 3), np.uint8)]
+
+    def digest(transform) -> str:
+        return ImageDataset(images, transform).content_digest()
+
+    def normalise(mean: float) -> T.Compose:
+        return T.Compose([T.ToTensor(), T.Normalize(mean=torch.tensor([mean] * 3), std=torch.tensor([0.2] * 3))])
+    assert repr(normalise(0.48500)) == repr(normalise(0.48504))
+    assert digest(normalise(0.48500)) == digest(normalise(0.48500)) != digest(normalise(0.48504))
+    keep, zero = T.Lambda(lambda x: x * 1), T.Lambda(lambda x: x * 0)
+    assert repr(keep) == repr(zero) and digest(keep) != digest(zero) and digest(keep) == digest(keep)
+    assert engine.describe_transform(keep) != engine.describe_transform(T.Lambda(keep.lambd))
+    assert run_key(model, "inputs", {"lambda": float("inf")}) != run_key(model, "inputs", {"lambda": float("-inf")})
+
+
+def test_numerics_switches_are_in_the_key(model, monkeypatch) -> None:
+    """"high" or "medium" let float32 matmuls round through TF32 / bf16, timm's fused attention rounds its own way:
+    another number, another key."""
+    monkeypatch.delenv("TIMM_FUSED_ATTN", raising=False)
+    key = run_key(model, "inputs", {})
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert run_key(model, "inputs", {}) != key
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert run_key(model, "inputs", {}) == key
+    monkeypatch.setenv("TIMM_FUSED_ATTN", "0")
+    assert run_key(model, "inputs", {}) != key
 
 
 def test_the_code_fingerprint_covers_every_source_file(tmp_path: Path) -> None:
@@ -171,6 +227,26 @@ def test_the_code_fingerprint_covers_every_source_file(tmp_path: Path) -> None:
     (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "sub" / "c.py")
     assert len({before, edited, provenance.source_fingerprint(tmp_path / "pkg")}) == 3
     assert provenance.code_fingerprint() == provenance.source_fingerprint(Path(hpx_analysis.__file__).parent)
+
+
+def test_run_keys_refuse_code_changed_after_import(tmp_path: Path, monkeypatch) -> None:
+    """The fingerprint is the source as loaded; once the files change (an update, an edit before a reload) a run key
+    is refused instead of filing old code's numbers under the new code's key. A touch without a change passes, and
+    an editor's lock link (a dangling ``.#name.py``) is no source file."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    (package / ".#a.py").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(provenance._LoadedSource, "root", package)
+    monkeypatch.setattr(provenance._LoadedSource, "stats", None)
+    loaded = provenance.code_fingerprint()
+    assert loaded == provenance.source_fingerprint(package) == provenance.checked_code_fingerprint()
+    os.utime(package / "a.py", ns=(1, 1))  # touched, same bytes
+    assert provenance.checked_code_fingerprint() == loaded
+    (package / "a.py").write_text("x = 2\n")
+    with pytest.raises(HpxError, match=r"changed since this process loaded it \(a.py\); restart Python"):
+        provenance.checked_code_fingerprint()
+    assert provenance.code_fingerprint() == loaded  # what results record: the code that runs
 
 
 def test_the_version_comes_from_the_package_metadata() -> None:

@@ -163,6 +163,7 @@ def test_bad_input_is_a_one_line_error() -> None:
     model, images = SmallNet().eval(), random_inputs(2, 8, 8, seed=0)
     maps = np.zeros((2, 8, 8))
     for kwargs, message in [({"steps": 0}, "steps must be"), ({"steps": 2.5}, "steps must be"),
+                            ({"steps": 1001}, r"steps \(1001\) must be at most 1000 or the number of pixels \(64\)"),
                             ({"deletion_reference": "grey"}, "unknown deletion_reference 'grey'"),
                             ({"insertion_start": "noise"}, "unknown insertion_start"),
                             ({"target": [1]}, "one per image"), ({"batch_size": 0}, "batch size")]:

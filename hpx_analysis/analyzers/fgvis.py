@@ -38,6 +38,7 @@ the same seeds.
 
 from __future__ import annotations
 
+import math
 import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -219,12 +220,14 @@ class NoiseStreams:
     """Per-sample Gaussian noise that does not depend on which other samples share the batch.
 
     Each sample has its own generator and draws ``chunk`` steps of noise at a time, so a batch of
-    B samples costs B random calls per ``chunk`` steps instead of one per step.
+    B samples costs B random calls per ``chunk`` steps instead of one per step. The generators are the CPU's
+    whatever ``device`` is (CUDA's would give other numbers for the same seed), so a GPU run optimises with the
+    noise a CPU run uses.
     """
 
     def __init__(self, seeds: Sequence[int], shape: Sequence[int], std: float, device: torch.device,
                  chunk: int = 16) -> None:
-        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         self.shape, self.std, self.device, self.chunk = tuple(shape), std, device, chunk
         self.blocks: List[Optional[Tensor]] = [None] * len(seeds)
 
@@ -233,8 +236,8 @@ class NoiseStreams:
         offset = step % self.chunk
         if offset == 0:
             for i in samples:
-                self.blocks[i] = torch.randn((self.chunk, *self.shape), generator=self.generators[i],
-                                             device=self.device).mul_(self.std)
+                self.blocks[i] = torch.randn((self.chunk, *self.shape), generator=self.generators[i]).mul_(
+                    self.std).to(self.device)
         return torch.stack([self.blocks[i][offset] for i in samples])
 
 
@@ -433,9 +436,11 @@ def fgvis(model: nn.Module, images: Tensor, *, target: Optional[int | Sequence[i
     """
     if settings.iterations < 0 or settings.lambda_tries < 1 or batch_size < 1:
         raise HpxError("iterations must be >= 0, lambda tries >= 1 and batch size >= 1")
-    if not settings.lr > 0 or not settings.noise_std >= 0:
-        raise HpxError(f"the learning rate must be > 0 and the noise std >= 0, got {settings.lr} and "
-                       f"{settings.noise_std}")
+    for name, value, positive in (("learning rate (--lr)", settings.lr, True),
+                                  ("first lambda (--lambda)", settings.lambda_start, True),
+                                  ("noise std (--noise-std)", settings.noise_std, False)):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise HpxError(f"the FGVis {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
     if settings.bound_activations not in BOUND_ACTIVATIONS:
         raise HpxError(f"unknown bound activations '{settings.bound_activations}'; use {', '.join(BOUND_ACTIVATIONS)}")
     types = tuple(activation_types) if activation_types is not None else BOUND_ACTIVATIONS[settings.bound_activations]

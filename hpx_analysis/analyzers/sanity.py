@@ -58,11 +58,15 @@ def cascade_groups(model: nn.Module) -> List[str]:
 
 
 def _fresh_model(model: nn.Module, seed: int) -> nn.Module:
+    """``model``'s architecture with random weights: its name and the constructor options it was built with (read
+    from a checkpoint, then given), seeded."""
     from ..models.zoo import load_model
-    name = model_metadata(model).get("model")
+    provenance = model_metadata(model)
+    name = provenance.get("model")
     if not getattr(model, "hpx_provenance", None) or not name:
         raise HpxError("sanity check needs a model from load_model, or pass random_model= (same architecture)")
-    return load_model(name, "random", seed=seed, device=model_placement(model)[0])
+    options = {**provenance.get("options_from_checkpoint", {}), **provenance.get("options_given", {})}
+    return load_model(name, "random", seed=seed, device=model_placement(model)[0], **options)
 
 
 def sanity_check(model: nn.Module, images: Tensor, method: str, *, random_model: Optional[nn.Module] = None,

@@ -175,6 +175,9 @@ def faithfulness(model: nn.Module, images: Tensor, maps: MapsLike, *, target: Op
         raise HpxError(f"seed must be non-negative, got {seed}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise HpxError(f"images must be normalised (N, 3, H, W), got shape {tuple(images.shape)}")
+    pixels = images.shape[-2] * images.shape[-1]
+    if steps > max(pixels, 1000):  # steps beyond the pixel count only repeat curve points, at 4 forwards each
+        raise HpxError(f"steps ({steps}) must be at most 1000 or the number of pixels ({pixels})")
     if batch_size < 1:
         raise HpxError(f"batch size must be at least 1, got {batch_size}")
     if min(images.shape[-2:]) <= BLUR_KERNEL_SIZE // 2 and "blur" in (deletion_reference, insertion_start):

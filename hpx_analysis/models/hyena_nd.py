@@ -314,8 +314,9 @@ class HyenaNDMixer(nn.Module):
             windows, names = [filt.modulation] * 2, ("Xdeltas", "Ydeltas")
         else:
             windows, names = [filt.Xmodulation, filt.Ymodulation], ("deltas", "deltas")
-        delta = torch.stack([torch.zeros(channels) if w is None else w.rate(n).flatten() for w, n in zip(windows, names)])
-        shifts = [torch.zeros(channels) if w is None else w.offset() * torch.ones(channels) for w in windows]
+        zeros = torch.zeros_like(filt.bias.flatten())  # on the model's device, as the windows' own tensors
+        delta = torch.stack([zeros if w is None else w.rate(n).flatten() for w, n in zip(windows, names)])
+        shifts = [zeros if w is None else w.offset() + zeros for w in windows]
         shift = shifts[0] if isinstance(filt, HyenaNDFilter) else torch.stack(shifts)
         return {"delta": delta.detach().clone(), "shift": shift.detach().clone(), "t": filt.pos_emb.t.flatten().clone()}
 

@@ -5,9 +5,10 @@ network and multiplied by a learned exponential window. They are applied as true
 convolutions (not cross-correlations) with zero padding, computed with FFTs, plus a
 per-channel skip gain ``u * bias``.
 
-In eval mode a filter does not depend on the input, so its FFT is cached per FFT size,
-dtype and device until a weight changes (an in-place edit, a ``load_state_dict``, a
-replaced tensor) or a kernel modifier is set, removed or changed. ``with
+In eval mode a filter does not depend on the input, so its FFT is cached per FFT size and
+device for as long as the values it was computed from hold: the weights' (every use compares
+them in full, so an edit by any route, ``.data`` included, is seen) or, under a kernel
+modifier, the modified kernel's (the modifier runs on every use; its closure may change). ``with
 filt.override_kernel(k):`` makes the filter apply a given kernel instead; its FFTs live in
 a cache of their own for the duration of the block, so the learned kernel's cache is
 untouched.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -107,28 +108,34 @@ def fft_conv_same(signal: Tensor, kernel: Tensor, centre: Sequence[int]) -> Tens
 
 
 class KernelFFTCache:
-    """FFTs of one filter's kernel, keyed by FFT shape and device, valid for one weights stamp."""
+    """FFTs of a kernel (or a kernel itself), one per key (FFT shape and device), valid while the tensors they were
+    computed from keep their values. The values are compared in full on every use: an edit through ``.data`` leaves
+    a tensor's version counter alone, and a kernel modifier's closure is not a tensor of the filter at all, so
+    identities and versions would miss both."""
 
     def __init__(self) -> None:
         self._entries: Dict[Tuple, Tensor] = {}
-        self._stamp: Optional[tuple] = None
+        self._sources: List[Tensor] = []  # copies of the tensors the entries were computed from
 
-    def get(self, fft_shape: tuple, device: torch.device, stamp: Optional[tuple]) -> Optional[Tensor]:
-        if stamp is None or stamp != self._stamp:
-            return None
-        return self._entries.get((fft_shape, str(device)))
+    def _holds(self, sources: Sequence[Tensor]) -> bool:
+        return len(sources) == len(self._sources) and all(
+            kept.shape == source.shape and kept.dtype == source.dtype and kept.device == source.device
+            and torch.equal(kept, source) for kept, source in zip(self._sources, sources))
 
-    def put(self, fft_shape: tuple, device: torch.device, stamp: Optional[tuple], kernel_f: Tensor) -> None:
-        if stamp is None:
-            return
-        if stamp != self._stamp:
+    def lookup(self, sources: Sequence[Tensor], key: Tuple) -> Optional[Tensor]:
+        """The entry of ``key`` if the entries were computed from tensors with ``sources``' values, else None; entries
+        from other values are dropped, and ``sources``' values kept for those :meth:`store` adds next."""
+        if not self._holds(sources):
             self._entries.clear()
-            self._stamp = stamp
-        self._entries[(fft_shape, str(device))] = kernel_f
+            self._sources = [source.detach().clone() for source in sources]
+        return self._entries.get(key)
+
+    def store(self, key: Tuple, value: Tensor) -> None:
+        self._entries[key] = value
 
     def clear(self) -> None:
         self._entries.clear()
-        self._stamp = None
+        self._sources = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -181,9 +188,9 @@ class LongFilterBase(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._kernel_modifier: Optional[KernelModifier] = None
-        self._modifier_version = 0
         self._override: Optional[Tuple[Tensor, KernelFFTCache]] = None
         self.fft_cache = KernelFFTCache()
+        self._learned_kernel_cache = KernelFFTCache()  # the learned kernel under a modifier, against the weights
         self.use_cache = True
 
     @property
@@ -194,7 +201,6 @@ class LongFilterBase(nn.Module):
     @kernel_modifier.setter
     def kernel_modifier(self, modifier: Optional[KernelModifier]) -> None:
         self._kernel_modifier = modifier
-        self._modifier_version += 1  # a counter, never an id: ids of freed closures get reused
 
     @property
     def active(self) -> bool:
@@ -223,7 +229,7 @@ class LongFilterBase(nn.Module):
     def override_kernel(self, kernel: Tensor) -> Iterator[None]:
         """Inside the block the filter applies ``kernel`` (C, *S), shaped like ``self.kernel()``, instead
         of its learned kernel (any modifier is ignored). Its FFTs are cached per FFT shape and device in
-        a cache of the block's own, keyed by the tensor's identity and version (an in-place edit of
+        a cache of the block's own, valid while ``kernel`` keeps its values (an in-place edit of
         ``kernel`` recomputes them); the learned kernel's cache is neither read nor written. Blocks
         nest (the innermost wins); on exit, also by an exception, the previous behaviour returns."""
         expected = (self.channels, *self.kernel_size)
@@ -287,33 +293,49 @@ class LongFilterBase(nn.Module):
         return torch.full((self.channels,), float(cap if cap is not None else max(self.kernel_size)))
 
     # -- caching --------------------------------------------------------------------------
-    def _tensors_stamp(self, tensors: Sequence[Tensor]) -> Optional[tuple]:
-        """Identity + version of ``tensors``, or None when caching is off or they need gradients."""
-        if not self.use_cache:
-            return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return None  # the kernel must stay in the autograd graph
-        return tuple((id(t), t.data_ptr(), t._version, t.dtype) for t in tensors)
+    def _float32_kernel(self, device: torch.device) -> Tensor:
+        """:meth:`kernel` computed in float32 also under autocast, so one cached spectrum serves passes with and
+        without it."""
+        with torch.autocast(device.type, enabled=False):
+            return self.kernel()
 
-    def _kernel_cache_and_stamp(self) -> Tuple[KernelFFTCache, Optional[tuple]]:
-        """The FFT cache of the kernel now applied and the stamp its entries must match."""
+    def _cache_and_sources(self, device: torch.device) -> Tuple[Optional[KernelFFTCache], List[Tensor]]:
+        """The FFT cache of the kernel now applied and the tensors whose values its entries must match: the override
+        kernel; the modified kernel (its learned kernel cached against the weights); or the weights. (None, []) where
+        nothing is cached: the cache off, training, or a tensor that needs its gradient (the kernel must stay in the
+        autograd graph)."""
+        if not self.use_cache:
+            return None, []
+        needs_grad = torch.is_grad_enabled()
         if self._override is not None:
             kernel, cache = self._override
-            return cache, self._tensors_stamp([kernel])
-        if self.training:
-            return self.fft_cache, None
-        stamp = self._tensors_stamp(list(self.parameters()) + list(self.buffers()))
-        return self.fft_cache, None if stamp is None else stamp + (self._modifier_version,)
+            return (None, []) if needs_grad and kernel.requires_grad else (cache, [kernel])
+        weights = list(self.parameters()) + list(self.buffers())
+        if self.training or (needs_grad and any(w.requires_grad for w in weights)):
+            return None, []
+        if self._kernel_modifier is None:
+            return self.fft_cache, weights
+        learned = self._learned_kernel_cache.lookup(weights, ())
+        if learned is None:
+            with torch.autocast(device.type, enabled=False):
+                learned = self.base_kernel()
+            self._learned_kernel_cache.store((), learned)
+        kernel = self._kernel_modifier(learned)
+        return (None, []) if needs_grad and kernel.requires_grad else (self.fft_cache, [kernel])
 
     def spectrum(self, sizes: Sequence[int], device: torch.device) -> Tuple[Tensor, Tuple[int, ...]]:
-        """The rFFT of the kernel now applied, for signals of spatial size ``sizes`` on ``device``, from the cache when
-        it is valid, and its FFT shape: ((C, *fft_shape[:-1], fft_shape[-1] // 2 + 1), fft_shape)."""
+        """The rFFT of the kernel now applied (float32), for signals of spatial size ``sizes`` on ``device``, from the
+        cache when it holds the current values, and its FFT shape: ((C, *fft_shape[:-1], fft_shape[-1] // 2 + 1),
+        fft_shape)."""
         fft_shape = fft_shape_for(sizes, self.kernel_size, self.centre)
-        cache, stamp = self._kernel_cache_and_stamp()
-        kernel_f = cache.get(fft_shape, device, stamp)
+        cache, sources = self._cache_and_sources(device)
+        if cache is None:
+            return kernel_fft(self._float32_kernel(device), fft_shape), fft_shape
+        key = (fft_shape, str(device))
+        kernel_f = cache.lookup(sources, key)
         if kernel_f is None:
-            kernel_f = kernel_fft(self.kernel(), fft_shape)
-            cache.put(fft_shape, device, stamp, kernel_f)
+            kernel_f = kernel_fft(sources[0] if self.active else self._float32_kernel(device), fft_shape)
+            cache.store(key, kernel_f)
         return kernel_f, fft_shape
 
     def convolve(self, u: Tensor) -> Tensor:
@@ -460,8 +482,8 @@ class HyenaFilter1D(LongFilterBase):
 
     def window_parameters(self) -> Dict[str, Tensor]:
         """``delta`` (C,) the decay |delta|, ``shift`` (C,) zeros (no shift), ``t`` (T,) the normalised tap times."""
-        return {"delta": self.modulation.deltas.detach().flatten().abs().clone(), "shift": torch.zeros(self.channels),
-                "t": self.pos_emb.t.flatten().clone()}
+        delta = self.modulation.deltas.detach().flatten().abs().clone()
+        return {"delta": delta, "shift": torch.zeros_like(delta), "t": self.pos_emb.t.flatten().clone()}
 
     def window_extent(self, threshold: float) -> Tensor:
         """Taps (C,) from the first to the last one with ``window >= threshold`` (2 * reach + 1 bidirectional, reach +

@@ -74,9 +74,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             raise HpxError(f"model config file not found: {name}")
         try:
             config = json.loads(path.read_text())
-            return model_from_config(config, **kwargs)
-        except (ValueError, KeyError, TypeError) as err:
-            raise HpxError(f"invalid model config {name}: {err}") from None
+            model = model_from_config(config, **kwargs)
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:  # RuntimeError: torch refused a size in it
+            raise HpxError(f"invalid model config {name}: {_one_line(err, 200)}") from None
+        model.hpx_model_config = config  # what built it: load_model keys the model on this, not on the file's name
+        return model
     _check_name(name)
     try:
         return timm.create_model(name, **kwargs)
@@ -397,9 +399,10 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
     weights_key: the entry of a training script's checkpoint that holds the weights (``model`` by default,
     e.g. ``model_ema``).
     The returned model has ``hpx_provenance``: model, weights source, SHA-256 of the weights file, the constructor
-    options given (``options_given``) and for a configured checkpoint those read from it (``options_from_checkpoint``).
-    A model that runs only at its build size and is built at another ``img_size`` has that size as its pretrained
-    config's ``input_size``. Options the constructor rejects raise a one-line HpxError naming them.
+    options given (``options_given``), for a configured checkpoint those read from it (``options_from_checkpoint``)
+    and for a model config file its content (``config``). A model that runs only at its build size and is built at
+    another ``img_size`` has that size as its pretrained config's ``input_size``. Options the constructor rejects
+    raise a one-line HpxError naming them.
     """
     provenance: Dict[str, Any] = {"model": name, "weights": weights, "seed": seed}
     if weights == "pretrained":
@@ -425,6 +428,8 @@ def load_model(name: str, weights: str = "random", *, seed: int = 0, device: str
                        f"({', '.join(CHECKPOINT_SUFFIXES)}); got '{weights}'")
     if kwargs:
         provenance["options_given"] = kwargs
+    if name.endswith(".json"):  # the architecture is the file's content (an edit can keep every weight's shape)
+        provenance["config"] = model.hpx_model_config
     _record_build_size(model)
     model.hpx_provenance = provenance
     return model.to(device).eval()
