@@ -39,7 +39,7 @@ InputSize = Annotated[Optional[int], typer.Option("--input-size", min=MIN_INPUT_
                                                  "default: the model's pretrained resolution.")]
 Images = Annotated[Optional[Path], typer.Option("--images", help="Image folder (recursive) or ImageFolder tree; "
                                                 "default: scikit-image's bundled photographs.")]
-NumImages = Annotated[int, typer.Option("--num-images", help="How many images to use (sorted, seeded, spread over "
+NumImages = Annotated[int, typer.Option("--num-images", min=1, help="How many images to use (sorted, seeded, spread over "
                                         "class subfolders).")]
 LAYER_FORMS = ("numbered from 1 as in the paper: S3 or 3 (a stage), S3B2, S3 B2 or 3.2 (a block), or the module "
                "paths stages.2, stages.2.blocks.1 (from 0, as the modules)")
@@ -210,7 +210,11 @@ def input_sizes(values: Optional[List[str]]) -> List[int]:
 def layer_groups(texts: List[str]) -> Optional[List[List["LayerRef"]]]:
     """Each text as the layers it names (:func:`~hpx_analysis.layer_names.parse_layer_group`: a stage, a block or
     a block range of one stage, numbered from 1); None for all (no text, or ``all``)."""
+    from hpx_analysis.errors import HpxError
     from hpx_analysis.layer_names import parse_layer_group
+    if "all" in texts and len(texts) > 1:
+        others = ", ".join(text for text in texts if text != "all")
+        raise HpxError(f"--layers all names every layer; give it alone, not with {others}")
     if not texts or "all" in texts:
         return None
     return [parse_layer_group(text) for text in texts]

@@ -111,5 +111,9 @@ def truncate(
         return
     result.meta["inputs"] = {"data": str(Path(data).resolve()), "labels": str(labels) if labels else None,
                              "limit": limit, "images": [s.name for s in samples]}
+    skipped = result.meta["skipped"]
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
+                   f"{' ...' if len(skipped) > 5 else ''} (all are listed in the result's .json)", err=True)
     stem = Path(out) / f"truncate_{spec.label}"
     report_written([*result.save_files(stem), result.write_csv(stem.with_suffix(".csv")), *plot_truncation(result, stem)])

@@ -186,7 +186,8 @@ def labelled_images(root: Path | str, labels_file: Optional[Path | str] = None) 
     """
     root = Path(root)
     if not root.is_dir():
-        raise HpxError(f"data folder not found: {root}")
+        raise HpxError(f"{root} is a file; --data takes the folder of images" if root.is_file()
+                       else f"data folder not found: {root}")
     samples = _flat_folder(root, Path(labels_file)) if labels_file is not None else _image_folder(root)
     if not samples:
         raise HpxError(f"no labelled images under {root}: expected class sub-folders of images "

@@ -22,7 +22,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise HpxError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
-    if device.type not in ("cpu", "cuda"):
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         raise HpxError(f"unsupported device '{name}'; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HpxError(f"device '{name}' requested but CUDA is not available on this machine")

@@ -68,7 +68,8 @@ def list_images(folder: Path | str) -> List[Path]:
     """Every image file under ``folder`` (recursive), sorted by relative path."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise HpxError(f"image folder not found: {folder}")
+        raise HpxError(f"{folder} is a file; give the folder that holds the images" if folder.is_file()
+                       else f"image folder not found: {folder}")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 

@@ -27,6 +27,7 @@ from .analyzers.sanity import SanityResult, sanity_check
 from .analyzers.scores import (METRICS, FaithfulnessResult, LocalisationResult, ScoreTable, faithfulness,
                                localisation, score_table)
 from .boxes import boxes_for_images, read_boxes
+from .engine import announce
 from .errors import HpxError
 from .images import eval_transform, image_sources, model_mean_std
 from .layer_names import LayerLike
@@ -146,6 +147,10 @@ def explain_models(specs: Sequence[ModelSpec], methods: Sequence[str] = ("fgvis"
         mean, std = model_mean_std(model)
         transform = eval_transform(model, input_size)[0]
         inputs, names = load_inputs(sources, transform)
+        if len(names) < len(sources):
+            unread = [source.name for source in sources if source.name not in set(names)]
+            announce(f"{spec.label}: skipped {len(unread)} unreadable image(s): {', '.join(unread[:5])}"
+                     f"{' ...' if len(unread) > 5 else ''}")
         inputs = inputs.to(device)
         common = {"target": target, "mean": mean, "std": std, "names": names, "batch_size": batch_size,
                   "resume_dir": resume_dir}

@@ -203,6 +203,15 @@ def test_explain_models_from_python(tiny_config: Any, tiny_weights: Any) -> None
     assert explain_models([spec], ["saliency"], num_images=1, input_size=32)[0].sanity is None
 
 
+def test_explain_says_which_images_it_skipped(tiny_config: Any, tmp_path: Path, capsys) -> None:
+    folder = random_image_folder(tmp_path / "val", ("a",), per_class=2, size=(40, 40))
+    (folder / "a" / "broken.png").write_bytes(b"not a png")
+    explained = explain_models([ModelSpec(tiny_config("tiny_hpx"), "random")], ["saliency"], images=folder,
+                               num_images=3, input_size=32)
+    assert len(explained[0].result.maps) == 2
+    assert "tiny_hpx: skipped 1 unreadable image(s): a/broken.png" in capsys.readouterr().err
+
+
 def test_erf_models_from_python(tiny_config: Any) -> None:
     specs = [ModelSpec(tiny_config(name), "random") for name in ("tiny_hpx", "tiny_hpx_sc")]
     result = erf_models(specs, num_images=1, input_size=32, layer=LayerRef(1))
@@ -245,6 +254,11 @@ def test_one_model_with_two_weights_gets_two_labels() -> None:
     (["truncate", "--sizes", "0:1:0.0000001", "--data", "."], "give 1 to 1000"),
     (["explain", "--exponent", "nan"], "Invalid value for '--exponent'"),
     (["kernels", "--device", "meta"], "unsupported device 'meta'"),
+    (["kernels", "--device", "cpu:5"], "unsupported device 'cpu:5'"),
+    (["explain", "--num-images", "0"], "Invalid value for '--num-images'"),
+    (["erf", "--images", __file__], "is a file; give the folder that holds the images"),
+    (["truncate", "--data", __file__], "is a file; --data takes the folder of images"),
+    (["kernels", "--layers", "all,S9"], "--layers all names every layer; give it alone, not with S9"),
     (["demo", "--local-steps", "0"], "Invalid value for '--local-steps'"),
 ])
 def test_impossible_options_stop_before_any_work(args: List[str], message: str, tiny_config: Any,

@@ -257,6 +257,7 @@ def test_the_connection_probe_goes_where_the_download_would(monkeypatch, environ
 @pytest.mark.parametrize("name,weights,message", [
     ("hpx_formr_s18", "random", "unknown model 'hpx_formr_s18'; did you mean hpx_former_s18"),
     (str(TINY / "tiny_hpx.json"), "/nonexistent/w.pth", "checkpoint file not found"),
+    (str(TINY / "tiny_hpx.json"), str(TINY), "is a folder, not a checkpoint file"),
     ("hpx_former_s4", "pretrained", "no published weights for 'hpx_former_s4'; HyenaPixel models with published"),
     ("hpx_former_s18", "pretrained", "download https://huggingface.co/Spravil/hpx_former_s18.westai_in1k"),
     ("hpx_former_s18", "sometimes", "weights must be 'pretrained', 'random' or a checkpoint file"),
@@ -265,6 +266,16 @@ def test_load_errors_are_one_readable_line(name, weights, message):
     with pytest.raises(HpxError) as info:
         load_model(name, weights)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_renamed_safetensors_file_is_read_as_one(tmp_path, tiny_weights):
+    """timm picks the reader by the file name; a safetensors file without its suffix is recognised by its header
+    (it was reported as a refused pickle)."""
+    renamed = tmp_path / "weights"
+    renamed.write_bytes(open(tiny_weights("tiny_hpx"), "rb").read())
+    model = load_model(str(TINY / "tiny_hpx.json"), str(renamed))
+    reference = load_model(str(TINY / "tiny_hpx.json"), tiny_weights("tiny_hpx"))
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_other_architecture_names_missing_and_unexpected_keys(tiny_weights):

@@ -392,6 +392,7 @@ def test_cli_default_sizes_and_hb_cut(tiny_config, tiny_weights, image_folder, t
     for cut, last in (("wrap", 2 ** 0.5), ("offset", 1.5)):
         outcome = CliRunner().invoke(app, args + ["--hb-cut", cut, "--out", str(tmp_path / cut)])
         assert outcome.exit_code == 0, outcome.output
+        assert "skipped 1 unreadable image(s): b/corrupt.png" in outcome.output  # the help promises the listing
         result = TruncationResult.load(tmp_path / cut / "truncate_tiny_hb")
         assert result.arrays["sizes"][-1] == pytest.approx(last) and result.arrays["sizes"][-2] == pytest.approx(1.4)
         assert result.meta["hb_cut"] == cut and result.meta["layer_kinds"] == {"S4": ["hyena_1d"]}

@@ -144,6 +144,13 @@ def training_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
     return entries
 
 
+def _safetensors_header(path: Path) -> bool:
+    """Whether the file starts as safetensors do: a little-endian 8-byte length, then that much JSON."""
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+    return len(start) == 9 and start[8:9] == b"{" and 0 < int.from_bytes(start[:8], "little") < path.stat().st_size
+
+
 def read_checkpoint(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
     """Tensors of a checkpoint file without executing pickled code, read by timm's ``load_state_dict``.
 
@@ -152,11 +159,17 @@ def read_checkpoint(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
     holds both); ``module.`` and ``_orig_mod.`` prefixes are stripped.
     """
     path = Path(path)
+    if path.is_dir():
+        raise HpxError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise HpxError(f"checkpoint file not found: {path}")
     try:
-        with _training_args_allowed():
-            data: Any = timm.models.load_state_dict(str(path), weights_only=True)
+        if path.suffix != ".safetensors" and _safetensors_header(path):  # renamed: timm goes by the name
+            from safetensors.torch import load_file
+            data: Any = load_file(str(path))
+        else:
+            with _training_args_allowed():
+                data = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as err:  # any decoding failure means: not a checkpoint we can read safely
         raise HpxError(f"{path} is not a readable checkpoint ({_one_line(err, 160)})") from None
     if not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
