@@ -189,6 +189,8 @@ def test_kernel_fft_cache_sees_edits_that_keep_tensor_versions(tiny_hpx, image):
     with interventions.modify_kernels(tiny_hpx, lambda kernel, info: kernel * 3.0):
         truth = tiny_hpx(image)
     assert torch.equal(unit, edited) and torch.equal(tripled, truth) and not torch.allclose(tripled, unit)
+    with interventions.modify_kernels(tiny_hpx, lambda kernel, info: kernel.mul_(3.0)):  # edits its input
+        assert torch.equal(tiny_hpx(image), truth) and torch.equal(tiny_hpx(image), truth)
 
 
 @torch.no_grad()

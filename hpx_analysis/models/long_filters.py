@@ -320,7 +320,7 @@ class LongFilterBase(nn.Module):
             with torch.autocast(device.type, enabled=False):
                 learned = self.base_kernel()
             self._learned_kernel_cache.store((), learned)
-        kernel = self._kernel_modifier(learned)
+        kernel = self._kernel_modifier(learned.clone())  # a copy: a modifier may edit its input in place
         return (None, []) if needs_grad and kernel.requires_grad else (self.fft_cache, [kernel])
 
     def spectrum(self, sizes: Sequence[int], device: torch.device) -> Tuple[Tensor, Tuple[int, ...]]:
