@@ -39,8 +39,8 @@ InputSize = Annotated[Optional[int], typer.Option("--input-size", min=MIN_INPUT_
                                                  "default: the model's pretrained resolution.")]
 Images = Annotated[Optional[Path], typer.Option("--images", help="Image folder (recursive) or ImageFolder tree; "
                                                 "default: scikit-image's bundled photographs.")]
-NumImages = Annotated[int, typer.Option("--num-images", min=1, help="How many images to use (sorted, seeded, spread over "
-                                        "class subfolders).")]
+NumImages = Annotated[int, typer.Option("--num-images", min=1, help="How many images to use (sorted, seeded, spread "
+                                        "over class subfolders).")]
 LAYER_FORMS = ("numbered from 1 as in the paper: S3 or 3 (a stage), S3B2, S3 B2 or 3.2 (a block), or the module "
                "paths stages.2, stages.2.blocks.1 (from 0, as the modules)")
 LAYER_RANGES = "a range of blocks of one stage: S1B1-6, 1.1-6 (a ViT's blocks are its one stage)"

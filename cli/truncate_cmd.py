@@ -97,6 +97,7 @@ def truncate(
     from hpx_analysis.analyzers.truncation import truncation_sweep
     from hpx_analysis.datasets import labelled_images, stratified_subset
     from hpx_analysis.devices import resolve_device
+    from hpx_analysis.images import skipped_line
     from hpx_analysis.plotting.truncation import plot_truncation
 
     spec = model_spec(model, weights, weights_key, model_kwargs)
@@ -111,9 +112,7 @@ def truncate(
         return
     result.meta["inputs"] = {"data": str(Path(data).resolve()), "labels": str(labels) if labels else None,
                              "limit": limit, "images": [s.name for s in samples]}
-    skipped = result.meta["skipped"]
-    if skipped:
-        typer.echo(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
-                   f"{' ...' if len(skipped) > 5 else ''} (all are listed in the result's .json)", err=True)
+    if result.meta["skipped"]:
+        typer.echo(f"{skipped_line(result.meta['skipped'])} (all are listed in the result's .json)", err=True)
     stem = Path(out) / f"truncate_{spec.label}"
     report_written([*result.save_files(stem), result.write_csv(stem.with_suffix(".csv")), *plot_truncation(result, stem)])

@@ -78,7 +78,7 @@ def describe_transform(transform: Optional[Callable]) -> Any:
         return {name: [describe_transform(part) for part in transform.transforms]}
     if kind.__module__.startswith(_DESCRIBED_TRANSFORMS) and kind.__name__ != "Lambda":
         state = {key: value for key, value in vars(transform).items() if not key.startswith("_") and key != "training"}
-        return {name: to_jsonable({key: _exact(value) for key, value in state.items()})}
+        return {name: {key: _exact(value) for key, value in state.items()}}
     return {name: f"object {id(transform)} of process {_PROCESS}"}
 
 

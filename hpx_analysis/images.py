@@ -142,6 +142,11 @@ def read_rgb(source: ImageSource) -> Optional[Image.Image]:
         return None
 
 
+def skipped_line(names: Sequence[str], shown: int = 5) -> str:
+    """One line on unreadable images left out: their count and the first ``shown`` names."""
+    return f"skipped {len(names)} unreadable image(s): {', '.join(names[:shown])}{' ...' if len(names) > shown else ''}"
+
+
 def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """RGB in [0, 1], (3, H, W) or (N, 3, H, W), to model input with per-channel ``mean``/``std``."""
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device)[:, None, None]

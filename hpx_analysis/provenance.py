@@ -68,8 +68,8 @@ def parts_fingerprint(parts: Mapping[str, Union[bytes, str]]) -> str:
 
 def _source_stats(root: Path) -> Dict[str, Tuple[int, int]]:
     """(mtime_ns, size) of each file of :func:`_source_files`, by relative path."""
-    return {path.relative_to(root).as_posix(): (path.stat().st_mtime_ns, path.stat().st_size)
-            for path in _source_files(root)}
+    stats = {path.relative_to(root).as_posix(): path.stat() for path in _source_files(root)}
+    return {name: (stat.st_mtime_ns, stat.st_size) for name, stat in stats.items()}
 
 
 class _LoadedSource:

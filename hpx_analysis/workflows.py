@@ -29,7 +29,7 @@ from .analyzers.scores import (METRICS, FaithfulnessResult, LocalisationResult, 
 from .boxes import boxes_for_images, read_boxes
 from .engine import announce
 from .errors import HpxError
-from .images import eval_transform, image_sources, model_mean_std
+from .images import eval_transform, image_sources, model_mean_std, skipped_line
 from .layer_names import LayerLike
 from .models.zoo import load_model, model_label
 
@@ -148,9 +148,8 @@ def explain_models(specs: Sequence[ModelSpec], methods: Sequence[str] = ("fgvis"
         transform = eval_transform(model, input_size)[0]
         inputs, names = load_inputs(sources, transform)
         if len(names) < len(sources):
-            unread = [source.name for source in sources if source.name not in set(names)]
-            announce(f"{spec.label}: skipped {len(unread)} unreadable image(s): {', '.join(unread[:5])}"
-                     f"{' ...' if len(unread) > 5 else ''}")
+            read = set(names)
+            announce(f"{spec.label}: {skipped_line([source.name for source in sources if source.name not in read])}")
         inputs = inputs.to(device)
         common = {"target": target, "mean": mean, "std": std, "names": names, "batch_size": batch_size,
                   "resume_dir": resume_dir}
@@ -185,4 +184,5 @@ def explanation_scores(explained: Sequence[Explanation], *, n_resamples: int = 1
                        n_resamples=n_resamples, seed=seed)
 
 
-__all__ = ["ModelSpec", "distinct_labels", "erf_models", "Explanation", "checked_metrics", "explain_models", "explanation_scores"]
+__all__ = ["ModelSpec", "distinct_labels", "erf_models", "Explanation", "checked_metrics", "explain_models",
+           "explanation_scores"]

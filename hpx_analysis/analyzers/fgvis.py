@@ -38,8 +38,8 @@ the same seeds.
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
