@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import hpx_analysis  # noqa: F401  (registers the models with timm)
 from hpx_analysis import inspection
-from hpx_analysis.models import PUBLISHED, checkpoint_filter_fn, fft_conv_same, model_names
+from hpx_analysis.models import PUBLISHED, checkpoint_filter_fn, fft_conv_same, long_filters, model_names
 from hpx_analysis.models.zoo import REFERENCE_BACKBONES, load_model
 
 from .conftest import GOLDEN, TINY_NAMES, golden_state_dict, meta_model_and_state_dict
@@ -156,13 +156,42 @@ def test_fft_conv_keeps_a_channels_last_layout():
 def test_fft_conv_without_a_graph_gives_the_same_bits(sizes, kernel_size, centre):
     """Where no gradient flows the inverse FFT leaves the cropped rows out (split into irfftn's own steps): the output
     is bitwise the one computed with a graph (irfftn whole), which training and unfused gradients use."""
+    untracked, tracked = _fft_conv_untracked_and_tracked(sizes, kernel_size, centre)
+    assert tracked.requires_grad and torch.equal(untracked, tracked.detach())
+
+
+@pytest.mark.parametrize("sizes,kernel_size,centre", [((10, 12), (7, 7), (3, 3)), ((9, 9), (17, 17), (16, 0)),
+                                                       ((6, 7, 5), (3, 5, 3), (1, 4, 0))])
+def test_fft_conv_in_channel_groups_gives_the_same_values(sizes, kernel_size, centre, monkeypatch):
+    """With a 1 KB group budget every channel is filtered on its own: the values of the whole graph's to float32
+    rounding (MKL's transforms in another batch size may round differently)."""
+    monkeypatch.setattr(long_filters, "FFT_GROUP_BYTES", 1024)
+    untracked, tracked = _fft_conv_untracked_and_tracked(sizes, kernel_size, centre)
+    torch.testing.assert_close(untracked, tracked.detach(), rtol=0, atol=1e-6 * float(tracked.detach().abs().max()))
+
+
+def _fft_conv_untracked_and_tracked(sizes, kernel_size, centre):
+    """fft_conv_same of a seeded signal (2, 3, *sizes) and kernel without a graph and with one."""
     gen = torch.Generator().manual_seed(len(sizes))
     signal = torch.randn(2, 3, *sizes, generator=gen)
     kernel = torch.randn(3, *kernel_size, generator=gen)
     with torch.no_grad():
         untracked = fft_conv_same(signal, kernel, centre)
-    tracked = fft_conv_same(signal.requires_grad_(True), kernel, centre)
-    assert tracked.requires_grad and torch.equal(untracked, tracked.detach())
+    return untracked, fft_conv_same(signal.requires_grad_(True), kernel, centre)
+
+
+@pytest.mark.parametrize("shape, fft_shape, groups", [
+    ((1, 64, 256, 256), (320, 320), [(start, 8) for start in range(0, 64, 8)]),  # stage 1 at 1024 px: 26 MB
+    ((1, 320, 64, 64), (80, 80), [(start, 40) for start in range(0, 320, 40)]),
+    ((2, 10, 256, 256), (320, 320), [(0, 2), (2, 2), (4, 2), (6, 2), (8, 2)]),  # 10 / 8 rounded up
+    ((1, 64, 512, 512), (640, 640), [(start, 2) for start in range(0, 64, 2)]),  # 2 planes of 1.6 MB in 4 MB
+    ((1, 512, 32, 32), (40, 40), [(0, 512)]),  # 3.3 MB: whole
+    ((1, 64, 65536), (70000,), [(0, 64)]),  # 1D: whole
+])
+def test_fft_channel_groups(shape, fft_shape, groups):
+    """Channel groups of the FFT filtering without a graph: about C / 8 channels, at most 4 MB of padded planes."""
+    signal = torch.empty(shape, device="meta")
+    assert list(long_filters._channel_groups(signal, fft_shape)) == groups
 
 
 def test_fft_conv_1d_centred_and_causal():
