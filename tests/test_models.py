@@ -189,9 +189,10 @@ def _fft_conv_untracked_and_tracked(sizes, kernel_size, centre):
     ((1, 64, 65536), (70000,), [(0, 64)]),  # 1D: whole
 ])
 def test_fft_channel_groups(shape, fft_shape, groups):
-    """Channel groups of the FFT filtering without a graph: about C / 8 channels, at most 4 MB of padded planes."""
-    signal = torch.empty(shape, device="meta")
-    assert list(long_filters._channel_groups(signal, fft_shape)) == groups
+    """Channel groups of the FFT filtering without a graph on the CPU: about C / 8 channels, at most 4 MB of padded
+    planes; off the CPU (a meta tensor stands in for a GPU's) every channel at once."""
+    assert list(long_filters._channel_groups(torch.empty(shape), fft_shape)) == groups
+    assert list(long_filters._channel_groups(torch.empty(shape, device="meta"), fft_shape)) == [(0, shape[1])]
 
 
 def test_fft_conv_1d_centred_and_causal():

@@ -62,11 +62,12 @@ def _channel_groups(signal: Tensor, fft_shape: Sequence[int]) -> Iterator[Tuple[
     FFT_GROUP_BYTES, one at least). At 1024 px that is 12-23% less time per filter call at HyenaPixel's stages 1-3; at
     stage 4 (3.3 MB) groups cost 10% more (docs/erf-performance.md). The values: the same bits at those sizes, float32
     rounding at some others (MKL's batched transforms may round differently in another batch size: 1e-7 of the
-    maximum at a 60 x 60 FFT in a batch of 32). 1D signals (Hyena) stay whole: not measured."""
+    maximum at a 60 x 60 FFT in a batch of 32). 1D signals (Hyena) and signals off the CPU (a GPU's batched FFTs
+    want every channel at once) stay whole."""
     channels = signal.shape[1]
     plane_bytes = 4 * signal.shape[0] * math.prod(fft_shape)
     count = channels
-    if len(fft_shape) > 1 and plane_bytes * channels > FFT_GROUP_BYTES:
+    if signal.device.type == "cpu" and len(fft_shape) > 1 and plane_bytes * channels > FFT_GROUP_BYTES:
         count = max(1, min(-(-channels // FFT_GROUPS), FFT_GROUP_BYTES // plane_bytes))
     for start in range(0, channels, count):
         yield start, min(count, channels - start)
