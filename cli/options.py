@@ -4,6 +4,7 @@ equal the library's constants, which a test checks). Types and plain helpers onl
 from __future__ import annotations
 
 import ast
+import hashlib
 import math
 import os
 import re
@@ -50,10 +51,6 @@ Layers = Annotated[Optional[List[str]], typer.Option("--layers", metavar="LAYERS
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an interrupted run and reuse a finished "
                                       "one with the same model, inputs and options (runs are kept under OUT/runs).")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when available).")]
-def given(context: typer.Context, name: str) -> bool:
-    """Whether the option ``name`` was given on the command line (not left at its default)."""
-    source = context.get_parameter_source(name)
-    return source is not None and source.name == "COMMANDLINE"  # typer's own ParameterSource, not click's
 
 
 def writable_folder(value: Path) -> Path:
@@ -89,11 +86,18 @@ ModelKwargs = Annotated[Optional[List[str]], typer.Option(
          "else as text, as timm's train.py); repeat for several; they apply to every --model and win over a "
          "checkpoint's saved args.")]
 
+
 def finite(value: Optional[float]) -> Optional[float]:
     """Option callback: a finite number (click's ranges let NaN through)."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
     return value
+
+
+def given(context: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given on the command line (not left at its default)."""
+    source = context.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"  # typer's own ParameterSource, not click's
 
 
 DEFAULT_WEIGHTS = "pretrained"
@@ -244,8 +248,6 @@ MAX_NAME = 120
 def safe_filename(text: str) -> str:
     """``text`` with every run of characters other than letters, digits and ``_.+-`` replaced by ``_``; a stem over
     :data:`MAX_NAME` characters is cut and ends in 12 hex digits of its SHA-256, so long names stay distinct."""
-    import hashlib
-
     name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
     if len(name) <= MAX_NAME:
         return name

@@ -198,7 +198,6 @@ def test_kept_memory_is_reused_without_page_faults() -> None:
     assert applied == 0 and steady > 3 * default, opted_out.stdout
 
 
-
 def _rank0_worker(rank: int, store_path: str, answers) -> None:
     """One of two gloo ranks calling :func:`computed_on_rank0` twice, the second time failing on rank 0: its answers
     and which ranks computed into ``answers``."""

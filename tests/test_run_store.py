@@ -27,7 +27,6 @@ from hpx_analysis.storage import FileLock, atomic_output
 from .test_engine import OUTPUTS, _step
 
 
-
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
 

@@ -309,7 +309,7 @@ class HyenaNDMixer(nn.Module):
         """``delta`` (2, D) the decay rates applied along rows and columns (|delta|, halved under ``sqrt_decay``; 0
         without a window); ``shift`` the learned shift, (D,) added to the product of the two decays (N-D form) or
         (2, D) to each axis' decay (product form), 0 for a frozen window; ``t`` (L,) the tap positions in [0, 1]."""
-        filt, channels = self.filter_fn, self.filter_fn.bias.numel()
+        filt = self.filter_fn
         if isinstance(filt, HyenaNDFilter):
             windows, names = [filt.modulation] * 2, ("Xdeltas", "Ydeltas")
         else:
