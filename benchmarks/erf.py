@@ -2,7 +2,8 @@
 
 Plain loop: batch 1, parameters requiring grad, full forward, backward of the centre scalar (a user's script).
 Analyzer: :func:`hpx_analysis.analyzers.erf.effective_receptive_field` (frozen parameters, forward
-stopped at the output layer, frozen StarReLUs and HyenaPixel gatings fused, batches).
+stopped at the output layer, frozen StarReLUs and HyenaPixel gatings fused, on the CPU by the native kernels of
+:mod:`hpx_analysis.models.native` where a C compiler is at hand, batches).
 
 Each variant runs in processes of its own, with glibc's default malloc (``default``: what a script gets) and with
 freed memory kept in the process (``kept``: what ``hpx-analyze`` sets, :func:`hpx_analysis.devices.keep_freed_memory`).
@@ -159,6 +160,7 @@ def benchmark(args: argparse.Namespace) -> float:
     from hpx_analysis.analyzers.erf import erf_gradient_maps
     from hpx_analysis.engine import analysis_mode
     from hpx_analysis.inspection import feature_layer
+    from hpx_analysis.models.native import description as native_kernels
     from hpx_analysis.models.zoo import load_model
 
     model = load_model(args.model, "random", seed=0, device=args.device)
@@ -197,7 +199,7 @@ def benchmark(args: argparse.Namespace) -> float:
           f"each {args.warm_up * args.batch_size} warm-up + {count} timed images; medians over rounds")
     rates = [run["matmul_gflops"] for results in runs.values() for run in results]
     print(f"matmul 2048x2048: {min(rates):.1f}-{max(rates):.1f} GFLOP/s; ERF pass (forward to the layer + input "
-          f"backward): {gflop:.1f} GFLOP")
+          f"backward): {gflop:.1f} GFLOP; this release's native CPU kernels: {native_kernels()}")
     reference, worst = maps[("plain loop", "default", "")], 0.0
     for (variant, malloc, tree), results in runs.items():
         per_image = median_seconds((variant, malloc, tree))

@@ -48,6 +48,7 @@ from .distributed import all_reduce_sum, computed_on_rank0, raise_if_any_rank_fa
 from .errors import HpxError
 from .images import ImageLike, as_image_sources, read_rgb
 from .models.long_filters import LongFilterBase
+from .models.native import description as native_kernels
 from .provenance import KEYED_LIBRARIES, checked_code_fingerprint, library_versions, package_version
 from .results import model_metadata, to_jsonable
 from .storage import FileLock, atomic_output, move_aside, remove_stale_temporaries
@@ -320,8 +321,9 @@ KEYED_VARIABLES = ("NVIDIA_TF32_OVERRIDE", "TIMM_FUSED_ATTN")
 def environment(model: nn.Module) -> Dict[str, Any]:
     """What computes a run besides the model and code: the versions of :data:`KEYED_LIBRARIES`, the model's device
     type and parameter dtype, torch's float32 matmul precision, on CUDA whether convolutions and matmuls may round
-    float32 to TF32 (cuDNN's default: yes; it moves results by about 1e-3), and :data:`KEYED_VARIABLES` that are
-    set."""
+    float32 to TF32 (cuDNN's default: yes; it moves results by about 1e-3), which native CPU kernels compute (or
+    ``"off"``: :func:`.models.native.description`; they move results by float32 rounding), and :data:`KEYED_VARIABLES`
+    that are set."""
     parameter = next(model.parameters(), None)
     device = parameter.device.type if parameter is not None else "cpu"
     described = {"libraries": library_versions(KEYED_LIBRARIES), "device": device,
@@ -329,6 +331,7 @@ def environment(model: nn.Module) -> Dict[str, Any]:
                  "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if device == "cuda":
         described["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    described["native kernels"] = native_kernels()
     described["variables"] = {name: os.environ[name] for name in KEYED_VARIABLES if name in os.environ}
     return described
 

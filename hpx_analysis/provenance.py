@@ -2,10 +2,11 @@
 code and the versions of the libraries that compute it.
 
 The version comes from one place, the installed package's metadata (``pyproject.toml``). The code fingerprint is a
-SHA-256 over every ``.py`` file of the package (relative path and bytes), taken once per process, when
-``hpx_analysis`` is imported: any edit of the library, a fix of an analyzer included, gives another fingerprint, so
-cached runs keyed on it are recomputed. Run keys take it through :func:`checked_code_fingerprint`, which refuses
-when the files changed after the import (the process may run a mix of old and new code).
+SHA-256 over every source file of the package, ``.py`` and the native kernels' ``.c`` (relative path and bytes),
+taken once per process, when ``hpx_analysis`` is imported: any edit of the library, a fix of an analyzer included,
+gives another fingerprint, so cached runs keyed on it are recomputed. Run keys take it through
+:func:`checked_code_fingerprint`, which refuses when the files changed after the import (the process may run a mix
+of old and new code).
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ def package_version() -> str:
         return "unknown"
 
 
+SOURCE_SUFFIXES = (".py", ".c")
+"""What counts as the package's code: its Python modules and the C source of its native kernels."""
+
+
 def _source_files(root: Path) -> List[Path]:
-    """The ``.py`` files under ``root``, sorted; hidden names (an editor's ``.#module.py`` lock links) left out."""
-    return sorted(path for path in root.rglob("*.py") if not path.name.startswith(".") and path.is_file())
+    """The source files (:data:`SOURCE_SUFFIXES`) under ``root``, sorted; hidden names (an editor's ``.#module.py``
+    lock links) left out."""
+    return sorted(path for path in root.rglob("*") if path.suffix in SOURCE_SUFFIXES
+                  and not path.name.startswith(".") and path.is_file())
 
 
 def source_fingerprint(root: Path) -> str:
-    """SHA-256 over the ``.py`` files under ``root``, in sorted order: each file's relative path and content, both
-    length-prefixed so no two trees share a digest by shifting bytes between names and contents."""
+    """SHA-256 over the source files under ``root`` (:data:`SOURCE_SUFFIXES`), in sorted order: each file's relative
+    path and content, both length-prefixed so no two trees share a digest by shifting bytes between names and
+    contents."""
     digest = hashlib.sha256()
     for path in _source_files(root):
         for part in (path.relative_to(root).as_posix().encode(), path.read_bytes()):

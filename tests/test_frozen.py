@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hpx_analysis.models.frozen as frozen
+from hpx_analysis.models import native
 from hpx_analysis.models.long_filters import apply_kernel_fft, apply_kernel_fft_adjoint, fft_shape_for, kernel_fft
 from hpx_analysis.models.mixers import HyenaPixelMixer
 
@@ -36,7 +37,12 @@ def _count_calls(monkeypatch, function: type) -> list:
 
 @pytest.mark.parametrize("use_layernorm", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_fused_gating_gives_the_mixers_values_and_input_gradients(use_layernorm, channels_last, monkeypatch) -> None:
+@pytest.mark.parametrize("native_kernels", ["1", "0"])
+def test_fused_gating_gives_the_mixers_values_and_input_gradients(use_layernorm, channels_last, native_kernels,
+                                                                 monkeypatch) -> None:
+    """Fused (PyTorch, or the native kernels where they apply: channels-last with both norms) against the mixer's own
+    graph."""
+    monkeypatch.setenv(native.NATIVE_ENV, native_kernels)
     mixer = _frozen_mixer(use_layernorm)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 12, 10, generator=generator)
@@ -44,7 +50,8 @@ def test_fused_gating_gives_the_mixers_values_and_input_gradients(use_layernorm,
     if channels_last:
         x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
     expected, expected_grad = _output_and_input_gradient(mixer, x, grad)
-    calls = _count_calls(monkeypatch, frozen.FrozenHyenaPixelGating)
+    by_native = native_kernels == "1" and channels_last and use_layernorm and native.library() is not None
+    calls = _count_calls(monkeypatch, frozen.NativeHyenaPixelGating if by_native else frozen.FrozenHyenaPixelGating)
     with frozen.fused_frozen(mixer):
         out, out_grad = _output_and_input_gradient(mixer, x, grad)
     assert len(calls) == 1 and "forward" not in vars(mixer)  # fused inside, the class's forward again after

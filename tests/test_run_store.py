@@ -224,7 +224,11 @@ def test_the_code_fingerprint_covers_every_source_file(tmp_path: Path) -> None:
     (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
     edited = provenance.source_fingerprint(tmp_path / "pkg")
     (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "sub" / "c.py")
-    assert len({before, edited, provenance.source_fingerprint(tmp_path / "pkg")}) == 3
+    renamed = provenance.source_fingerprint(tmp_path / "pkg")
+    (tmp_path / "pkg" / "kernels.c").write_text("int x;\n")  # native kernels' C source counts too
+    with_c = provenance.source_fingerprint(tmp_path / "pkg")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code\n")
+    assert len({before, edited, renamed, with_c}) == 4 and provenance.source_fingerprint(tmp_path / "pkg") == with_c
     assert provenance.code_fingerprint() == provenance.source_fingerprint(Path(hpx_analysis.__file__).parent)
 
 

@@ -71,6 +71,7 @@ NOT_FINGERPRINTED: Dict[str, str] = {
     "hpx_analysis.models.zoo": "checkpoint and pretrained loading; only load_model and create_model are fingerprinted",
     "hpx_analysis.models": "re-exports",
     "hpx_analysis.models.large_kernel": "SLaK and RepLKNet, no proxy uses them",
+    "hpx_analysis.models.native": "native CPU kernels for passes without a gradient; training runs through PyTorch",
     "hpx_analysis.engine": "cache keys (content_key) and progress lines of the demo's own cache",
     "hpx_analysis.storage": "atomic writes of the cache",
     "hpx_analysis.errors": "error messages",

@@ -11,8 +11,11 @@ than the gradient needs. :func:`fused_frozen` makes, for the duration of a ``wit
   tensor (autograd's graph concatenates three), the filter's adjoint by its FFT directly: 2-4% less time per ERF
   pass of ``hpx_former_s18`` at 1024 px on 2 CPU cores (``docs/erf-performance.md``).
 
+On a channels-last float32 CPU tensor both run by the native kernels (:mod:`.native`) where they are available:
+StarReLU in one pass each way, the gating as one pass per pixel on each side of its filter
+(:class:`NativeHyenaPixelGating`).
 Values agree with the modules' own graph to float32 rounding (ERF maps of ``hpx_former_s18`` at 1024 px within
-8e-6 of their maximum). A module keeps its own forward when a hook on it (StarReLU's inner ReLU; the mixer's norms
+1e-5 of their maximum). A module keeps its own forward when a hook on it (StarReLU's inner ReLU; the mixer's norms
 or long filter) would be skipped, when a parameter needs a gradient, and (the mixer) under autocast or with a
 kernel that needs a gradient.
 """
@@ -28,15 +31,23 @@ from torch import Tensor, nn
 
 from .long_filters import apply_kernel_fft, apply_kernel_fft_adjoint
 from .mixers import HyenaPixelMixer
+from .native import (dense_float, gate_in, gate_in_backward, gate_out, gate_out_backward, gates, star_relu,
+                     star_relu_backward)
 
 
 class FrozenStarReLU(torch.autograd.Function):
     """timm's StarReLU ``s * relu(x)**2 + b`` with frozen s, b (1,) on x of any shape: the one saved tensor is the
     slope ``2 s relu(x)``, the gradient ``grad * slope``; 4 elementwise passes over x's size against the 9 of
-    autograd's graph of timm's forward (relu, pow, mul, add; mul, pow, 2 mul, threshold_backward)."""
+    autograd's graph of timm's forward (relu, pow, mul, add; mul, pow, 2 mul, threshold_backward). A dense float32
+    CPU x runs native (:mod:`.native`): one pass forward (x is saved instead of the slope), one backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+        ctx.native = dense_float(x) and scale.numel() == bias.numel() == 1
+        if ctx.native:
+            ctx.scale = float(scale)
+            ctx.save_for_backward(x)
+            return star_relu(x, ctx.scale, float(bias))
         rectified = torch.relu(x)
         slope = rectified * (2 * scale)
         ctx.save_for_backward(slope)
@@ -44,8 +55,8 @@ class FrozenStarReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
-        slope, = ctx.saved_tensors
-        return grad * slope, None, None
+        saved, = ctx.saved_tensors
+        return (star_relu_backward(saved, grad, ctx.scale) if ctx.native else grad * saved), None, None
 
 
 def _norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tuple[Tensor, Tuple[Optional[Tensor], ...]]:
@@ -79,7 +90,7 @@ class FrozenHyenaPixelGating(torch.autograd.Function):
         q, k, v = qkv.chunk(3, dim=1)
         product = q * k
         normed, qk_saved = _norm(product, qk_weight, eps)
-        filtered = torch.addcmul(apply_kernel_fft(normed, kernel_f, fft_shape, centre), normed, skip)
+        filtered = apply_kernel_fft(normed, kernel_f, fft_shape, centre, skip=skip)
         out, out_saved = _norm(v * filtered, out_weight, eps)
         ctx.save_for_backward(qkv, filtered, kernel_f, skip, qk_weight, out_weight, *qk_saved, *out_saved)
         ctx.fft = (fft_shape, centre)
@@ -94,10 +105,37 @@ class FrozenHyenaPixelGating(torch.autograd.Function):
         grad_gated = _norm_backward(grad, out_weight, *saved[3:])
         torch.mul(grad_gated, filtered, out=grad_v)
         grad_filtered = grad_gated * v
-        grad_normed = torch.addcmul(apply_kernel_fft_adjoint(grad_filtered, kernel_f, *ctx.fft), grad_filtered, skip)
+        grad_normed = apply_kernel_fft_adjoint(grad_filtered, kernel_f, *ctx.fft, skip=skip)
         grad_product = _norm_backward(grad_normed, qk_weight, *saved[:3])
         torch.mul(grad_product, k, out=grad_q)
         torch.mul(grad_product, q, out=grad_k)
+        return grad_qkv, None, None, None, None, None, None, None
+
+
+class NativeHyenaPixelGating(torch.autograd.Function):
+    """:class:`FrozenHyenaPixelGating` by the native kernels (:mod:`.native`), for a channels-last float32 CPU qkv
+    (B, 3C, H, W) with both layer norms: each side of the filter is one pass per pixel over its channels (the
+    product, the norm and its statistics together; backward the product again, the norm's gradient and both input
+    gradients), the filter and its adjoint with the skip gain in their output pass. Saves qkv, the filter's output and
+    the norms' statistics (less than the unfused gating's norm inputs)."""
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, qk_weight: Tensor, out_weight: Tensor, eps: float, kernel_f: Tensor,
+                skip: Tensor, fft_shape: Tuple[int, ...], centre: Tuple[int, ...]) -> Tensor:
+        normed, qk_statistics = gate_in(qkv, qk_weight, eps)
+        filtered = apply_kernel_fft(normed, kernel_f, fft_shape, centre, skip=skip)
+        out, out_statistics = gate_out(qkv, filtered, out_weight, eps)
+        ctx.save_for_backward(qkv, filtered, kernel_f, skip, qk_weight, out_weight, qk_statistics, out_statistics)
+        ctx.fft = (fft_shape, centre)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        qkv, filtered, kernel_f, skip, qk_weight, out_weight, qk_statistics, out_statistics = ctx.saved_tensors
+        grad_qkv = torch.empty_like(qkv, memory_format=torch.channels_last)
+        grad_filtered = gate_out_backward(grad, qkv, filtered, out_statistics, out_weight, grad_qkv)
+        grad_normed = apply_kernel_fft_adjoint(grad_filtered, kernel_f, *ctx.fft, skip=skip)
+        gate_in_backward(grad_normed, qkv, qk_statistics, qk_weight, grad_qkv)
         return grad_qkv, None, None, None, None, None, None, None
 
 
@@ -128,7 +166,8 @@ def _fused_mixer_forward(mixer: HyenaPixelMixer, x: Tensor) -> Tensor:
         return mixer.out_proj(mixer.gate(qkv))
     norms = ((mixer.qk_norm.weight, mixer.out_norm.weight, mixer.qk_norm.eps) if mixer.use_layernorm
              else (None, None, 0.0))
-    y = FrozenHyenaPixelGating.apply(qkv, *norms, kernel_f, mixer.long_conv.bias, fft_shape, mixer.long_conv.centre)
+    gating = NativeHyenaPixelGating if gates(qkv, *norms[:2]) else FrozenHyenaPixelGating
+    y = gating.apply(qkv, *norms, kernel_f, mixer.long_conv.bias, fft_shape, mixer.long_conv.centre)
     return mixer.out_proj(y)
 
 

@@ -26,6 +26,8 @@ from scipy.fft import next_fast_len
 from torch import Tensor, nn
 
 from ..errors import HpxError
+from .native import fft_filter as native_fft_filter
+from .native import filters as native_filters
 
 KernelModifier = Callable[[Tensor], Tensor]
 
@@ -57,13 +59,13 @@ FFT_GROUPS = 8                  # in this many groups of channels, each group's 
 
 
 def _channel_groups(signal: Tensor, fft_shape: Sequence[int]) -> Iterator[Tuple[int, int]]:
-    """(first channel, count) of the groups in which :func:`_filter_in_fft` filters signal (B, C, *N) without a
-    gradient: all channels at once up to FFT_GROUP_BYTES of padded planes, else about C / FFT_GROUPS channels (at most
-    FFT_GROUP_BYTES, one at least). At 1024 px that is 12-23% less time per filter call at HyenaPixel's stages 1-3; at
-    stage 4 (3.3 MB) groups cost 10% more (docs/erf-performance.md). The values: the same bits at those sizes, float32
-    rounding at some others (MKL's batched transforms may round differently in another batch size: 1e-7 of the
-    maximum at a 60 x 60 FFT in a batch of 32). 1D signals (Hyena) and signals off the CPU (a GPU's batched FFTs
-    want every channel at once) stay whole."""
+    """(first channel, count) of the groups in which :func:`_filter_in_fft_by_torch` filters signal (B, C, *N)
+    without a gradient: all channels at once up to FFT_GROUP_BYTES of padded planes, else about C / FFT_GROUPS
+    channels (at most FFT_GROUP_BYTES, one at least). At 1024 px that is 12-23% less time per filter call at
+    HyenaPixel's stages 1-3; at stage 4 (3.3 MB) groups cost 10% more (docs/erf-performance.md). The values: the same
+    bits at those sizes, float32 rounding at some others (MKL's batched transforms may round differently in another
+    batch size: 1e-7 of the maximum at a 60 x 60 FFT in a batch of 32). 1D signals (Hyena) and signals off the CPU (a
+    GPU's batched FFTs want every channel at once) stay whole."""
     channels = signal.shape[1]
     plane_bytes = 4 * signal.shape[0] * math.prod(fft_shape)
     count = channels
@@ -74,11 +76,23 @@ def _channel_groups(signal: Tensor, fft_shape: Sequence[int]) -> Iterator[Tuple[
 
 
 def _filter_in_fft(signal: Tensor, spectrum: Tensor, fft_shape: Sequence[int], place: Sequence[int],
-                   read: Sequence[int]) -> Tensor:
-    """signal (B, C, *N) zero-padded to fft_shape with its first pixel at ``place``, multiplied by ``spectrum`` in the
-    rFFT domain, read back from ``read`` on: (B, C, *N), the signal's dtype and, for a channels-last (B, C, H, W)
-    signal, its layout (the FFTs run on (H, W)-contiguous copies; an output left in their layout would make every
-    elementwise operation after it mix layouts, several times slower on the CPU)."""
+                   read: Sequence[int], conjugate: bool = False, skip: Optional[Tensor] = None) -> Tensor:
+    """signal (B, C, *N) zero-padded to fft_shape with its first pixel at ``place``, multiplied by ``spectrum`` (its
+    conjugate with ``conjugate``) in the rFFT domain, read back from ``read`` on, plus ``skip * signal`` where skip
+    (1, C, 1, ...) is given: (B, C, *N), the signal's dtype and, for a channels-last (B, C, H, W) signal, its layout
+    (the FFTs run on (H, W)-contiguous copies; an output left in their layout would make every elementwise operation
+    after it mix layouts, several times slower on the CPU). Where no gradient flows, a channels-last float32 CPU
+    signal is filtered by the native kernel (:mod:`.native`: no layout copies, 2.5-4x faster), others as below."""
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (signal, spectrum, skip))
+    if not tracked and native_filters(signal, spectrum, fft_shape):
+        return native_fft_filter(signal, spectrum, fft_shape, place, read, conjugate, skip)
+    filtered = _filter_in_fft_by_torch(signal, spectrum.conj() if conjugate else spectrum, fft_shape, place, read)
+    return filtered if skip is None else torch.addcmul(filtered, signal, skip)
+
+
+def _filter_in_fft_by_torch(signal: Tensor, spectrum: Tensor, fft_shape: Sequence[int], place: Sequence[int],
+                            read: Sequence[int]) -> Tensor:
+    """:func:`_filter_in_fft` without conjugate and skip, by PyTorch's FFTs."""
     dims = tuple(range(-len(fft_shape), 0))
     sizes = signal.shape[-len(fft_shape):]
     # padded explicitly: the same values as rfftn(s=fft_shape), 5-10% faster forward and backward at 1024 px
@@ -120,17 +134,20 @@ def _filtered_without_graph(signal: Tensor, spectrum: Tensor, fft_shape: Sequenc
     return torch.fft.irfft(product, n=fft_shape[-1], dim=-1).narrow(-1, read[-1], sizes[-1])
 
 
-def apply_kernel_fft(signal: Tensor, kernel_f: Tensor, fft_shape: Sequence[int], centre: Sequence[int]) -> Tensor:
+def apply_kernel_fft(signal: Tensor, kernel_f: Tensor, fft_shape: Sequence[int], centre: Sequence[int],
+                     skip: Optional[Tensor] = None) -> Tensor:
     """True convolution of signal (B, C, *N) with a kernel given by its FFT (:func:`kernel_fft`, fft_shape from
-    :func:`fft_shape_for`): (B, C, *N), in the signal's dtype and layout."""
-    return _filter_in_fft(signal, kernel_f, fft_shape, (0,) * len(fft_shape), centre)
+    :func:`fft_shape_for`), plus ``skip * signal`` where skip (1, C, 1, ...) is given: (B, C, *N), in the signal's
+    dtype and layout."""
+    return _filter_in_fft(signal, kernel_f, fft_shape, (0,) * len(fft_shape), centre, skip=skip)
 
 
-def apply_kernel_fft_adjoint(grad: Tensor, kernel_f: Tensor, fft_shape: Sequence[int], centre: Sequence[int]) -> Tensor:
+def apply_kernel_fft_adjoint(grad: Tensor, kernel_f: Tensor, fft_shape: Sequence[int], centre: Sequence[int],
+                             skip: Optional[Tensor] = None) -> Tensor:
     """The adjoint of :func:`apply_kernel_fft` applied to grad (B, C, *N), i.e. the gradient of its input (the
-    cross-correlation with the kernel): (B, C, *N), in grad's dtype and layout. fft_shape leaves no wrap-around here
-    either: it spans N + max(c, S - 1 - c) per dim."""
-    return _filter_in_fft(grad, kernel_f.conj(), fft_shape, centre, (0,) * len(fft_shape))
+    cross-correlation with the kernel, plus ``skip * grad``): (B, C, *N), in grad's dtype and layout. fft_shape
+    leaves no wrap-around here either: it spans N + max(c, S - 1 - c) per dim."""
+    return _filter_in_fft(grad, kernel_f, fft_shape, centre, (0,) * len(fft_shape), conjugate=True, skip=skip)
 
 
 def fft_conv_same(signal: Tensor, kernel: Tensor, centre: Sequence[int]) -> Tensor:
