@@ -89,8 +89,7 @@ def main() -> None:
           "alternating pairs after a warm-up")
     worst = 0.0
     for channels, side, kernel_size in stages:
-        for name, variants in _cases(channels, side, kernel_size).items():
-            runs = variants
+        for name, runs in _cases(channels, side, kernel_size).items():
             outputs = {key: f() for key, f in runs.items()}
             times: Dict[str, List[float]] = {key: [] for key in runs}
             for repeat in range(repeats):

@@ -321,9 +321,9 @@ KEYED_VARIABLES = ("NVIDIA_TF32_OVERRIDE", "TIMM_FUSED_ATTN")
 def environment(model: nn.Module) -> Dict[str, Any]:
     """What computes a run besides the model and code: the versions of :data:`KEYED_LIBRARIES`, the model's device
     type and parameter dtype, torch's float32 matmul precision, on CUDA whether convolutions and matmuls may round
-    float32 to TF32 (cuDNN's default: yes; it moves results by about 1e-3), which native CPU kernels compute (or
-    ``"off"``: :func:`.models.native.description`; they move results by float32 rounding), and :data:`KEYED_VARIABLES`
-    that are set."""
+    float32 to TF32 (cuDNN's default: yes; it moves results by about 1e-3), on the CPU which native kernels compute
+    (or ``"off"``: :func:`.models.native.description`; they move results by float32 rounding; off the CPU they never
+    run, so nothing is compiled for such a run), and :data:`KEYED_VARIABLES` that are set."""
     parameter = next(model.parameters(), None)
     device = parameter.device.type if parameter is not None else "cpu"
     described = {"libraries": library_versions(KEYED_LIBRARIES), "device": device,
@@ -331,7 +331,8 @@ def environment(model: nn.Module) -> Dict[str, Any]:
                  "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if device == "cuda":
         described["tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
-    described["native kernels"] = native_kernels()
+    if device == "cpu":
+        described["native kernels"] = native_kernels()
     described["variables"] = {name: os.environ[name] for name in KEYED_VARIABLES if name in os.environ}
     return described
 

@@ -204,6 +204,7 @@ def test_without_a_compiler_everything_keeps_its_pytorch_path(tmp_path, monkeypa
     monkeypatch.delenv("CC")
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     assert native.library() is None and environment(model)["native kernels"] == "off"
+    assert "native kernels" not in environment(torch.nn.Conv2d(1, 1, 1, device="meta"))  # off the CPU: never used
 
 
 def test_the_native_kernels_benchmark_runs_and_the_outputs_agree() -> None:
